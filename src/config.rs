@@ -1,0 +1,131 @@
+//! Configuration: command-line flags, each with an environment fallback (`--help` lists them).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::engine::EngineConfig;
+use crate::peers::QueueLimits;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// beach-road: session and signaling server for beach.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// TCP port to listen on.
+    #[arg(long, env = "BEACH_ROAD_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Address to bind.
+    #[arg(long, env = "BEACH_ROAD_BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Redis URL (redis://host:port/db). Unset: one instance on the in-process engine.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Public base URL put into responses (the load balancer's, e.g. https://road.example.com).
+    /// Unset: derived from each request's Host and X-Forwarded-Proto headers.
+    #[arg(long, env = "BEACH_SESSION_SERVER")]
+    pub public_url: Option<String>,
+
+    /// Prefix of every Redis key and channel of this deployment.
+    #[arg(long, env = "BEACH_ROAD_KEY_PREFIX", default_value = "beach-road")]
+    pub key_prefix: String,
+
+    /// A session lives this long after registration or its latest WebSocket join.
+    #[arg(long, env = "BEACH_ROAD_SESSION_TTL", default_value = "12h", value_parser = duration)]
+    pub session_ttl: Duration,
+
+    /// Offers and answers not fetched within this time are dropped.
+    #[arg(long, env = "BEACH_ROAD_MAILBOX_TTL", default_value = "5m", value_parser = duration)]
+    pub mailbox_ttl: Duration,
+
+    /// Wrong join codes tolerated per session within 10 minutes before joins are refused.
+    #[arg(long, env = "BEACH_ROAD_MAX_CODE_FAILURES", default_value_t = 10)]
+    pub max_code_failures: u32,
+
+    /// How often this instance refreshes its liveness in Redis.
+    #[arg(long, env = "BEACH_ROAD_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// An instance whose heartbeat is older than this is written off and its peers removed.
+    #[arg(long, env = "BEACH_ROAD_INSTANCE_TIMEOUT", default_value = "4s", value_parser = duration)]
+    pub instance_timeout: Duration,
+
+    /// Upper bound of one Redis call.
+    #[arg(long, env = "BEACH_ROAD_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub redis_timeout: Duration,
+
+    /// Upper bound of one HTTP request.
+    #[arg(long, env = "BEACH_ROAD_REQUEST_TIMEOUT", default_value = "8s", value_parser = duration)]
+    pub request_timeout: Duration,
+
+    /// Interval of the server's WebSocket protocol pings.
+    #[arg(long, env = "BEACH_ROAD_PING_INTERVAL", default_value = "20s", value_parser = duration)]
+    pub ping_interval: Duration,
+
+    /// A socket silent (no frame, no pong) for this long is closed and leaves its room.
+    #[arg(long, env = "BEACH_ROAD_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
+    /// A socket write that takes longer than this ends the connection.
+    #[arg(long, env = "BEACH_ROAD_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub write_timeout: Duration,
+
+    /// Frames queued for one peer at most; a peer that falls further behind is disconnected.
+    #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_MESSAGES", default_value_t = 256)]
+    pub peer_queue_messages: usize,
+
+    /// Bytes queued for one peer at most; a peer that falls further behind is disconnected.
+    #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub peer_queue_bytes: usize,
+
+    /// Largest WebSocket message or HTTP body accepted, in bytes.
+    #[arg(long, env = "BEACH_ROAD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Concurrent connections accepted at most (HTTP and WebSocket); more are refused with 503.
+    /// It is also capped below the process's file descriptor limit.
+    #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+
+    /// After SIGTERM: how long to keep serving while /ready fails, so the load balancer can
+    /// deregister this instance.
+    #[arg(long, env = "BEACH_ROAD_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    pub drain_delay: Duration,
+
+    /// Window over which sockets are closed after the drain delay, so clients do not reconnect
+    /// all at once.
+    #[arg(long, env = "BEACH_ROAD_DRAIN_JITTER", default_value = "2s", value_parser = duration)]
+    pub drain_jitter: Duration,
+
+    /// Scheduling lag past which /health fails (the runtime is considered stuck).
+    #[arg(long, env = "BEACH_ROAD_MAX_LAG", default_value = "2s", value_parser = duration)]
+    pub max_lag: Duration,
+}
+
+impl Config {
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            session_ttl: self.session_ttl,
+            mailbox_ttl: self.mailbox_ttl,
+            max_code_failures: self.max_code_failures,
+            queue: QueueLimits {
+                messages: self.peer_queue_messages,
+                bytes: self.peer_queue_bytes,
+            },
+            call_timeout: self.redis_timeout,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// Defaults as if no flag and no variable were given (tests override fields).
+    pub fn defaults() -> Self {
+        Self::parse_from(["beach-road"])
+    }
+}

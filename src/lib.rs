@@ -1,0 +1,37 @@
+//! beach-road: the session and signaling server of beach.
+//!
+//! A host registers a session, clients join it with a code, and beach-road relays their
+//! signaling (offers, answers, ICE candidates) over HTTP and WebSocket until the peers talk
+//! directly. The wire format is fixed by existing clients: `../shared/protocol.md`.
+//!
+//! # Layout
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`config`] | flags with environment fallbacks |
+//! | [`protocol`] | wire types and id validation |
+//! | [`code`] | join codes: generation, salted hashing, constant-time check |
+//! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
+//! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
+//! | [`engine::redis`] | Redis engine: stateless instances, Lua scripts in `lua/`, pub/sub routing |
+//! | [`peers`] | this instance's sockets and their bounded outbound queues |
+//! | [`http`] | HTTP routes: sessions, peer sessions, mailbox, health, readiness |
+//! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
+//! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
+//! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |
+//!
+//! # Rules every module follows
+//!
+//! No lock guard or borrow of shared state lives across an `.await` (state is owned by one task
+//! and reached by messages); every queue is bounded and says what happens when it is full; every
+//! call to Redis or the network has a timeout; every spawned task ends with its owner.
+
+pub mod code;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod peers;
+pub mod protocol;
+pub mod server;
+pub mod shutdown;
+pub mod ws;

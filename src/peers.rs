@@ -1,0 +1,247 @@
+//! This instance's own sockets: peer id → bounded outbound queue.
+//!
+//! `LocalPeers` is plain data with `&mut self` methods and no lock: each engine keeps it inside
+//! the one task that owns it and reaches it by message passing, so no guard can ever be held
+//! across an `.await`. Delivery never waits on a socket: a frame that does not fit the peer's
+//! queue (by count or by bytes) disconnects that peer instead of buffering without limit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::mpsc;
+
+use crate::protocol::Frame;
+
+/// Why the server ended a socket's queue; the socket's task turns it into a close frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer did not read fast enough: its queue hit a bound.
+    SlowConsumer,
+    /// This instance was written off by the others (it was frozen or cut off from Redis).
+    Fenced,
+    /// The server is shutting down.
+    GoingAway,
+}
+
+impl CloseReason {
+    /// WebSocket close code and reason sent to the client.
+    pub fn close_frame(self) -> (u16, &'static str) {
+        match self {
+            CloseReason::SlowConsumer => (1008, "send queue full"),
+            CloseReason::Fenced => (1012, "instance restarted"),
+            CloseReason::GoingAway => (1001, "server shutting down"),
+        }
+    }
+}
+
+/// Bounds of one peer's outbound queue.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// State shared by a peer's queue and its socket task.
+#[derive(Debug, Default)]
+pub struct PeerShared {
+    queued_bytes: AtomicUsize,
+    closed: OnceLock<CloseReason>,
+}
+
+impl PeerShared {
+    /// Why the queue was closed by the server, if it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.closed.get().copied()
+    }
+}
+
+/// The receiving end a socket task owns.
+pub struct PeerQueue {
+    rx: mpsc::Receiver<Frame>,
+    shared: Arc<PeerShared>,
+}
+
+impl PeerQueue {
+    /// Next frame to write, or `None` once the server closed the queue (see `close_reason`).
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().await?;
+        self.shared
+            .queued_bytes
+            .fetch_sub(frame.len(), Ordering::Relaxed);
+        Some(frame)
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.close_reason()
+    }
+}
+
+struct Slot {
+    tx: mpsc::Sender<Frame>,
+    shared: Arc<PeerShared>,
+}
+
+/// The local socket registry. Owned by exactly one task (see module docs).
+pub struct LocalPeers {
+    slots: HashMap<String, Slot>,
+    limits: QueueLimits,
+    kicked: u64,
+}
+
+impl LocalPeers {
+    pub fn new(limits: QueueLimits) -> Self {
+        Self {
+            slots: HashMap::new(),
+            limits,
+            kicked: 0,
+        }
+    }
+
+    /// Registers a socket; a stale registration under the same id is closed.
+    pub fn register(&mut self, peer: &str) -> PeerQueue {
+        let (tx, rx) = mpsc::channel(self.limits.messages.max(1));
+        let shared = Arc::new(PeerShared::default());
+        if let Some(old) = self.slots.insert(
+            peer.to_owned(),
+            Slot {
+                tx,
+                shared: shared.clone(),
+            },
+        ) {
+            let _ = old.shared.closed.set(CloseReason::GoingAway);
+        }
+        PeerQueue { rx, shared }
+    }
+
+    pub fn remove(&mut self, peer: &str) {
+        self.slots.remove(peer);
+    }
+
+    pub fn contains(&self, peer: &str) -> bool {
+        self.slots.contains_key(peer)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Sockets disconnected so far because they could not keep up.
+    pub fn kicked(&self) -> u64 {
+        self.kicked
+    }
+
+    /// Queues `frame` for `peer` without waiting. Returns false when the peer is not on this
+    /// instance (any more). A peer whose queue is full by count or by bytes is disconnected.
+    pub fn deliver(&mut self, peer: &str, frame: &Frame) -> bool {
+        let Some(slot) = self.slots.get(peer) else {
+            return false;
+        };
+        let queued = slot.shared.queued_bytes.load(Ordering::Relaxed);
+        let fits = queued + frame.len() <= self.limits.bytes;
+        if fits && slot.tx.try_send(frame.clone()).is_ok() {
+            slot.shared
+                .queued_bytes
+                .fetch_add(frame.len(), Ordering::Relaxed);
+            return true;
+        }
+        if slot.tx.is_closed() {
+            // The socket task is gone; its own cleanup will follow.
+            self.slots.remove(peer);
+            return false;
+        }
+        tracing::warn!(peer, queued, "peer cannot keep up; disconnecting it");
+        self.close(peer, CloseReason::SlowConsumer);
+        self.kicked += 1;
+        true
+    }
+
+    /// Closes one peer's queue: its socket task writes a close frame and ends.
+    pub fn close(&mut self, peer: &str, reason: CloseReason) {
+        if let Some(slot) = self.slots.remove(peer) {
+            let _ = slot.shared.closed.set(reason);
+        }
+    }
+
+    /// Closes every local socket (shutdown, or this instance was fenced).
+    pub fn close_all(&mut self, reason: CloseReason) -> Vec<String> {
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in &ids {
+            self.close(id, reason);
+        }
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(s: &str) -> Frame {
+        Frame::from(s)
+    }
+
+    #[tokio::test]
+    async fn delivers_in_order() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 4,
+            bytes: 1024,
+        });
+        let mut q = peers.register("a");
+        assert!(peers.deliver("a", &frame("1")));
+        assert!(peers.deliver("a", &frame("2")));
+        assert!(!peers.deliver("b", &frame("x")));
+        assert_eq!(&*q.recv().await.unwrap(), "1");
+        assert_eq!(&*q.recv().await.unwrap(), "2");
+    }
+
+    #[tokio::test]
+    async fn full_queue_by_count_disconnects() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 2,
+            bytes: 1024,
+        });
+        let mut q = peers.register("a");
+        for _ in 0..3 {
+            peers.deliver("a", &frame("x"));
+        }
+        assert!(!peers.contains("a"));
+        assert_eq!(peers.kicked(), 1);
+        assert!(q.recv().await.is_some());
+        assert!(q.recv().await.is_some());
+        assert!(q.recv().await.is_none());
+        assert_eq!(q.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn full_queue_by_bytes_disconnects() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 100,
+            bytes: 10,
+        });
+        let mut q = peers.register("a");
+        assert!(peers.deliver("a", &frame("123456")));
+        peers.deliver("a", &frame("123456"));
+        assert!(!peers.contains("a"));
+        assert_eq!(&*q.recv().await.unwrap(), "123456");
+        assert!(q.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn draining_frees_byte_budget() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 100,
+            bytes: 10,
+        });
+        let mut q = peers.register("a");
+        for _ in 0..20 {
+            assert!(peers.deliver("a", &frame("123456")));
+            q.recv().await.unwrap();
+        }
+        assert!(peers.contains("a"));
+    }
+}
