@@ -11,11 +11,14 @@
 //! | [`config`] | flags with environment fallbacks |
 //! | [`protocol`] | wire types and id validation |
 //! | [`code`] | join codes: generation, salted hashing, constant-time check |
+//! | [`access`] | the join-code check shared by HTTP join, attach and WebSocket join |
 //! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
 //! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
 //! | [`engine::redis`] | Redis engine: stateless instances, Lua scripts in `lua/`, pub/sub routing |
 //! | [`peers`] | this instance's sockets and their bounded outbound queues |
 //! | [`http`] | HTTP routes: sessions, peer sessions, mailbox, health, readiness |
+//! | [`health`] | liveness: scheduling lag, systemd watchdog |
+//! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
 //! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
 //! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |
@@ -26,10 +29,13 @@
 //! and reached by messages); every queue is bounded and says what happens when it is full; every
 //! call to Redis or the network has a timeout; every spawned task ends with its owner.
 
+pub mod access;
 pub mod code;
 pub mod config;
 pub mod engine;
+pub mod health;
 pub mod http;
+pub mod logging;
 pub mod peers;
 pub mod protocol;
 pub mod server;

@@ -16,7 +16,8 @@ pub const MAX_ID_LEN: usize = 64;
 pub fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A fresh server-chosen id (peer ids, peer-session ids).
@@ -222,7 +223,11 @@ mod tests {
             preferred_transport: None,
             metadata: None,
         };
-        let peers = [mk(&["webrtc", "direct"]), mk(&["direct", "webrtc"]), mk(&["webrtc"])];
+        let peers = [
+            mk(&["webrtc", "direct"]),
+            mk(&["direct", "webrtc"]),
+            mk(&["webrtc"]),
+        ];
         assert_eq!(common_transports(&peers), vec![Value::from("webrtc")]);
     }
 }

@@ -1,1 +1,189 @@
-//! TODO
+//! Wiring: logging, limits, the engine, the router, serving until a signal, and the drain.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+use tower_http::cors::CorsLayer;
+
+use crate::config::Config;
+use crate::engine::memory::MemoryEngine;
+use crate::engine::redis::{RedisEngine, RedisSettings};
+use crate::engine::Engine;
+use crate::health::Health;
+use crate::http::{self, App};
+use crate::shutdown::{self, Phase};
+use crate::ws;
+
+/// Descriptors kept free below the soft limit so `/health`, `/ready` and Redis still get one
+/// when the socket limit is reached.
+const FD_RESERVE: u64 = 64;
+
+/// The process entry point: returns the exit code.
+pub fn main(config: Config) -> ExitCode {
+    let (dropped, _log_guard) = crate::logging::init();
+    let fd_limit = raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, fd_limit, dropped)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "beach-road stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd's default soft limit of 1024
+/// wedged the original at ~1000 peers) and returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the file descriptor limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1024)
+        }
+    }
+}
+
+async fn run(
+    config: Config,
+    fd_limit: u64,
+    dropped: crate::logging::Dropped,
+) -> std::io::Result<()> {
+    let addr = SocketAddr::new(config.bind, config.port);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let max_sockets = config
+        .max_connections
+        .min(fd_limit.saturating_sub(FD_RESERVE).max(1) as usize);
+    tracing::info!(addr = %listener.local_addr()?, max_sockets, "listening");
+    match config.redis_url.clone() {
+        None => {
+            let engine = MemoryEngine::start(config.engine());
+            serve(engine, "memory", config, listener, max_sockets, dropped).await
+        }
+        Some(url) => {
+            let settings = RedisSettings {
+                url,
+                key_prefix: config.key_prefix.clone(),
+                heartbeat_interval: config.heartbeat_interval,
+                instance_timeout: config.instance_timeout,
+            };
+            let engine = RedisEngine::start(config.engine(), settings).await;
+            serve(engine, "redis", config, listener, max_sockets, dropped).await
+        }
+    }
+}
+
+/// The routes of protocol.md §3 and §4.
+pub fn router<E: Engine>(app: App<E>) -> Router {
+    let body_limit = app.config.max_message_bytes;
+    Router::new()
+        .route("/health", get(http::health::<E>))
+        .route("/ready", get(http::ready::<E>))
+        .route("/sessions", post(http::register::<E>))
+        .route("/sessions/{id}", get(http::session_status::<E>))
+        .route("/sessions/{id}/join", post(http::join::<E>))
+        .route("/peer-sessions/attach", post(http::attach::<E>))
+        .route(
+            "/sessions/{id}/webrtc/offer",
+            post(http::post_sdp::<E>).get(http::get_offer::<E>),
+        )
+        .route(
+            "/sessions/{id}/webrtc/answer",
+            post(http::post_sdp::<E>).get(http::get_answer::<E>),
+        )
+        .route(
+            "/peer-sessions/{id}/webrtc/offer",
+            post(http::post_sdp::<E>).get(http::get_offer::<E>),
+        )
+        .route(
+            "/peer-sessions/{id}/webrtc/answer",
+            post(http::post_sdp::<E>).get(http::get_answer::<E>),
+        )
+        .route("/ws/{id}", get(ws::upgrade::<E>))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(CorsLayer::permissive())
+        .with_state(app)
+}
+
+async fn serve<E: Engine>(
+    engine: E,
+    engine_name: &'static str,
+    config: Config,
+    listener: tokio::net::TcpListener,
+    max_sockets: usize,
+    dropped: crate::logging::Dropped,
+) -> std::io::Result<()> {
+    let config = Arc::new(config);
+    let (drain, shutdown) = shutdown::channel();
+    let health = Health::new(engine_name, config.max_lag, move || dropped.count());
+    let sockets = Arc::new(tokio::sync::Semaphore::new(max_sockets));
+    let app = App {
+        engine: engine.clone(),
+        config: config.clone(),
+        shutdown: shutdown.clone(),
+        health: health.clone(),
+        sockets: sockets.clone(),
+    };
+    let watchdog = tokio::spawn(health.watchdog());
+
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let until_closing = {
+        let shutdown = shutdown.clone();
+        async move { shutdown.reached(Phase::Closing).await }
+    };
+    let server = axum::serve(
+        listener,
+        router(app).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(until_closing);
+    let mut server = tokio::spawn(async move { server.await });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    tokio::select! {
+        _ = shutdown::signal() => {}
+        result = &mut server => {
+            watchdog.abort();
+            return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        }
+    }
+    tracing::info!(delay = ?config.drain_delay, "draining: /ready fails from now on");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    drain.set(Phase::Draining);
+    tokio::select! {
+        _ = tokio::time::sleep(config.drain_delay) => {}
+        _ = shutdown::signal() => tracing::info!("second signal: skipping the drain delay"),
+    }
+    drain.set(Phase::Closing);
+
+    // Sockets leave at once and close within the jitter window; wait for them, bounded.
+    let bound = config.drain_jitter + config.write_timeout.min(Duration::from_secs(5));
+    let all_closed = async {
+        let _ = sockets.acquire_many(max_sockets as u32).await;
+    };
+    if tokio::time::timeout(bound, all_closed).await.is_err() {
+        tracing::warn!("sockets still open at the end of the drain");
+    }
+    engine.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    watchdog.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

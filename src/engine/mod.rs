@@ -108,10 +108,12 @@ pub type EngineResult<T> = Result<T, EngineError>;
 ///
 /// `room` is always a host session id (peer-session aliases are resolved first).
 pub trait Engine: Clone + Send + Sync + 'static {
+    /// The tunables this engine was started with.
+    fn config(&self) -> &EngineConfig;
+
     /// Stores a new session. `false` when the id is taken: of two racing registrations of one
     /// id, exactly one gets `true`.
-    fn register(&self, session: SessionRecord)
-        -> impl Future<Output = EngineResult<bool>> + Send;
+    fn register(&self, session: SessionRecord) -> impl Future<Output = EngineResult<bool>> + Send;
 
     /// The host session behind `id`, which is a session id or a peer-session id.
     fn resolve(&self, id: &str)
@@ -174,12 +176,10 @@ pub trait Engine: Clone + Send + Sync + 'static {
     fn leave(&self, room: &str, peer: &str) -> impl Future<Output = EngineResult<()>> + Send;
 
     /// Whether `peer` is currently a member of `room`.
-    fn is_member(&self, room: &str, peer: &str)
-        -> impl Future<Output = EngineResult<bool>> + Send;
+    fn is_member(&self, room: &str, peer: &str) -> impl Future<Output = EngineResult<bool>> + Send;
 
     /// The room's `server` peer, if one is joined.
-    fn server_peer(&self, room: &str)
-        -> impl Future<Output = EngineResult<Option<String>>> + Send;
+    fn server_peer(&self, room: &str) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
     /// Delivers a frame to member `to` of `room`, wherever its socket is. `false` when `to` is
     /// not a member of that room.

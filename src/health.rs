@@ -1,0 +1,112 @@
+//! Liveness: proof that the runtime still schedules tasks and the engine's local actor answers.
+//!
+//! A watchdog task ticks every [`TICK`] and records how late each tick fired (scheduling lag).
+//! `/health` fails when the lag exceeds `max_lag` or the engine's local state does not answer
+//! within [`PROBE`]; it never touches Redis, so a slow store cannot make a live instance look
+//! dead (that is `/ready`'s job). Under systemd with `WatchdogSec`, `WATCHDOG=1` is sent from
+//! that same task, so a frozen runtime stops the notifications and systemd restarts it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::engine::Engine;
+
+/// Interval of the watchdog's lag measurement.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long `/health` waits for the engine's local actor.
+pub const PROBE: Duration = Duration::from_millis(100);
+
+#[derive(Clone)]
+pub struct Health {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    started: Instant,
+    max_lag: Duration,
+    engine: &'static str,
+    /// Latest scheduling lag in microseconds.
+    lag_us: AtomicU64,
+    /// Log lines dropped because the log writer could not keep up.
+    dropped_logs: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub status: &'static str,
+    pub engine: &'static str,
+    pub lag_ms: f64,
+    pub local_peers: Option<usize>,
+    pub uptime_s: u64,
+    pub dropped_log_lines: u64,
+}
+
+impl Health {
+    pub fn new(
+        engine: &'static str,
+        max_lag: Duration,
+        dropped_logs: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                started: Instant::now(),
+                max_lag,
+                engine,
+                lag_us: AtomicU64::new(0),
+                dropped_logs: Box::new(dropped_logs),
+            }),
+        }
+    }
+
+    pub fn lag(&self) -> Duration {
+        Duration::from_micros(self.inner.lag_us.load(Ordering::Relaxed))
+    }
+
+    pub async fn report<E: Engine>(&self, engine: &E) -> Report {
+        let local_peers = tokio::time::timeout(PROBE, engine.local_peers())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let lag = self.lag();
+        let (ok, status) = match local_peers {
+            _ if lag > self.inner.max_lag => (false, "runtime lagging"),
+            None => (false, "engine not answering"),
+            Some(_) => (true, "ok"),
+        };
+        Report {
+            ok,
+            status,
+            engine: self.inner.engine,
+            lag_ms: lag.as_secs_f64() * 1000.0,
+            local_peers,
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            dropped_log_lines: (self.inner.dropped_logs)(),
+        }
+    }
+
+    /// Measures scheduling lag for ever and feeds systemd's watchdog from inside the runtime.
+    /// Spawned once by the server, which aborts it on exit.
+    pub async fn watchdog(self) {
+        let systemd = sd_notify::watchdog_enabled(false, &mut 0u64);
+        let mut last_notify = Instant::now();
+        loop {
+            let before = Instant::now();
+            tokio::time::sleep(TICK).await;
+            let lag = before.elapsed().saturating_sub(TICK);
+            self.inner
+                .lag_us
+                .store(lag.as_micros() as u64, Ordering::Relaxed);
+            if lag > self.inner.max_lag {
+                tracing::warn!(lag_ms = lag.as_millis() as u64, "runtime scheduling lag");
+            }
+            if systemd && last_notify.elapsed() >= Duration::from_secs(1) {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                last_notify = Instant::now();
+            }
+        }
+    }
+}
