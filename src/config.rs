@@ -89,8 +89,8 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
 
-    /// Concurrent connections accepted at most (HTTP and WebSocket); more are refused with 503.
-    /// It is also capped below the process's file descriptor limit.
+    /// Open WebSockets at most; more upgrades are refused with 503. A few more TCP connections
+    /// are kept for HTTP and health checks, and both caps stay below the descriptor limit.
     #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
 

@@ -20,6 +20,7 @@
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
 //! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
+//! | [`listener`] | TCP accept with a connection cap and no stall on EMFILE |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
 //! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |
 //!
@@ -35,6 +36,7 @@ pub mod config;
 pub mod engine;
 pub mod health;
 pub mod http;
+pub mod listener;
 pub mod logging;
 pub mod peers;
 pub mod protocol;

@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use tower_http::cors::CorsLayer;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
@@ -16,12 +18,15 @@ use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::Engine;
 use crate::health::Health;
 use crate::http::{self, App};
+use crate::listener::LimitedListener;
 use crate::shutdown::{self, Phase};
 use crate::ws;
 
-/// Descriptors kept free below the soft limit so `/health`, `/ready` and Redis still get one
-/// when the socket limit is reached.
-const FD_RESERVE: u64 = 64;
+/// Descriptors kept free below the soft limit for Redis, logs and the runtime itself.
+const FD_RESERVE: u64 = 32;
+/// TCP connections allowed beyond the WebSocket cap: room for `/health`, `/ready` and ordinary
+/// HTTP requests while every WebSocket slot is taken.
+const HTTP_HEADROOM: usize = 32;
 
 /// The process entry point: returns the exit code.
 pub fn main(config: Config) -> ExitCode {
@@ -67,9 +72,11 @@ async fn run(
 ) -> std::io::Result<()> {
     let addr = SocketAddr::new(config.bind, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    let max_tcp = fd_limit.saturating_sub(FD_RESERVE).max(2) as usize;
     let max_sockets = config
         .max_connections
-        .min(fd_limit.saturating_sub(FD_RESERVE).max(1) as usize);
+        .min(max_tcp.saturating_sub(HTTP_HEADROOM))
+        .max(1);
     tracing::info!(addr = %listener.local_addr()?, max_sockets, "listening");
     match config.redis_url.clone() {
         None => {
@@ -92,6 +99,7 @@ async fn run(
 /// The routes of protocol.md §3 and §4.
 pub fn router<E: Engine>(app: App<E>) -> Router {
     let body_limit = app.config.max_message_bytes;
+    let request_timeout = app.config.request_timeout;
     Router::new()
         .route("/health", get(http::health::<E>))
         .route("/ready", get(http::ready::<E>))
@@ -117,6 +125,10 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
         )
         .route("/ws/{id}", get(ws::upgrade::<E>))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
         .layer(CorsLayer::permissive())
         .with_state(app)
 }
@@ -142,7 +154,8 @@ async fn serve<E: Engine>(
     };
     let watchdog = tokio::spawn(health.watchdog());
 
-    let listener = listener.tap_io(|tcp| {
+    let max_tcp = max_sockets + HTTP_HEADROOM;
+    let listener = LimitedListener::new(listener, max_tcp).tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
     let until_closing = {

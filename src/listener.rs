@@ -1,0 +1,144 @@
+//! The TCP listener: a cap on open connections, and accept errors that never stall serving.
+//!
+//! The original wedged at ~1000 peers under a 1024 descriptor limit: `accept` failed with
+//! EMFILE, axum's default listener slept a full second after each failure, and `/health` timed
+//! out. Here every accepted connection holds a permit of a semaphore sized below the descriptor
+//! limit; once they are all taken, new connections are accepted and closed at once (the client
+//! sees a clean close, not a hang), and the descriptors between this cap and the WebSocket cap
+//! stay free for `/health` and `/ready`. An accept error backs off for a few milliseconds only.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS…): short, so serving resumes as soon
+/// as a descriptor frees up.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+
+pub struct LimitedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    last_warning: Option<Instant>,
+}
+
+impl LimitedListener {
+    pub fn new(inner: TcpListener, max_connections: usize) -> Self {
+        Self {
+            inner,
+            permits: Arc::new(Semaphore::new(max_connections)),
+            last_warning: None,
+        }
+    }
+
+    /// Logs at most once every ten seconds, so a storm cannot flood the log.
+    fn warn(&mut self, what: &str, error: Option<&io::Error>) {
+        let now = Instant::now();
+        if self
+            .last_warning
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.last_warning = Some(now);
+        match error {
+            Some(e) => tracing::warn!(error = %e, "{what}"),
+            None => tracing::warn!("{what}"),
+        }
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = Counted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Counted, SocketAddr) {
+        loop {
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    self.warn("accept failed", Some(&e));
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    return (
+                        Counted {
+                            stream,
+                            _permit: permit,
+                        },
+                        addr,
+                    )
+                }
+                Err(_) => {
+                    self.warn("connection limit reached; refusing new connections", None);
+                    drop(stream);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A TCP stream that gives its connection slot back when dropped.
+pub struct Counted {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Counted {
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.stream.set_nodelay(on)
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
