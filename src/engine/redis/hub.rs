@@ -1,0 +1,457 @@
+//! The hub: the one task that owns this instance's sockets ([`LocalPeers`]), their room
+//! memberships and the peer→owner cache, and consumes the pub/sub push channel.
+//!
+//! Engine calls reach it over a bounded mpsc with oneshot replies; Redis pushes arrive on the
+//! unbounded channel the `ConnectionManager` requires (its sender must never block). The hub
+//! never awaits anything but its two inputs and never touches Redis, so a slow client or a slow
+//! Redis cannot stall routing: delivery is `LocalPeers::deliver`, which never waits.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use redis::{PushInfo, PushKind, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::EngineConfig;
+use crate::peers::{CloseReason, LocalPeers, PeerQueue};
+use crate::protocol::{Frame, PeerInfo, Role};
+
+/// Remote owners remembered per room at most; beyond it sends fall back to a Redis lookup.
+const MAX_CACHED_PER_ROOM: usize = 1024;
+
+/// What instances publish to each other's channels.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub(crate) enum Bus {
+    /// The self-message proving this instance's subscription still works.
+    Tick { id: String },
+    /// A frame for some members of `room` held by the receiving instance.
+    Deliver {
+        room: String,
+        to: Vec<String>,
+        frame: String,
+        /// (peer, owner) that just joined: the receiver may cache its owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined: Option<(String, String)>,
+        /// Peer that just left: the receiver forgets its owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        left: Option<String>,
+    },
+}
+
+/// The opaque part of a member record (`lua/join.lua`).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Blob {
+    pub supported_transports: Vec<serde_json::Value>,
+    pub preferred_transport: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A room member as stored in Redis: `seq|role|joined_at|owner|blob`.
+#[derive(Clone, Debug)]
+pub(crate) struct Member {
+    pub seq: u64,
+    pub owner: String,
+    pub info: PeerInfo,
+}
+
+impl Member {
+    pub(crate) fn parse(id: &str, rec: &str) -> Option<Member> {
+        let mut it = rec.splitn(5, '|');
+        let seq = it.next()?.parse().ok()?;
+        let role = match it.next()? {
+            "server" => Role::Server,
+            _ => Role::Client,
+        };
+        let joined_at = it.next()?.parse().ok()?;
+        let owner = it.next()?.to_owned();
+        let blob: Blob = serde_json::from_str(it.next()?).ok()?;
+        Some(Member {
+            seq,
+            owner,
+            info: PeerInfo {
+                id: id.to_owned(),
+                role,
+                joined_at,
+                supported_transports: blob.supported_transports,
+                preferred_transport: blob.preferred_transport,
+                metadata: blob.metadata,
+            },
+        })
+    }
+
+    /// The owner field of a record without parsing the rest.
+    pub(crate) fn owner_of(rec: &str) -> Option<&str> {
+        rec.split('|').nth(3)
+    }
+}
+
+/// Parses flat `[id, rec, id, rec, ...]` (HGETALL order) into members in join order.
+pub(crate) fn parse_members(flat: &[String]) -> Vec<Member> {
+    let mut out: Vec<Member> = flat
+        .chunks_exact(2)
+        .filter_map(|kv| {
+            let m = Member::parse(&kv[0], &kv[1]);
+            if m.is_none() {
+                tracing::warn!(peer = %kv[0], "unparsable member record ignored");
+            }
+            m
+        })
+        .collect();
+    out.sort_by_key(|m| m.seq);
+    out
+}
+
+/// A local socket's membership: the room and the instance id it joined under.
+#[derive(Clone, Debug)]
+pub(crate) struct Membership {
+    pub room: String,
+    pub owner: String,
+}
+
+/// Remote recipients grouped by owning instance.
+pub(crate) type Groups = Vec<(String, Vec<String>)>;
+
+pub(crate) enum Route {
+    Delivered,
+    Remote(String),
+    Unknown,
+}
+
+pub(crate) enum Cmd {
+    Connect {
+        peer: String,
+        reply: oneshot::Sender<PeerQueue>,
+    },
+    /// Forgets the socket; replies with its membership if it never left.
+    Disconnect {
+        peer: String,
+        reply: oneshot::Sender<Option<Membership>>,
+    },
+    Count {
+        reply: oneshot::Sender<usize>,
+    },
+    /// A join script succeeded with `owner` as the peer's owner. Replies `Err(())` when this
+    /// instance was fenced meanwhile (the caller undoes the join). With `frame`, tells the
+    /// other local members and returns the remote ones.
+    Joined {
+        room: String,
+        peer: String,
+        owner: String,
+        members: Vec<(String, String)>,
+        frame: Option<Frame>,
+        reply: oneshot::Sender<Result<Groups, ()>>,
+    },
+    /// Ends a local membership; `None` when there is none in `room` (never joined, already
+    /// left, or joined before this instance was fenced).
+    Leaving {
+        room: String,
+        peer: String,
+        reply: oneshot::Sender<Option<Membership>>,
+    },
+    /// Delivers `frame` to the local `recipients` and returns the remote ones by owner.
+    Fanout {
+        room: String,
+        recipients: Vec<(String, String)>,
+        frame: Frame,
+        left: Option<String>,
+        reply: oneshot::Sender<Groups>,
+    },
+    Route {
+        room: String,
+        to: String,
+        frame: Frame,
+        reply: oneshot::Sender<Route>,
+    },
+    Learn {
+        room: String,
+        peer: String,
+        owner: String,
+    },
+    /// This instance was written off: close every socket, forget every membership, and
+    /// continue as `new_id`.
+    Fence {
+        new_id: String,
+        reply: oneshot::Sender<usize>,
+    },
+    /// A leave whose Redis part failed; the liveness task retries it.
+    RetryLeave {
+        peer: String,
+        m: Membership,
+    },
+    TakeRetries {
+        reply: oneshot::Sender<Vec<(String, Membership)>>,
+    },
+}
+
+#[derive(Default)]
+struct RoomCache {
+    local: HashSet<String>,
+    /// Remote member → owner. Trusted only while `local` is non-empty: that is exactly when
+    /// this instance receives the room's peer_joined/peer_left broadcasts.
+    remote: HashMap<String, String>,
+}
+
+pub(crate) struct Hub {
+    peers: LocalPeers,
+    joined: HashMap<String, Membership>,
+    rooms: HashMap<String, RoomCache>,
+    id: String,
+    retries: Vec<(String, Membership)>,
+    /// Generation of the current `ConnectionManager`; pushes of older ones are ignored.
+    gen: Arc<AtomicU64>,
+    /// Milliseconds since `origin` when our own tick last arrived (0 = never).
+    last_tick: Arc<AtomicU64>,
+    origin: Instant,
+}
+
+impl Hub {
+    pub(crate) fn new(
+        config: &EngineConfig,
+        id: String,
+        gen: Arc<AtomicU64>,
+        last_tick: Arc<AtomicU64>,
+        origin: Instant,
+    ) -> Self {
+        Self {
+            peers: LocalPeers::new(config.queue),
+            joined: HashMap::new(),
+            rooms: HashMap::new(),
+            id,
+            retries: Vec::new(),
+            gen,
+            last_tick,
+            origin,
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut pushes: mpsc::UnboundedReceiver<(u64, PushInfo)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                Some(cmd) = cmds.recv() => self.command(cmd),
+                Some((gen, push)) = pushes.recv() => {
+                    if gen == self.gen.load(Ordering::Acquire) {
+                        self.push(push);
+                    }
+                }
+                else => break,
+            }
+        }
+        self.peers.close_all(CloseReason::GoingAway);
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Connect { peer, reply } => {
+                let _ = reply.send(self.peers.register(&peer));
+            }
+            Cmd::Disconnect { peer, reply } => {
+                self.peers.remove(&peer);
+                let _ = reply.send(self.joined.get(&peer).cloned());
+            }
+            Cmd::Count { reply } => {
+                let _ = reply.send(self.peers.len());
+            }
+            Cmd::Joined {
+                room,
+                peer,
+                owner,
+                members,
+                frame,
+                reply,
+            } => {
+                if owner != self.id {
+                    let _ = reply.send(Err(()));
+                    return;
+                }
+                self.joined.insert(
+                    peer.clone(),
+                    Membership {
+                        room: room.clone(),
+                        owner,
+                    },
+                );
+                self.rooms
+                    .entry(room.clone())
+                    .or_default()
+                    .local
+                    .insert(peer.clone());
+                let others: Vec<(String, String)> =
+                    members.into_iter().filter(|(id, _)| *id != peer).collect();
+                let groups = match frame {
+                    Some(frame) => self.fanout(&room, others, &frame),
+                    None => {
+                        self.learn_all(&room, &others);
+                        Vec::new()
+                    }
+                };
+                let _ = reply.send(Ok(groups));
+            }
+            Cmd::Leaving { room, peer, reply } => {
+                let m = match self.joined.get(&peer) {
+                    Some(m) if m.room == room => self.joined.remove(&peer),
+                    _ => None,
+                };
+                if m.is_some() {
+                    self.forget_local(&room, &peer);
+                }
+                let _ = reply.send(m);
+            }
+            Cmd::Fanout {
+                room,
+                recipients,
+                frame,
+                left,
+                reply,
+            } => {
+                if let Some(left) = left {
+                    self.forget_remote(&room, &left);
+                }
+                let _ = reply.send(self.fanout(&room, recipients, &frame));
+            }
+            Cmd::Route {
+                room,
+                to,
+                frame,
+                reply,
+            } => {
+                let route = if self.joined.get(&to).is_some_and(|m| m.room == room) {
+                    self.peers.deliver(&to, &frame);
+                    Route::Delivered
+                } else if let Some(owner) = self.rooms.get(&room).and_then(|r| r.remote.get(&to)) {
+                    Route::Remote(owner.clone())
+                } else {
+                    Route::Unknown
+                };
+                let _ = reply.send(route);
+            }
+            Cmd::Learn { room, peer, owner } => self.learn_all(&room, &[(peer, owner)]),
+            Cmd::Fence { new_id, reply } => {
+                let closed = self.peers.close_all(CloseReason::Fenced);
+                self.joined.clear();
+                self.rooms.clear();
+                self.retries.clear();
+                self.id = new_id;
+                self.last_tick.store(0, Ordering::Release);
+                let _ = reply.send(closed.len());
+            }
+            Cmd::RetryLeave { peer, m } => {
+                if m.owner == self.id {
+                    self.retries.push((peer, m));
+                }
+            }
+            Cmd::TakeRetries { reply } => {
+                let _ = reply.send(std::mem::take(&mut self.retries));
+            }
+        }
+    }
+
+    /// Delivers to the recipients owned by this instance, caches the others' owners and
+    /// returns them grouped by owner.
+    fn fanout(&mut self, room: &str, recipients: Vec<(String, String)>, frame: &Frame) -> Groups {
+        self.learn_all(room, &recipients);
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for (peer, owner) in recipients {
+            if owner == self.id {
+                if self.joined.get(&peer).is_some_and(|m| m.room == room) {
+                    self.peers.deliver(&peer, frame);
+                }
+            } else {
+                groups.entry(owner).or_default().push(peer);
+            }
+        }
+        groups.into_iter().collect()
+    }
+
+    fn learn_all(&mut self, room: &str, members: &[(String, String)]) {
+        let id = &self.id;
+        if let Some(cache) = self.rooms.get_mut(room) {
+            for (peer, owner) in members {
+                if owner != id
+                    && (cache.remote.len() < MAX_CACHED_PER_ROOM || cache.remote.contains_key(peer))
+                {
+                    cache.remote.insert(peer.clone(), owner.clone());
+                }
+            }
+        }
+    }
+
+    fn forget_remote(&mut self, room: &str, peer: &str) {
+        if let Some(cache) = self.rooms.get_mut(room) {
+            cache.remote.remove(peer);
+        }
+    }
+
+    fn forget_local(&mut self, room: &str, peer: &str) {
+        if let Some(cache) = self.rooms.get_mut(room) {
+            cache.local.remove(peer);
+            if cache.local.is_empty() {
+                // No more broadcasts for this room reach us: the cache would go stale.
+                self.rooms.remove(room);
+            }
+        }
+    }
+
+    fn push(&mut self, push: PushInfo) {
+        match push.kind {
+            PushKind::Message => {
+                let Some(Value::BulkString(payload)) = push.data.get(1) else {
+                    return;
+                };
+                match serde_json::from_slice::<Bus>(payload) {
+                    Ok(bus) => self.bus(bus),
+                    Err(e) => tracing::warn!(error = %e, "unparsable bus message ignored"),
+                }
+            }
+            PushKind::Disconnection | PushKind::Subscribe => {
+                // Broadcasts may have been missed during the gap: owner caches are suspect.
+                for cache in self.rooms.values_mut() {
+                    cache.remote.clear();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn bus(&mut self, bus: Bus) {
+        match bus {
+            Bus::Tick { id } => {
+                if id == self.id {
+                    let ms = self.origin.elapsed().as_millis() as u64;
+                    self.last_tick.store(ms.max(1), Ordering::Release);
+                }
+            }
+            Bus::Deliver {
+                room,
+                to,
+                frame,
+                joined,
+                left,
+            } => {
+                if let Some(left) = left {
+                    self.forget_remote(&room, &left);
+                }
+                if let Some(j) = joined {
+                    self.learn_all(&room, &[j]);
+                }
+                let frame = Frame::from(frame);
+                for peer in to {
+                    if self.joined.get(&peer).is_some_and(|m| m.room == room) {
+                        self.peers.deliver(&peer, &frame);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The Redis key schema (see `docs/architecture.md`).
+//!
+//! Every key of one session carries the hash tag `{<session id>}` so each script touches a single
+//! slot (Redis Cluster later). Instance-level keys carry their own tags. Ids were validated by the
+//! caller (`protocol::valid_id`: no `{`, `}`, `:` or `|`), so they cannot alias other keys.
+
+/// Builds every key and channel name of one deployment from its prefix.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn session_key(&self, s: &str, what: &str) -> String {
+        format!("{}:{{{s}}}:{what}", self.prefix)
+    }
+
+    /// Hash: created_at, salt, hash.
+    pub(crate) fn session(&self, s: &str) -> String {
+        self.session_key(s, "session")
+    }
+
+    /// String: the peer-session id of host session `s`.
+    pub(crate) fn alias(&self, s: &str) -> String {
+        self.session_key(s, "alias")
+    }
+
+    /// String in the peer session's own slot: its host session id.
+    pub(crate) fn alias_host(&self, pid: &str) -> String {
+        self.session_key(pid, "host")
+    }
+
+    /// Sorted set of wrong-code timestamps.
+    pub(crate) fn code_failures(&self, s: &str) -> String {
+        self.session_key(s, "codefail")
+    }
+
+    /// List of "<ms>|<payload>" offers for `peer`.
+    pub(crate) fn offers(&self, s: &str, peer: &str) -> String {
+        self.session_key(s, &format!("offers:{peer}"))
+    }
+
+    /// String: the answer of one handshake.
+    pub(crate) fn answer(&self, s: &str, handshake: &str) -> String {
+        self.session_key(s, &format!("answer:{handshake}"))
+    }
+
+    /// Hash: peer -> "seq|role|joined_at|owner|blob".
+    pub(crate) fn members(&self, s: &str) -> String {
+        self.session_key(s, "peers")
+    }
+
+    /// Counter ordering the members by join.
+    pub(crate) fn seq(&self, s: &str) -> String {
+        self.session_key(s, "seq")
+    }
+
+    /// String: the room's `server` peer while it is a member.
+    pub(crate) fn server(&self, s: &str) -> String {
+        self.session_key(s, "server")
+    }
+
+    /// Sorted set: live instance -> last heartbeat (ms, Redis time).
+    pub(crate) fn alive(&self) -> String {
+        format!("{}:{{instances}}:alive", self.prefix)
+    }
+
+    /// Sorted set: written-off instance -> end of its reaper's lease (ms; 0 = unclaimed).
+    pub(crate) fn dead(&self) -> String {
+        format!("{}:{{instances}}:dead", self.prefix)
+    }
+
+    /// Hash: written-off instance -> reaper holding the claim.
+    pub(crate) fn reaper(&self) -> String {
+        format!("{}:{{instances}}:reaper", self.prefix)
+    }
+
+    /// Set of "<room>|<peer>" an instance owns: written *before* the room join and removed
+    /// *after* the leave, so a crash in between leaves only entries a reaper can clean.
+    pub(crate) fn instance_peers(&self, instance: &str) -> String {
+        format!("{}:{{inst:{instance}}}:peers", self.prefix)
+    }
+
+    /// Pub/sub channel of one instance.
+    pub(crate) fn channel(&self, instance: &str) -> String {
+        format!("{}:chan:{instance}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_keys_share_one_hash_tag() {
+        let k = Keys::new("p");
+        assert_eq!(k.members("abc"), "p:{abc}:peers");
+        assert_eq!(k.offers("abc", "x"), "p:{abc}:offers:x");
+        assert_eq!(k.instance_peers("i"), "p:{inst:i}:peers");
+        assert_eq!(k.alive(), "p:{instances}:alive");
+    }
+}

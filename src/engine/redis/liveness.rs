@@ -1,0 +1,385 @@
+//! Instance liveness: registration, heartbeats, the pub/sub self-check, fencing and reaping.
+//!
+//! Timeline (see `docs/architecture.md`): an instance heartbeats every `heartbeat_interval`; a
+//! heartbeat older than `instance_timeout` lets any other instance write it off and reap its
+//! peers. The written-off instance fences itself as soon as it notices (its heartbeat script
+//! says it is gone, or it has not heartbeated successfully for `instance_timeout`): it closes
+//! its sockets and registers under a fresh id, never re-announcing the stale peers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::PushInfo;
+use tokio::sync::{mpsc, watch};
+
+use super::hub::{Bus, Cmd};
+use super::{build_manager, Inner, Instance, RedisSettings};
+
+/// Peers reaped per batch: each batch is one SRANDMEMBER, one leave script per peer (each a
+/// short script in that peer's room slot) and one SREM, so Redis is never blocked for long.
+const REAP_BATCH: usize = 100;
+/// Batches per reaper tick, so heartbeat-sized ticks stay short even for a huge dead instance.
+const REAP_BATCHES_PER_TICK: usize = 10;
+
+/// How often the self-message is published: every heartbeat, at least once a second.
+pub(crate) fn tick_interval(s: &RedisSettings) -> Duration {
+    s.heartbeat_interval.min(Duration::from_secs(1))
+}
+
+/// The self-message is stale (not ready, resubscribe) when older than this.
+pub(crate) fn stale_after(s: &RedisSettings) -> Duration {
+    (tick_interval(s) * 3).max(Duration::from_secs(1))
+}
+
+/// How long a reaper's claim on a dead instance holds without renewal.
+fn lease(inner: &Inner) -> Duration {
+    (inner.settings.instance_timeout * 2).max(inner.config.call_timeout * 4)
+}
+
+fn ms(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// Owns the connection and identity senders: the only writer of both.
+pub(crate) struct Liveness {
+    inner: Arc<Inner>,
+    conn: watch::Sender<ConnectionManager>,
+    instance: watch::Sender<Instance>,
+    push: mpsc::UnboundedSender<(u64, PushInfo)>,
+    gen: Arc<AtomicU64>,
+    last_ok: Instant,
+    last_beat: Option<Instant>,
+    last_resubscribe: Option<Instant>,
+    last_replace: Instant,
+}
+
+impl Liveness {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        conn: watch::Sender<ConnectionManager>,
+        instance: watch::Sender<Instance>,
+        push: mpsc::UnboundedSender<(u64, PushInfo)>,
+        gen: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            inner,
+            conn,
+            instance,
+            push,
+            gen,
+            last_ok: Instant::now(),
+            last_beat: None,
+            last_resubscribe: None,
+            last_replace: Instant::now(),
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.inner.paused.load(Ordering::Acquire)
+    }
+
+    /// Subscribes to this id's channel, then registers it as live. Retried every tick until
+    /// it succeeds; peers can join only after it did.
+    pub(crate) async fn try_register(&mut self) {
+        if self.paused() {
+            return;
+        }
+        let inner = &self.inner;
+        let id = inner.current().id;
+        let mut cm = inner.cm();
+        if let Err(e) = inner.redis(cm.subscribe(inner.keys.channel(&id))).await {
+            tracing::debug!(error = %e, "subscribe failed; will retry");
+            return;
+        }
+        let mut inv = inner.scripts.instance_register.prepare_invoke();
+        inv.key(inner.keys.alive()).arg(&id);
+        match inner.redis(inv.invoke_async::<u64>(&mut cm)).await {
+            Ok(_) => {
+                self.last_ok = Instant::now();
+                self.last_beat = Some(self.last_ok);
+                self.instance.send_modify(|i| {
+                    if i.id == id {
+                        i.registered = true;
+                    }
+                });
+                tracing::info!(instance = %id, "instance registered");
+                self.publish_tick().await;
+            }
+            Err(e) => tracing::debug!(error = %e, "instance registration failed; will retry"),
+        }
+    }
+
+    async fn publish_tick(&self) {
+        let inner = &self.inner;
+        let id = inner.current().id;
+        let payload = serde_json::to_string(&Bus::Tick { id: id.clone() }).expect("serializes");
+        let cmd = redis::cmd("PUBLISH")
+            .arg(inner.keys.channel(&id))
+            .arg(payload)
+            .clone();
+        let _ = inner.query::<i64>(&cmd).await;
+    }
+
+    pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(tick_interval(&self.inner.settings));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tick.tick() => {}
+            }
+            self.step().await;
+        }
+    }
+
+    async fn step(&mut self) {
+        let settings = self.inner.settings.clone();
+        let inst = self.inner.current();
+        if !inst.registered {
+            self.try_register().await;
+        } else {
+            let due = self
+                .last_beat
+                .is_none_or(|t| t.elapsed() >= settings.heartbeat_interval);
+            if due && !self.paused() {
+                self.last_beat = Some(Instant::now());
+                let mut cm = self.inner.cm();
+                let mut inv = self.inner.scripts.heartbeat.prepare_invoke();
+                inv.key(self.inner.keys.alive()).arg(&inst.id);
+                match self.inner.redis(inv.invoke_async::<i64>(&mut cm)).await {
+                    Ok(1) => self.last_ok = Instant::now(),
+                    Ok(_) => return self.fence("written off by another instance").await,
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+            if self.last_ok.elapsed() > settings.instance_timeout {
+                return self
+                    .fence("no successful heartbeat within the instance timeout")
+                    .await;
+            }
+        }
+        self.publish_tick().await;
+        self.watchdog().await;
+        self.retry_leaves().await;
+    }
+
+    /// Keeps the subscription honest: a stale self-message first resubscribes, and if that does
+    /// not help while Redis answers commands, the manager is replaced by a fresh one.
+    async fn watchdog(&mut self) {
+        let inner = &self.inner;
+        let stale = stale_after(&inner.settings);
+        let last = inner.last_tick.load(Ordering::Acquire);
+        let age =
+            Duration::from_millis((inner.origin.elapsed().as_millis() as u64).saturating_sub(last));
+        let never = last == 0;
+        if !never && age <= stale {
+            self.last_resubscribe = None;
+            return;
+        }
+        let id = inner.current().id;
+        if self.last_resubscribe.is_none_or(|t| t.elapsed() >= stale) {
+            self.last_resubscribe = Some(Instant::now());
+            let mut cm = inner.cm();
+            let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
+            return;
+        }
+        // Still deaf after a resubscribe. Replace the manager only when Redis does answer (a
+        // deaf or half-open connection), at most every 10 s: during an outage the manager
+        // reconnects by itself and a replaced one would keep retrying in the background.
+        if self.last_replace.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        let pong = inner.query::<String>(&redis::cmd("PING")).await.is_ok();
+        let long_outage = self.last_ok.elapsed() > Duration::from_secs(30);
+        if !(pong || long_outage) {
+            return;
+        }
+        self.last_replace = Instant::now();
+        let gen = self.gen.load(Ordering::Acquire) + 1;
+        match build_manager(
+            &inner.settings.url,
+            inner.config.call_timeout,
+            self.push.clone(),
+            gen,
+        ) {
+            Ok(cm) => {
+                tracing::warn!(
+                    gen,
+                    "pub/sub self-message missing; replacing the Redis connection"
+                );
+                self.gen.store(gen, Ordering::Release);
+                self.conn.send_replace(cm);
+                let mut cm = inner.cm();
+                let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
+        }
+    }
+
+    async fn retry_leaves(&self) {
+        let Ok(retries) = self.inner.ask(|reply| Cmd::TakeRetries { reply }).await else {
+            return;
+        };
+        for (peer, m) in retries {
+            if self
+                .inner
+                .leave_in_redis(&m.room, &peer, &m.owner, true)
+                .await
+                .is_err()
+            {
+                let _ = self.inner.hub.try_send(Cmd::RetryLeave { peer, m });
+            }
+        }
+    }
+
+    /// This instance was written off (or must assume so): close every local socket, queue the
+    /// old id for reaping, and continue under a fresh id. Stale peers are never re-announced.
+    async fn fence(&mut self, why: &str) {
+        let inner = self.inner.clone();
+        let old = inner.current().id;
+        let new_id = crate::protocol::new_id();
+        // The hub first, so no join completes under the old id after this point.
+        let closed = inner
+            .ask(|reply| Cmd::Fence {
+                new_id: new_id.clone(),
+                reply,
+            })
+            .await
+            .unwrap_or(0);
+        self.instance.send_replace(Instance {
+            id: new_id.clone(),
+            registered: false,
+        });
+        tracing::warn!(old = %old, new = %new_id, closed, why, "instance fenced");
+        // Best effort: hand the old id to the reapers now rather than after the timeout.
+        let mut cm = inner.cm();
+        let mut inv = inner.scripts.deregister.prepare_invoke();
+        inv.key(inner.keys.alive())
+            .key(inner.keys.dead())
+            .arg(&old)
+            .arg("1");
+        let _ = inner.redis(inv.invoke_async::<i64>(&mut cm)).await;
+        let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&old))).await;
+        self.last_resubscribe = None;
+        self.try_register().await;
+    }
+}
+
+/// Removes this instance from the live set at shutdown. Its peers have normally left during
+/// the drain; any that remain are handed to the reapers instead.
+pub(crate) async fn deregister(inner: &Inner) {
+    let id = inner.current().id;
+    let remaining = inner
+        .query::<i64>(
+            &redis::cmd("SCARD")
+                .arg(inner.keys.instance_peers(&id))
+                .clone(),
+        )
+        .await
+        .unwrap_or(1);
+    let mut cm = inner.cm();
+    let mut inv = inner.scripts.deregister.prepare_invoke();
+    inv.key(inner.keys.alive())
+        .key(inner.keys.dead())
+        .arg(&id)
+        .arg(if remaining > 0 { "1" } else { "0" });
+    if let Err(e) = inner.redis(inv.invoke_async::<i64>(&mut cm)).await {
+        tracing::warn!(error = %e, "deregistration failed; other instances will reap this one");
+    }
+    let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
+}
+
+/// The reaper task: every heartbeat interval, write off silent instances and remove the peers
+/// of one dead instance, batch by batch, under a renewable lease (a reaper that dies mid-way
+/// loses the lease and another one resumes where it stopped).
+pub(crate) async fn reaper(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut claimed: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let me = inner.current();
+        if !me.registered || inner.paused.load(Ordering::Acquire) {
+            continue;
+        }
+        if claimed.is_none() {
+            claimed = claim(&inner, &me.id).await;
+        }
+        if let Some(dead) = claimed.take() {
+            if !reap(&inner, &me.id, &dead).await {
+                claimed = Some(dead);
+            }
+        }
+    }
+}
+
+async fn claim(inner: &Inner, me: &str) -> Option<String> {
+    let mut cm = inner.cm();
+    let mut inv = inner.scripts.reap_claim.prepare_invoke();
+    inv.key(inner.keys.alive())
+        .key(inner.keys.dead())
+        .key(inner.keys.reaper())
+        .arg(me)
+        .arg(ms(inner.settings.instance_timeout))
+        .arg(ms(lease(inner)));
+    let v: Vec<String> = inner.redis(inv.invoke_async(&mut cm)).await.ok()?;
+    let dead = v.into_iter().next()?;
+    tracing::warn!(dead = %dead, "reaping the peers of a dead instance");
+    Some(dead)
+}
+
+/// Works on one claimed dead instance for up to `REAP_BATCHES_PER_TICK` batches. Returns true
+/// when the claim is finished (all peers gone, or the lease lost), false to continue next tick.
+async fn reap(inner: &Inner, me: &str, dead: &str) -> bool {
+    let set = inner.keys.instance_peers(dead);
+    for _ in 0..REAP_BATCHES_PER_TICK {
+        let cmd = redis::cmd("SRANDMEMBER").arg(&set).arg(REAP_BATCH).clone();
+        let Ok(entries) = inner.query::<Vec<String>>(&cmd).await else {
+            return false;
+        };
+        if entries.is_empty() {
+            let _ = lease_op(inner, me, dead, "done").await;
+            tracing::info!(dead = %dead, "dead instance fully reaped");
+            return true;
+        }
+        for entry in &entries {
+            let Some((room, peer)) = entry.split_once('|') else {
+                continue;
+            };
+            if inner.leave_in_redis(room, peer, dead, false).await.is_err() {
+                return false;
+            }
+        }
+        let cmd = redis::cmd("SREM").arg(&set).arg(&entries).clone();
+        if inner.query::<i64>(&cmd).await.is_err() {
+            return false;
+        }
+        match lease_op(inner, me, dead, "renew").await {
+            Some(true) => {}
+            Some(false) => return true,
+            None => return false,
+        }
+    }
+    false
+}
+
+async fn lease_op(inner: &Inner, me: &str, dead: &str, op: &str) -> Option<bool> {
+    let mut cm = inner.cm();
+    let mut inv = inner.scripts.reap_lease.prepare_invoke();
+    inv.key(inner.keys.dead())
+        .key(inner.keys.reaper())
+        .arg(dead)
+        .arg(me)
+        .arg(ms(lease(inner)))
+        .arg(op);
+    inner
+        .redis(inv.invoke_async::<i64>(&mut cm))
+        .await
+        .ok()
+        .map(|v| v == 1)
+}

@@ -1,0 +1,689 @@
+//! Redis engine: many stateless instances share one Redis.
+//!
+//! Sessions, the mailbox, room membership and instance liveness live in Redis and change only
+//! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
+//! its own sockets, in the [`hub`] task. A frame for a peer on another instance is published to
+//! that instance's channel. Liveness, fencing and reaping are in [`liveness`]. The key schema is
+//! in [`keys`] and `docs/architecture.md`.
+//!
+//! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
+//! carries both commands and the subscription; every call is bounded by `call_timeout`.
+
+mod hub;
+mod keys;
+mod liveness;
+mod scripts;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushInfo, RedisResult};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use self::hub::{parse_members, Blob, Bus, Cmd, Groups, Hub, Member, Membership, Route};
+use self::keys::Keys;
+use self::scripts::Scripts;
+use crate::code::CodeHash;
+use crate::engine::{
+    Engine, EngineConfig, EngineError, EngineResult, Joined, NewPeer, SessionRecord,
+};
+use crate::peers::PeerQueue;
+use crate::protocol::{Frame, ServerMessage};
+
+/// Redis-specific settings (see `Config`).
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key and channel, so deployments can share a Redis.
+    pub key_prefix: String,
+    pub heartbeat_interval: Duration,
+    /// A heartbeat older than this writes an instance off (its peers are reaped).
+    pub instance_timeout: Duration,
+}
+
+/// Readiness's PING gets at most this long, so `/ready` answers fast.
+const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// Reconnect backoff cap: short enough to be ready again within ~1 s of Redis's return.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// With the default 6 retries the manager gives up ~9.4 s into an outage and never resumes by
+/// itself (`shared/notes/crates.md`); this is "forever" at ≤1 s per attempt.
+const RECONNECT_RETRIES: usize = 1_000_000;
+
+/// This process's identity in Redis; replaced by a fresh one when the instance is fenced.
+#[derive(Clone, Debug)]
+pub(crate) struct Instance {
+    pub id: String,
+    /// Registered in the live set: only then may peers join through this instance.
+    pub registered: bool,
+}
+
+/// The Redis engine. Cheap to clone; all clones share one instance.
+#[derive(Clone)]
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    config: EngineConfig,
+    settings: RedisSettings,
+    keys: Keys,
+    scripts: Scripts,
+    conn: watch::Receiver<ConnectionManager>,
+    instance: watch::Receiver<Instance>,
+    hub: mpsc::Sender<Cmd>,
+    last_tick: Arc<AtomicU64>,
+    origin: Instant,
+    stop: watch::Sender<bool>,
+    tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Test hook: stop heartbeating and registering, as if cut off from Redis.
+    paused: AtomicBool,
+}
+
+/// Appends `protocol=resp3` (required for the push channel) unless the URL names a protocol.
+fn resp3_url(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+/// A lazily connecting manager whose pushes are tagged with `gen`, so the hub can ignore a
+/// replaced manager's late messages.
+pub(crate) fn build_manager(
+    url: &str,
+    timeout: Duration,
+    push: mpsc::UnboundedSender<(u64, PushInfo)>,
+    gen: u64,
+) -> RedisResult<ConnectionManager> {
+    let client = redis::Client::open(resp3_url(url))?;
+    let sender = move |info: PushInfo| push.send((gen, info));
+    let cfg = ConnectionManagerConfig::new()
+        .set_push_sender(sender)
+        .set_automatic_resubscription()
+        .set_number_of_retries(RECONNECT_RETRIES)
+        .set_max_delay(MAX_RECONNECT_DELAY)
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    ConnectionManager::new_lazy_with_config(client, cfg)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+impl RedisEngine {
+    /// Starts the engine. Never fails because Redis is down: the instance then starts not ready
+    /// and registers as soon as Redis answers. Panics only on a malformed URL.
+    pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisEngine {
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let gen = Arc::new(AtomicU64::new(0));
+        let cm = build_manager(&settings.url, config.call_timeout, push_tx.clone(), 0)
+            .unwrap_or_else(|e| panic!("invalid Redis URL {:?}: {e}", settings.url));
+        let (conn_tx, conn_rx) = watch::channel(cm);
+        let id = crate::protocol::new_id();
+        let (inst_tx, inst_rx) = watch::channel(Instance {
+            id: id.clone(),
+            registered: false,
+        });
+        let (hub_tx, hub_rx) = mpsc::channel(1024);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let last_tick = Arc::new(AtomicU64::new(0));
+        let origin = Instant::now();
+        let hub = Hub::new(&config, id, gen.clone(), last_tick.clone(), origin);
+        let inner = Arc::new(Inner {
+            keys: Keys::new(&settings.key_prefix),
+            config,
+            settings,
+            scripts: Scripts::load(),
+            conn: conn_rx,
+            instance: inst_rx,
+            hub: hub_tx,
+            last_tick,
+            origin,
+            stop: stop_tx,
+            tasks: tokio::sync::Mutex::new(Vec::new()),
+            paused: AtomicBool::new(false),
+        });
+        let hub_task = tokio::spawn(hub.run(hub_rx, push_rx, stop_rx.clone()));
+        let mut live = liveness::Liveness::new(inner.clone(), conn_tx, inst_tx, push_tx, gen);
+        // A first attempt inline, so a healthy start is ready at once; failures are retried.
+        live.try_register().await;
+        let live_task = tokio::spawn(live.run(stop_rx.clone()));
+        let reap_task = tokio::spawn(liveness::reaper(inner.clone(), stop_rx));
+        inner
+            .tasks
+            .lock()
+            .await
+            .extend([hub_task, live_task, reap_task]);
+        RedisEngine { inner }
+    }
+
+    /// This process's current instance id (changes when the instance is fenced).
+    pub fn instance_id(&self) -> String {
+        self.inner.instance.borrow().id.clone()
+    }
+
+    /// Test hook: stops every background task without deregistering, as if the process had
+    /// been killed (its heartbeat stops, its sockets close, other instances must reap it).
+    #[doc(hidden)]
+    pub async fn simulate_crash(&self) {
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().await);
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    /// Test hook: stops (or resumes) heartbeats and registration, as if this instance alone
+    /// were cut off from Redis; after `instance_timeout` it fences itself.
+    #[doc(hidden)]
+    pub fn pause_heartbeat(&self, paused: bool) {
+        self.inner.paused.store(paused, Ordering::Release);
+    }
+}
+
+impl Inner {
+    fn cm(&self) -> ConnectionManager {
+        self.conn.borrow().clone()
+    }
+
+    fn current(&self) -> Instance {
+        self.instance.borrow().clone()
+    }
+
+    /// Bounds one Redis call by `call_timeout`.
+    async fn redis<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> EngineResult<T> {
+        match tokio::time::timeout(self.config.call_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("Redis call timed out")),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> EngineResult<T> {
+        let mut cm = self.cm();
+        self.redis(cmd.query_async(&mut cm)).await
+    }
+
+    /// Sends a command to the hub and waits for its reply (bounded, like any engine call).
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> EngineResult<T> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = make(tx);
+        let fut = async {
+            self.hub.send(cmd).await.ok()?;
+            rx.await.ok()
+        };
+        match tokio::time::timeout(self.config.call_timeout, fut).await {
+            Ok(Some(v)) => Ok(v),
+            _ => Err(unavailable("engine stopped")),
+        }
+    }
+
+    fn ttl_ms(d: Duration) -> u64 {
+        (d.as_millis() as u64).max(1)
+    }
+
+    /// Publishes `frame` to each remote owner's channel with the members it holds there.
+    async fn publish(
+        &self,
+        room: &str,
+        groups: Groups,
+        frame: &Frame,
+        joined: Option<(String, String)>,
+        left: Option<String>,
+    ) {
+        for (owner, to) in groups {
+            let bus = Bus::Deliver {
+                room: room.to_owned(),
+                to,
+                frame: frame.to_string(),
+                joined: joined.clone(),
+                left: left.clone(),
+            };
+            let payload = serde_json::to_string(&bus).expect("bus messages serialize");
+            let cmd = redis::cmd("PUBLISH")
+                .arg(self.keys.channel(&owner))
+                .arg(payload)
+                .clone();
+            if let Err(e) = self.query::<i64>(&cmd).await {
+                tracing::warn!(%owner, error = %e, "publish to instance failed");
+            }
+        }
+    }
+
+    /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
+    /// `srem`, also drops the owner's record of it (the reaper removes its batch at once).
+    pub(crate) async fn leave_in_redis(
+        &self,
+        room: &str,
+        peer: &str,
+        owner: &str,
+        srem: bool,
+    ) -> EngineResult<()> {
+        let k = &self.keys;
+        let mut cm = self.cm();
+        let mut inv = self.scripts.leave.prepare_invoke();
+        inv.key(k.members(room))
+            .key(k.server(room))
+            .key(k.offers(room, peer))
+            .key(k.seq(room))
+            .arg(peer)
+            .arg(owner);
+        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        if flat.first().map(String::as_str) == Some("1") {
+            let survivors: Vec<(String, String)> = parse_members(&flat[1..])
+                .into_iter()
+                .map(|m| (m.info.id, m.owner))
+                .collect();
+            if !survivors.is_empty() {
+                let frame = ServerMessage::PeerLeft {
+                    peer_id: peer.to_owned(),
+                }
+                .to_frame();
+                let groups = self
+                    .ask(|reply| Cmd::Fanout {
+                        room: room.to_owned(),
+                        recipients: survivors,
+                        frame: frame.clone(),
+                        left: Some(peer.to_owned()),
+                        reply,
+                    })
+                    .await?;
+                self.publish(room, groups, &frame, None, Some(peer.to_owned()))
+                    .await;
+            }
+        }
+        if srem {
+            let cmd = redis::cmd("SREM")
+                .arg(k.instance_peers(owner))
+                .arg(format!("{room}|{peer}"))
+                .clone();
+            self.query::<i64>(&cmd).await?;
+        }
+        Ok(())
+    }
+
+    async fn join(&self, room: &str, peer: NewPeer) -> EngineResult<Joined> {
+        let inst = self.current();
+        if !inst.registered {
+            return Err(unavailable("instance not registered"));
+        }
+        let k = &self.keys;
+        // The intent first: if we die after the join below, a reaper finds the peer here.
+        let cmd = redis::cmd("SADD")
+            .arg(k.instance_peers(&inst.id))
+            .arg(format!("{room}|{}", peer.id))
+            .clone();
+        self.query::<i64>(&cmd).await?;
+        let blob = serde_json::to_string(&Blob {
+            supported_transports: peer.supported_transports,
+            preferred_transport: peer.preferred_transport,
+            metadata: peer.metadata,
+        })
+        .expect("blob serializes");
+        let mut cm = self.cm();
+        let mut inv = self.scripts.join.prepare_invoke();
+        inv.key(k.members(room))
+            .key(k.seq(room))
+            .key(k.server(room))
+            .key(k.session(room))
+            .key(k.alias(room))
+            .arg(&peer.id)
+            .arg(&inst.id)
+            .arg(blob)
+            .arg(Self::ttl_ms(self.config.session_ttl));
+        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        let fresh = flat.first().map(String::as_str) == Some("1");
+        let members = parse_members(flat.get(1..).unwrap_or_default());
+        let Some(me) = members.iter().find(|m| m.info.id == peer.id).cloned() else {
+            return Err(unavailable("join script returned no record for the joiner"));
+        };
+        let frame = fresh.then(|| {
+            ServerMessage::PeerJoined {
+                peer: me.info.clone(),
+            }
+            .to_frame()
+        });
+        let owners: Vec<(String, String)> = members
+            .iter()
+            .map(|m| (m.info.id.clone(), m.owner.clone()))
+            .collect();
+        let reply = self
+            .ask(|reply| Cmd::Joined {
+                room: room.to_owned(),
+                peer: peer.id.clone(),
+                owner: me.owner.clone(),
+                members: owners,
+                frame: frame.clone(),
+                reply,
+            })
+            .await?;
+        match reply {
+            Ok(groups) => {
+                if let Some(frame) = frame {
+                    let joined = Some((peer.id.clone(), me.owner.clone()));
+                    self.publish(room, groups, &frame, joined, None).await;
+                }
+            }
+            Err(()) => {
+                // Fenced while joining: undo, since the old id's reaper may already be done.
+                let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
+                return Err(unavailable("instance was fenced during the join"));
+            }
+        }
+        Ok(Joined {
+            me: me.info,
+            peers: members.into_iter().map(|m| m.info).collect(),
+            fresh,
+        })
+    }
+
+    async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
+        let Some(m) = self
+            .ask(|reply| Cmd::Leaving {
+                room: room.to_owned(),
+                peer: peer.to_owned(),
+                reply,
+            })
+            .await?
+        else {
+            return Ok(());
+        };
+        let res = self.leave_in_redis(room, peer, &m.owner, true).await;
+        if res.is_err() {
+            let _ = self.hub.try_send(Cmd::RetryLeave {
+                peer: peer.to_owned(),
+                m,
+            });
+        }
+        res
+    }
+
+    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<bool> {
+        let route = self
+            .ask(|reply| Cmd::Route {
+                room: room.to_owned(),
+                to: to.to_owned(),
+                frame: frame.clone(),
+                reply,
+            })
+            .await?;
+        let owner = match route {
+            Route::Delivered => return Ok(true),
+            Route::Remote(owner) => owner,
+            Route::Unknown => {
+                let cmd = redis::cmd("HGET")
+                    .arg(self.keys.members(room))
+                    .arg(to)
+                    .clone();
+                let Some(rec) = self.query::<Option<String>>(&cmd).await? else {
+                    return Ok(false);
+                };
+                let Some(owner) = Member::owner_of(&rec).map(str::to_owned) else {
+                    return Ok(false);
+                };
+                if owner == self.current().id {
+                    // Ours by record but not routable here: it is on its way out.
+                    return Ok(true);
+                }
+                let _ = self.hub.try_send(Cmd::Learn {
+                    room: room.to_owned(),
+                    peer: to.to_owned(),
+                    owner: owner.clone(),
+                });
+                owner
+            }
+        };
+        self.publish(room, vec![(owner, vec![to.to_owned()])], &frame, None, None)
+            .await;
+        Ok(true)
+    }
+
+    async fn load_session(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
+        let cmd = redis::cmd("HMGET")
+            .arg(self.keys.session(id))
+            .arg("created_at")
+            .arg("salt")
+            .arg("hash")
+            .clone();
+        let v: Vec<Option<String>> = self.query(&cmd).await?;
+        match v.as_slice() {
+            [Some(created), Some(salt), Some(hash)] => Ok(Some(SessionRecord {
+                id: id.to_owned(),
+                created_at: created.parse().unwrap_or(0),
+                code: CodeHash {
+                    salt: salt.clone(),
+                    hash: hash.clone(),
+                },
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    async fn ready(&self) -> EngineResult<()> {
+        if !self.current().registered {
+            return Err(unavailable("instance not registered in Redis"));
+        }
+        let last = self.last_tick.load(Ordering::Acquire);
+        let age = (self.origin.elapsed().as_millis() as u64).saturating_sub(last);
+        if last == 0 || age > liveness::stale_after(&self.settings).as_millis() as u64 {
+            return Err(unavailable("pub/sub self-message is not arriving"));
+        }
+        let mut cm = self.cm();
+        let limit = READY_PING_TIMEOUT.min(self.config.call_timeout);
+        match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut cm)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("Redis PING timed out")),
+        }
+    }
+}
+
+impl Engine for RedisEngine {
+    fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    async fn register(&self, session: SessionRecord) -> EngineResult<bool> {
+        let i = &self.inner;
+        // Peer-session ids live in their own slot, so this check cannot be part of the script;
+        // they are random server-chosen ids, so only a deliberate collision reaches it.
+        let alias = redis::cmd("EXISTS")
+            .arg(i.keys.alias_host(&session.id))
+            .clone();
+        if i.query::<bool>(&alias).await? {
+            return Ok(false);
+        }
+        let mut cm = i.cm();
+        let mut inv = i.scripts.register.prepare_invoke();
+        inv.key(i.keys.session(&session.id))
+            .arg(&session.code.salt)
+            .arg(&session.code.hash)
+            .arg(Inner::ttl_ms(i.config.session_ttl));
+        let created: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(created != 0)
+    }
+
+    async fn resolve(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
+        let i = &self.inner;
+        if let Some(s) = i.load_session(id).await? {
+            return Ok(Some(s));
+        }
+        // A peer-session id: its reverse key (own slot) names the host; using it keeps it alive.
+        let cmd = redis::cmd("GETEX")
+            .arg(i.keys.alias_host(id))
+            .arg("PX")
+            .arg(Inner::ttl_ms(i.config.session_ttl))
+            .clone();
+        match i.query::<Option<String>>(&cmd).await? {
+            Some(host) => i.load_session(&host).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn attach(&self, host: &str) -> EngineResult<Option<String>> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.attach.prepare_invoke();
+        inv.key(i.keys.session(host))
+            .key(i.keys.alias(host))
+            .arg(crate::protocol::new_id());
+        let (alias, ttl): (String, i64) = {
+            let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+            match v.as_slice() {
+                [alias, ttl] => (alias.clone(), ttl.parse().unwrap_or(-1)),
+                _ => return Ok(None),
+            }
+        };
+        // Second slot, idempotent: rewritten on every attach, so a crash before it is repaired
+        // by the client's next attach.
+        let ttl = if ttl > 0 {
+            ttl as u64
+        } else {
+            Inner::ttl_ms(i.config.session_ttl)
+        };
+        let cmd = redis::cmd("SET")
+            .arg(i.keys.alias_host(&alias))
+            .arg(host)
+            .arg("PX")
+            .arg(ttl)
+            .clone();
+        i.query::<()>(&cmd).await?;
+        Ok(Some(alias))
+    }
+
+    async fn code_failure(&self, session: &str) -> EngineResult<u32> {
+        self.inner.code_failures_script(session, true).await
+    }
+
+    async fn code_failures(&self, session: &str) -> EngineResult<u32> {
+        self.inner.code_failures_script(session, false).await
+    }
+
+    async fn push_offer(&self, room: &str, to: &str, payload: String) -> EngineResult<()> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.offer_push.prepare_invoke();
+        inv.key(i.keys.offers(room, to))
+            .arg(payload)
+            .arg(i.config.max_queued_offers.max(1))
+            .arg(Inner::ttl_ms(i.config.mailbox_ttl));
+        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(())
+    }
+
+    async fn pop_offer(&self, room: &str, to: &str) -> EngineResult<Option<String>> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.offer_pop.prepare_invoke();
+        inv.key(i.keys.offers(room, to))
+            .arg(Inner::ttl_ms(i.config.mailbox_ttl));
+        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(v.into_iter().next())
+    }
+
+    async fn put_answer(&self, room: &str, handshake: &str, payload: String) -> EngineResult<()> {
+        let i = &self.inner;
+        let cmd = redis::cmd("SET")
+            .arg(i.keys.answer(room, handshake))
+            .arg(payload)
+            .arg("PX")
+            .arg(Inner::ttl_ms(i.config.mailbox_ttl))
+            .clone();
+        i.query::<()>(&cmd).await
+    }
+
+    async fn take_answer(&self, room: &str, handshake: &str) -> EngineResult<Option<String>> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.answer_take.prepare_invoke();
+        inv.key(i.keys.answer(room, handshake));
+        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(v.into_iter().next())
+    }
+
+    async fn connect(&self, peer: &str) -> EngineResult<PeerQueue> {
+        let peer = peer.to_owned();
+        self.inner.ask(|reply| Cmd::Connect { peer, reply }).await
+    }
+
+    async fn disconnect(&self, peer: &str) {
+        let owned = peer.to_owned();
+        let left_behind = self
+            .inner
+            .ask(|reply| Cmd::Disconnect { peer: owned, reply })
+            .await;
+        // A socket that goes without leaving must not stay a member.
+        if let Ok(Some(Membership { room, .. })) = left_behind {
+            let _ = self.inner.leave(&room, peer).await;
+        }
+    }
+
+    async fn join(&self, room: &str, peer: NewPeer) -> EngineResult<Joined> {
+        self.inner.join(room, peer).await
+    }
+
+    async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
+        self.inner.leave(room, peer).await
+    }
+
+    async fn is_member(&self, room: &str, peer: &str) -> EngineResult<bool> {
+        let i = &self.inner;
+        let cmd = redis::cmd("HEXISTS")
+            .arg(i.keys.members(room))
+            .arg(peer)
+            .clone();
+        i.query::<bool>(&cmd).await
+    }
+
+    async fn server_peer(&self, room: &str) -> EngineResult<Option<String>> {
+        let i = &self.inner;
+        let cmd = redis::cmd("GET").arg(i.keys.server(room)).clone();
+        i.query(&cmd).await
+    }
+
+    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<bool> {
+        self.inner.send(room, to, frame).await
+    }
+
+    async fn ready(&self) -> EngineResult<()> {
+        self.inner.ready().await
+    }
+
+    async fn local_peers(&self) -> EngineResult<usize> {
+        self.inner.ask(|reply| Cmd::Count { reply }).await
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().await);
+        for t in tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(self.inner.config.call_timeout * 2, t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        liveness::deregister(&self.inner).await;
+    }
+}
+
+impl Inner {
+    async fn code_failures_script(&self, session: &str, add: bool) -> EngineResult<u32> {
+        let mut cm = self.cm();
+        let mut inv = self.scripts.code_failure.prepare_invoke();
+        inv.key(self.keys.code_failures(session))
+            .arg(Self::ttl_ms(self.config.code_failure_window))
+            .arg(if add { "1" } else { "0" })
+            .arg(crate::protocol::new_id());
+        self.redis(inv.invoke_async(&mut cm)).await
+    }
+}
