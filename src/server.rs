@@ -84,6 +84,10 @@ async fn run(
             serve(engine, "memory", config, listener, max_sockets, dropped).await
         }
         Some(url) => {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                let msg = format!("invalid REDIS_URL: {e}");
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
+            }
             let settings = RedisSettings {
                 url,
                 key_prefix: config.key_prefix.clone(),
