@@ -1,0 +1,29 @@
+output "alb_dns_name" {
+  description = "Point a DNS record for domain_name at this (CNAME, or a Route 53 alias with alb_zone_id)."
+  value       = aws_lb.this.dns_name
+}
+
+output "alb_zone_id" {
+  value = aws_lb.this.zone_id
+}
+
+output "public_url" {
+  description = "BEACH_SESSION_SERVER of every instance; give it to beach clients."
+  value       = "https://${var.domain_name}"
+}
+
+output "websocket_base_url" {
+  value = "wss://${var.domain_name}/ws"
+}
+
+output "redis_primary_endpoint" {
+  value = aws_elasticache_replication_group.redis.primary_endpoint_address
+}
+
+output "target_group_arn" {
+  value = aws_lb_target_group.road.arn
+}
+
+output "autoscaling_group_name" {
+  value = aws_autoscaling_group.road.name
+}
