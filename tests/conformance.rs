@@ -1320,3 +1320,25 @@ fn hex_bytes(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// The harness itself: a server whose stdout nobody reads still starts, and signals reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_unread_stdout_and_signals() {
+    common::bounded(async {
+        let mut server = common::Server::builder()
+            .stdout(common::Stdout::UnreadPipe)
+            .start()
+            .await;
+        assert!(server.pid() > 0);
+        server.signal(libc::SIGSTOP);
+        server.signal(libc::SIGCONT);
+        server
+            .wait_healthy(common::START_TIMEOUT)
+            .await
+            .expect("healthy after SIGCONT");
+        server.signal(libc::SIGTERM);
+        let status = server.wait_exit(Duration::from_secs(10)).await;
+        assert!(status.is_some(), "no exit within 10 s of SIGTERM");
+    })
+    .await;
+}
