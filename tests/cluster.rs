@@ -1,0 +1,865 @@
+//! Multi-instance tests (issue 3, and the SIGTERM drain of issue 4): two or three real
+//! `beach-road` processes on one real `redis-server` that each test starts on a free port.
+//!
+//! Instances run with short liveness intervals (`--heartbeat-interval 250ms`,
+//! `--instance-timeout 1500ms`) so that kill, freeze and outage scenarios finish quickly. Every
+//! test body is bounded; processes are killed when the [`Cluster`] is dropped (Server and
+//! RedisServer handles kill on drop, also on panic). Observed timings are printed with
+//! `eprintln!` (run with `--nocapture` to see them); only the bounds the issues state are
+//! asserted.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+use common::{sdp, sealed_sdp, uuid, Api, RedisServer, Scope, Server, ServerBuilder, Session, Ws};
+
+const HEARTBEAT: &str = "250ms";
+const INSTANCE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Long enough for a stray message to show up on loopback.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Upper bound of one cluster test (a few need more than the harness's 30 s).
+async fn bounded<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster
+// ---------------------------------------------------------------------------------------------
+
+/// `n` instances on one private Redis. Field order: the servers are killed before Redis.
+struct Cluster {
+    servers: Vec<Server>,
+    redis: RedisServer,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        Self::start_with(n, |_| Vec::new()).await
+    }
+
+    /// Starts `n` instances; `extra(i)` adds flags to instance `i`. Waits until all are ready.
+    async fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+        let redis = RedisServer::start();
+        let starts = (0..n).map(|i| {
+            let builder = ServerBuilder::new()
+                .redis_url(&redis.url())
+                .args([
+                    "--heartbeat-interval".to_owned(),
+                    HEARTBEAT.to_owned(),
+                    "--instance-timeout".to_owned(),
+                    format!("{}ms", INSTANCE_TIMEOUT.as_millis()),
+                ])
+                .args(extra(i));
+            builder.start()
+        });
+        let servers = join_all(starts).await;
+        let cluster = Cluster { servers, redis };
+        for i in 0..n {
+            if cluster
+                .wait_ready(i, true, Duration::from_secs(10))
+                .await
+                .is_none()
+            {
+                panic!("instance {i} not ready within 10 s");
+            }
+        }
+        cluster
+    }
+
+    fn s(&self, i: usize) -> &Server {
+        &self.servers[i]
+    }
+
+    fn api(&self, i: usize) -> Api {
+        self.servers[i].api()
+    }
+
+    /// `GET /ready` status (`None`: no answer within the client timeout).
+    async fn ready_status(&self, i: usize) -> Option<u16> {
+        self.api(i).get("/ready").await.ok().map(|r| r.status)
+    }
+
+    /// Polls `/ready` every 20 ms until it is 200 (`want`) or not 200 (`!want`); returns how
+    /// long that took, `None` after `timeout`.
+    async fn wait_ready(&self, i: usize, want: bool, timeout: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            let ok = self.ready_status(i).await == Some(200);
+            if ok == want {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Registers a session on instance `i` (generated code).
+    async fn session(&self, i: usize) -> Session {
+        let id = uuid();
+        let body = self.api(i).register(&id, None).await;
+        assert_eq!(body["success"], true, "register failed: {body}");
+        Session {
+            code: body["join_code"].as_str().unwrap().to_owned(),
+            id,
+        }
+    }
+
+    /// Opens `/ws/{session}` on instance `i` and joins; returns the socket and `join_success`.
+    async fn join(&self, i: usize, session: &Session) -> (Ws, Value) {
+        let mut ws = Ws::connect(&self.s(i).ws_url(&session.id)).await;
+        let ok = ws.join(Some(&session.code)).await;
+        (ws, ok)
+    }
+}
+
+/// The next message within `d`; panics on silence or close.
+async fn recv_within(ws: &mut Ws, d: Duration, what: &str) -> Value {
+    match ws.next(d).await {
+        Ok(Some(v)) => v,
+        Ok(None) => panic!("no {what} within {d:?}"),
+        Err(c) => panic!("socket closed while waiting for {what}: {c:?}"),
+    }
+}
+
+fn peer_ids(join_success: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = join_success["peers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no peers in {join_success}"))
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[track_caller]
+fn find_peer<'a>(join_success: &'a Value, id: &str) -> &'a Value {
+    join_success["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("peer {id} not in {join_success}"))
+}
+
+/// A session registered on `a`, its host joined on `a` and a joiner on `b`: signals both ways
+/// and an offer posted via `a` and fetched via `b`. Proves the cluster routes a fresh room.
+async fn assert_cross_instance_room(c: &Cluster, a: usize, b: usize) -> (Ws, Ws, Session) {
+    let s = c.session(a).await;
+    let (mut host, ok) = c.join(a, &s).await;
+    assert_eq!(ok["peers"][0]["role"], "server", "{ok}");
+    let (mut joiner, ok) = c.join(b, &s).await;
+    assert_eq!(find_peer(&ok, &joiner.id())["role"], "client");
+    let joined = host.recv_type("peer_joined").await;
+    assert_eq!(joined["peer"]["id"], joiner.id());
+    host.send_json(json!({"type": "signal", "to_peer": joiner.id(), "signal": {"n": 1}}))
+        .await;
+    let got = joiner.recv_type("signal").await;
+    assert_eq!(got["from_peer"], host.id());
+    assert_eq!(got["signal"], json!({"n": 1}));
+    joiner
+        .send_json(json!({"type": "signal", "to_peer": host.id(), "signal": {"n": 2}}))
+        .await;
+    let got = host.recv_type("signal").await;
+    assert_eq!(got["from_peer"], joiner.id());
+    let h = uuid();
+    let offer = sdp("offer", &h, &host.id(), &joiner.id());
+    c.api(a)
+        .post_sdp(Scope::Sessions, &s.id, "offer", &offer)
+        .await
+        .assert_status(204);
+    let got = c
+        .api(b)
+        .get_offer(Scope::Sessions, &s.id, &joiner.id())
+        .await;
+    got.assert_status(200);
+    assert_eq!(got.body, offer);
+    (host, joiner, s)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Whole flows of both generations, host on A and joiner on B
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation1_flow_across_instances() {
+    let c = Cluster::start(2).await;
+    bounded(Duration::from_secs(30), async {
+        let (api_a, api_b) = (c.api(0), c.api(1));
+        let id = uuid();
+        let reg = api_a.register(&id, None).await;
+        assert_eq!(reg["success"], true, "{reg}");
+        let code = reg["join_code"].as_str().unwrap().to_owned();
+        assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()));
+        // The URLs point at the instance that answered.
+        assert_eq!(reg["websocket_url"], c.s(0).ws_url(&id));
+
+        let mut host = Ws::connect(reg["websocket_url"].as_str().unwrap()).await;
+        let ok = host.join(Some(&code)).await;
+        assert_eq!(ok["peers"][0]["role"], "server");
+        host.send_json(json!({"type": "ping"})).await;
+        host.recv_type("pong").await;
+
+        // HTTP join through B: the session registered on A is found there.
+        assert_eq!(api_b.status(&id).await.body["exists"], true);
+        let join = api_b
+            .post(
+                &format!("/sessions/{id}/join"),
+                &json!({"passphrase": code, "label": "probe-joiner"}),
+            )
+            .await;
+        join.assert_status(200);
+        assert_eq!(join.body["success"], true, "{}", join.body);
+        let signaling = join.body["webrtc_offer"]["signaling_url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(signaling, format!("{}/sessions/{id}/webrtc", c.s(1).base()));
+        assert_eq!(join.body["websocket_url"], c.s(1).ws_url(&id));
+        let mut joiner = Ws::connect(join.body["websocket_url"].as_str().unwrap()).await;
+        let mut msg = Ws::join_msg(Some(&code));
+        msg["label"] = json!("probe-joiner");
+        let ok = joiner.join_with(msg).await;
+        let (host_id, joiner_id) = (host.id(), joiner.id());
+        assert_eq!(peer_ids(&ok).len(), 2, "{ok}");
+        assert_eq!(find_peer(&ok, &joiner_id)["role"], "client");
+        assert_eq!(find_peer(&ok, &host_id)["role"], "server");
+        let joined = host.recv_type("peer_joined").await;
+        assert_eq!(joined["peer"]["id"], joiner_id.as_str());
+        assert_eq!(joined["peer"]["role"], "client");
+        assert_eq!(joined["peer"]["metadata"]["label"], "probe-joiner");
+        joiner.send_json(json!({"type": "ping"})).await;
+        joiner.recv_type("pong").await;
+
+        // Offer posted via A, polled via B; answer posted via B, polled via A.
+        let scope = Scope::Sessions;
+        assert_eq!(api_b.get_offer(scope, &id, &joiner_id).await.status, 404);
+        let h = uuid();
+        let offer = sdp("offer", &h, &host_id, &joiner_id);
+        api_a
+            .post_sdp(scope, &id, "offer", &offer)
+            .await
+            .assert_status(204);
+        // ICE trickled by the host before the joiner fetched the offer: relayed at once.
+        let ice = |n: u32| {
+            json!({"transport": "webrtc", "signal": {"signal_type": "ice_candidate",
+                "candidate": format!("candidate:{n}"), "sdp_mid": "0", "sdp_mline_index": 0,
+                "handshake_id": h}})
+        };
+        host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": ice(1)}))
+            .await;
+        let got = joiner.recv_type("signal").await;
+        assert_eq!(got["from_peer"], host_id.as_str());
+        assert_eq!(got["signal"], ice(1));
+        assert_eq!(api_a.get_answer(scope, &id, &h).await.status, 404);
+        let got = api_b.get_offer(scope, &id, &joiner_id).await;
+        got.assert_status(200);
+        assert_eq!(got.body, offer);
+        assert_eq!(api_a.get_offer(scope, &id, &joiner_id).await.status, 404);
+        let answer = sdp("answer", &h, &joiner_id, &host_id);
+        api_b
+            .post_sdp(scope, &id, "answer", &answer)
+            .await
+            .assert_status(204);
+        joiner
+            .send_json(json!({"type": "signal", "to_peer": host_id, "signal": ice(2)}))
+            .await;
+        let got = host.recv_type("signal").await;
+        assert_eq!(got["from_peer"], joiner_id.as_str());
+        assert_eq!(got["signal"], ice(2));
+        let got = api_a.get_answer(scope, &id, &h).await;
+        got.assert_status(200);
+        assert_eq!(got.body, answer);
+        assert_eq!(api_b.get_answer(scope, &id, &h).await.status, 404);
+
+        // Transport negotiation crosses instances too.
+        joiner
+            .send_json(json!({"type": "negotiate_transport", "to_peer": host_id,
+                              "proposed_transport": "webrtc"}))
+            .await;
+        let got = host.recv_type("transport_proposal").await;
+        assert_eq!(got["from_peer"], joiner_id.as_str());
+        host.send_json(json!({"type": "accept_transport", "to_peer": joiner_id,
+                              "transport": "webrtc"}))
+            .await;
+        assert_eq!(
+            joiner.recv_type("transport_accepted").await["from_peer"],
+            host_id.as_str()
+        );
+        // debug from B reaches the server peer on A.
+        joiner
+            .send_json(json!({"type": "debug", "request": {"type": "get_stats"}}))
+            .await;
+        let got = host.recv_type("signal").await;
+        assert_eq!(got["signal"]["signal_type"], "debug_request");
+        assert_eq!(got["signal"]["payload"]["from_peer"], joiner_id.as_str());
+
+        // The joiner quits with a bare TCP close: the host on A hears of it, once.
+        joiner.close_abruptly().await;
+        assert_eq!(
+            host.recv_type("peer_left").await,
+            json!({"type": "peer_left", "peer_id": joiner_id})
+        );
+        host.expect_silence(QUIET).await;
+        host.send_json(json!({"type": "ping"})).await;
+        host.recv_type("pong").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation2_flow_across_instances() {
+    let c = Cluster::start(2).await;
+    bounded(Duration::from_secs(30), async {
+        let (api_a, api_b) = (c.api(0), c.api(1));
+        let id = uuid();
+        let reg = api_a.register(&id, Some("SMOKEP")).await;
+        assert_eq!(reg["join_code"], "SMOKEP");
+
+        // Host attaches on A and joins /ws/{peer session} on A.
+        let a = api_a.attach(&id, Some("SMOKEP"), "offerer").await;
+        a.assert_status(200);
+        let pid = a.body["peer_session_id"].as_str().unwrap().to_owned();
+        assert_eq!(a.body["host_session_id"], id.as_str());
+        let mut host = Ws::connect(&c.s(0).ws_url(&pid)).await;
+        let mut msg = Ws::join_msg(Some("SMOKEP"));
+        msg["metadata"] = json!({"peer_session_id": pid, "role": "offerer",
+                                 "peer_id": msg["peer_id"], "host_session_id": id});
+        let ok = host.join_with(msg).await;
+        assert_eq!(ok["session_id"], id.as_str());
+        assert_eq!(ok["peers"][0]["role"], "server");
+
+        // Joiner: HTTP join, attach and socket through B; the same peer session.
+        let join = api_b
+            .post(
+                &format!("/sessions/{id}/join"),
+                &json!({"passphrase": "SMOKEP", "label": "probe-joiner"}),
+            )
+            .await;
+        assert_eq!(join.body["success"], true, "{}", join.body);
+        assert_eq!(api_b.attach(&id, None, "answerer").await.status, 401);
+        assert_eq!(
+            api_b.attach(&id, Some("WRONG1"), "answerer").await.status,
+            401
+        );
+        let b = api_b.attach(&id, Some("SMOKEP"), "answerer").await;
+        b.assert_status(200);
+        assert_eq!(b.body["peer_session_id"], pid.as_str());
+        let mut joiner = Ws::connect(&c.s(1).ws_url(&pid)).await;
+        let mut msg = Ws::join_msg(Some("SMOKEP"));
+        msg["label"] = json!("probe-joiner");
+        msg["metadata"] = json!({"role": "answerer", "peer_session_id": pid,
+                                 "host_session_id": id, "peer_id": msg["peer_id"]});
+        let ok = joiner.join_with(msg).await;
+        assert_eq!(ok["session_id"], id.as_str());
+        let (host_id, joiner_id) = (host.id(), joiner.id());
+        assert_eq!(find_peer(&ok, &joiner_id)["role"], "client");
+        // join.metadata in PeerInfo, both ways across instances.
+        let host_info = find_peer(&ok, &host_id);
+        assert_eq!(host_info["role"], "server");
+        assert_eq!(host_info["metadata"]["role"], "offerer");
+        assert_eq!(host_info["metadata"]["peer_session_id"], pid.as_str());
+        let joined = host.recv_type("peer_joined").await;
+        let meta = &joined["peer"]["metadata"];
+        assert_eq!(joined["peer"]["id"], joiner_id.as_str());
+        assert_eq!(meta["role"], "answerer");
+        assert_eq!(meta["peer_session_id"], pid.as_str());
+        assert_eq!(meta["host_session_id"], id.as_str());
+        assert_eq!(meta["label"], "probe-joiner");
+
+        // Mailbox under /peer-sessions: 409 while empty, sealed payloads verbatim.
+        let scope = Scope::PeerSessions;
+        assert_eq!(api_b.get_offer(scope, &pid, &joiner_id).await.status, 409);
+        let h = uuid();
+        assert_eq!(api_a.get_answer(scope, &pid, &h).await.status, 409);
+        let offer = sealed_sdp("offer", &h, &host_id, &joiner_id);
+        api_a
+            .post_sdp(scope, &pid, "offer", &offer)
+            .await
+            .assert_status(204);
+        let sealed_ice = json!({"transport": "webrtc", "signal": {"signal_type": "ice_candidate",
+            "candidate": "", "sdp_mid": null, "sdp_mline_index": null, "handshake_id": h,
+            "sealed": {"ciphertext": "z1bcb1TEX3/u", "nonce": "Dm1o1pW3SIsw0poe", "version": 1}}});
+        host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": sealed_ice}))
+            .await;
+        let got = joiner.recv_type("signal").await;
+        assert_eq!(got["from_peer"], host_id.as_str());
+        assert_eq!(got["signal"], sealed_ice);
+        let got = api_b.get_offer(scope, &pid, &joiner_id).await;
+        got.assert_status(200);
+        assert_eq!(got.body, offer);
+        assert_eq!(api_b.get_offer(scope, &pid, &joiner_id).await.status, 409);
+        joiner
+            .send_json(json!({"type": "signal", "to_peer": host_id, "signal": sealed_ice}))
+            .await;
+        let got = host.recv_type("signal").await;
+        assert_eq!(got["from_peer"], joiner_id.as_str());
+        assert_eq!(got["signal"], sealed_ice);
+        let answer = sealed_sdp("answer", &h, &joiner_id, &host_id);
+        api_b
+            .post_sdp(scope, &pid, "answer", &answer)
+            .await
+            .assert_status(204);
+        let got = api_a.get_answer(scope, &pid, &h).await;
+        got.assert_status(200);
+        assert_eq!(got.body, answer);
+        assert_eq!(api_a.get_answer(scope, &pid, &h).await.status, 409);
+
+        // The host quits: the joiner on B hears of it, once.
+        host.close_abruptly().await;
+        assert_eq!(
+            joiner.recv_type("peer_left").await,
+            json!({"type": "peer_left", "peer_id": host_id})
+        );
+        joiner.expect_silence(QUIET).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. 1000 signals across instances, both directions interleaved
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_signals_across_instances_in_order() {
+    const N: usize = 1000;
+    /// Signals in flight per direction before the receivers drain: well below the per-peer
+    /// queue bound (256), so the slow-consumer rule never applies.
+    const WINDOW: usize = 50;
+    let c = Cluster::start(2).await;
+    bounded(Duration::from_secs(60), async {
+        let s = c.session(0).await;
+        let (mut a, _) = c.join(0, &s).await;
+        let (mut b, _) = c.join(1, &s).await;
+        a.recv_type("peer_joined").await;
+        let (a_id, b_id) = (a.id(), b.id());
+        let started = Instant::now();
+        let (mut got_at_a, mut got_at_b) = (Vec::new(), Vec::new());
+        for start in (0..N).step_by(WINDOW) {
+            let end = (start + WINDOW).min(N);
+            for n in start..end {
+                a.send_json(json!({"type": "signal", "to_peer": b_id,
+                                   "signal": {"seq": n, "dir": "a2b"}}))
+                    .await;
+                b.send_json(json!({"type": "signal", "to_peer": a_id,
+                                   "signal": {"seq": n, "dir": "b2a"}}))
+                    .await;
+            }
+            for _ in start..end {
+                let v = recv_within(&mut b, Duration::from_secs(5), "signal at B").await;
+                assert_eq!(v["type"], "signal", "{v}");
+                assert_eq!(v["from_peer"], a_id.as_str());
+                assert_eq!(v["signal"]["dir"], "a2b");
+                got_at_b.push(v["signal"]["seq"].as_u64().unwrap() as usize);
+                let v = recv_within(&mut a, Duration::from_secs(5), "signal at A").await;
+                assert_eq!(v["type"], "signal", "{v}");
+                assert_eq!(v["from_peer"], b_id.as_str());
+                assert_eq!(v["signal"]["dir"], "b2a");
+                got_at_a.push(v["signal"]["seq"].as_u64().unwrap() as usize);
+            }
+        }
+        // None duplicated: nothing more arrives.
+        a.expect_silence(QUIET).await;
+        b.expect_silence(QUIET).await;
+        let want: Vec<usize> = (0..N).collect();
+        assert_eq!(got_at_b, want, "A→B lost, duplicated or reordered");
+        assert_eq!(got_at_a, want, "B→A lost, duplicated or reordered");
+        eprintln!(
+            "cluster: {} signals across instances ({N} each way) in {:?}",
+            2 * N,
+            started.elapsed()
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Concurrent first joins through two instances: exactly one server
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_joins_through_two_instances_one_server() {
+    const ROOMS: usize = 20;
+    let c = Cluster::start(2).await;
+    bounded(Duration::from_secs(60), async {
+        let mut first_was = [0usize; 2];
+        for k in 0..ROOMS {
+            // x on instance k % 2, y on the other: neither instance always goes first.
+            let s = c.session(k % 2).await;
+            let mut x = Ws::connect(&c.s(k % 2).ws_url(&s.id)).await;
+            let mut y = Ws::connect(&c.s(1 - k % 2).ws_url(&s.id)).await;
+            let (ok_x, ok_y) = tokio::join!(x.join(Some(&s.code)), y.join(Some(&s.code)));
+            let role_x = find_peer(&ok_x, &x.id())["role"].clone();
+            let role_y = find_peer(&ok_y, &y.id())["role"].clone();
+            let servers = [&role_x, &role_y]
+                .iter()
+                .filter(|r| r.as_str() == Some("server"))
+                .count();
+            assert_eq!(servers, 1, "roles {role_x} and {role_y}");
+            // The later joiner sees both, with the same roles; the earlier one is told.
+            let (early, late, late_ok, idx) = if peer_ids(&ok_x).len() == 1 {
+                (&mut x, &mut y, &ok_y, k % 2)
+            } else {
+                (&mut y, &mut x, &ok_x, 1 - k % 2)
+            };
+            first_was[idx] += 1;
+            assert_eq!(peer_ids(late_ok).len(), 2, "{late_ok}");
+            assert_eq!(find_peer(late_ok, &early.id())["role"], "server");
+            assert_eq!(find_peer(late_ok, &late.id())["role"], "client");
+            let joined = early.recv_type("peer_joined").await;
+            assert_eq!(joined["peer"]["id"], late.id());
+            assert_eq!(joined["peer"]["role"], "client");
+            late.expect_silence(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "cluster: {ROOMS} concurrent first joins: the server was on A {} times, on B {}",
+            first_was[0], first_was[1]
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. kill -9 of an instance
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_survivors_get_peer_left_within_5s() {
+    let c = Cluster::start(3).await;
+    bounded(Duration::from_secs(30), async {
+        // Room 1: host on A, victim joiner on B, joiner on C.
+        let r1 = c.session(0).await;
+        let (mut h1, _) = c.join(0, &r1).await;
+        let (_v1, _) = c.join(1, &r1).await;
+        let (mut j1, _) = c.join(2, &r1).await;
+        let v1_id = _v1.id();
+        h1.recv_type("peer_joined").await;
+        h1.recv_type("peer_joined").await;
+        j1.expect_silence(Duration::from_millis(50)).await;
+        // Room 2: the host (role server) is on B, a joiner on A.
+        let r2 = c.session(1).await;
+        let (v2, _) = c.join(1, &r2).await;
+        let v2_id = v2.id();
+        let (mut j2, _) = c.join(0, &r2).await;
+
+        let t0 = Instant::now();
+        c.servers[1].signal(libc::SIGKILL);
+        let limit = Duration::from_secs(5);
+        let mut latencies = BTreeMap::new();
+        for (name, ws, gone) in [
+            ("room1 host on A", &mut h1, &v1_id),
+            ("room1 joiner on C", &mut j1, &v1_id),
+            ("room2 joiner on A", &mut j2, &v2_id),
+        ] {
+            let left = limit.saturating_sub(t0.elapsed());
+            let v = recv_within(ws, left, "peer_left after kill -9").await;
+            assert_eq!(v, json!({"type": "peer_left", "peer_id": gone}), "{name}");
+            latencies.insert(name, t0.elapsed());
+        }
+        for ws in [&mut h1, &mut j1, &mut j2] {
+            ws.expect_silence(QUIET).await;
+        }
+        eprintln!("cluster: kill -9 → peer_left latency (T = {INSTANCE_TIMEOUT:?}, H = {HEARTBEAT}): {latencies:?}");
+
+        // The dead peers are gone from Redis: a fresh joiner (through C) sees only survivors.
+        let (mut fresh, ok) = c.join(2, &r1).await;
+        let mut want = vec![h1.id(), j1.id(), fresh.id()];
+        want.sort();
+        assert_eq!(peer_ids(&ok), want);
+        let (_, ok) = c.join(2, &r2).await;
+        assert_eq!(peer_ids(&ok).len(), 2, "{ok}");
+        assert!(!peer_ids(&ok).contains(&v2_id));
+        // And the room still relays across the surviving instances.
+        h1.recv_type("peer_joined").await;
+        fresh
+            .send_json(json!({"type": "signal", "to_peer": h1.id(), "signal": "hi"}))
+            .await;
+        assert_eq!(h1.recv_type("signal").await["from_peer"], fresh.id());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. SIGSTOP past the timeout, then SIGCONT
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_then_sigcont_fences_without_ghosts() {
+    let c = Cluster::start(3).await;
+    bounded(Duration::from_secs(40), async {
+        // One room: host on A, two peers on B (to be frozen), a joiner on C.
+        let s = c.session(0).await;
+        let (mut host, _) = c.join(0, &s).await;
+        let (mut g1, _) = c.join(1, &s).await;
+        let (mut g2, _) = c.join(1, &s).await;
+        let (mut j, _) = c.join(2, &s).await;
+        for _ in 0..3 {
+            host.recv_type("peer_joined").await;
+        }
+        j.expect_silence(Duration::from_millis(50)).await;
+        g1.recv_type("peer_joined").await;
+        g1.recv_type("peer_joined").await;
+        g2.recv_type("peer_joined").await;
+        let mut ghosts = vec![g1.id(), g2.id()];
+        ghosts.sort();
+
+        let t0 = Instant::now();
+        c.s(1).signal(libc::SIGSTOP);
+        // Survivors hear of both frozen peers, once each.
+        for (name, ws) in [("host on A", &mut host), ("joiner on C", &mut j)] {
+            let mut left = Vec::new();
+            for _ in 0..2 {
+                let limit = Duration::from_secs(5).saturating_sub(t0.elapsed());
+                let v = recv_within(ws, limit, "peer_left of a frozen peer").await;
+                assert_eq!(v["type"], "peer_left", "{name}: {v}");
+                left.push(v["peer_id"].as_str().unwrap().to_owned());
+            }
+            left.sort();
+            assert_eq!(left, ghosts, "{name}");
+            eprintln!(
+                "cluster: SIGSTOP → both peer_left at the {name} after {:?}",
+                t0.elapsed()
+            );
+        }
+        // Stay frozen well past the timeout, then resume.
+        let frozen_for = INSTANCE_TIMEOUT * 2;
+        tokio::time::sleep(frozen_for.saturating_sub(t0.elapsed())).await;
+        let t1 = Instant::now();
+        c.s(1).signal(libc::SIGCONT);
+
+        // Its stale sockets are closed (fenced: 1012).
+        for g in [&mut g1, &mut g2] {
+            let (before, closed) = g.expect_close().await;
+            assert!(
+                before.iter().all(|v| v["type"] != "peer_joined"),
+                "a ghost was told of joins: {before:?}"
+            );
+            eprintln!(
+                "cluster: SIGCONT → stale socket closed after {:?} ({closed:?})",
+                t1.elapsed()
+            );
+            assert_eq!(closed.code(), Some(1012), "{closed:?}");
+        }
+        // No ghost reappears: the survivors hear nothing more. Meanwhile the resumed instance
+        // registers under a new id and becomes ready again.
+        let (ready_after, (), ()) = tokio::join!(
+            c.wait_ready(1, true, Duration::from_secs(5)),
+            host.expect_silence(Duration::from_millis(1500)),
+            j.expect_silence(Duration::from_millis(1500)),
+        );
+        let ready_after = ready_after.expect("the resumed instance is not ready again");
+        eprintln!("cluster: SIGCONT → ready again (new instance id) after {ready_after:?}");
+
+        // A fresh peer elsewhere sees only the survivors.
+        let (mut fresh_c, ok) = c.join(2, &s).await;
+        let mut want = vec![host.id(), j.id(), fresh_c.id()];
+        want.sort();
+        assert_eq!(peer_ids(&ok), want, "ghosts listed: {ok}");
+        host.recv_type("peer_joined").await;
+        j.recv_type("peer_joined").await;
+
+        // Fresh peers can join through the resumed instance (it re-registered).
+        let (mut fresh_b, ok) = c.join(1, &s).await;
+        let mut want = vec![host.id(), j.id(), fresh_c.id(), fresh_b.id()];
+        want.sort();
+        assert_eq!(peer_ids(&ok), want, "ghosts listed: {ok}");
+        assert_eq!(find_peer(&ok, &fresh_b.id())["role"], "client");
+        for ws in [&mut host, &mut j, &mut fresh_c] {
+            let v = ws.recv_type("peer_joined").await;
+            assert_eq!(v["peer"]["id"], fresh_b.id());
+            ws.expect_silence(Duration::from_millis(100)).await;
+        }
+        fresh_b
+            .send_json(json!({"type": "signal", "to_peer": host.id(), "signal": "from B"}))
+            .await;
+        assert_eq!(host.recv_type("signal").await["from_peer"], fresh_b.id());
+        host.send_json(json!({"type": "signal", "to_peer": fresh_b.id(), "signal": "to B"}))
+            .await;
+        assert_eq!(fresh_b.recv_type("signal").await["signal"], "to B");
+        // Signals to a ghost are refused: it is not a member any more.
+        host.send_json(json!({"type": "signal", "to_peer": ghosts[0], "signal": "boo"}))
+            .await;
+        assert_eq!(host.recv_type("error").await["type"], "error");
+        // Still no storm later on.
+        for ws in [&mut host, &mut j, &mut fresh_c, &mut fresh_b] {
+            ws.expect_silence(QUIET).await;
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Redis killed and restarted empty
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_ready_flips_and_new_sessions_work() {
+    let mut c = Cluster::start(3).await;
+    let n = c.servers.len();
+    bounded(Duration::from_secs(60), async {
+        // A working room before the outage.
+        let (_host, _joiner, _) = assert_cross_instance_room(&c, 0, 1).await;
+
+        tokio::task::block_in_place(|| c.redis.kill());
+        let t0 = Instant::now();
+        let flips = join_all((0..n).map(|i| c.wait_ready(i, false, Duration::from_secs(2)))).await;
+        for (i, f) in flips.iter().enumerate() {
+            let f =
+                f.unwrap_or_else(|| panic!("instance {i}: /ready still 200 2 s after Redis died"));
+            eprintln!("cluster: Redis killed → instance {i} /ready 503 after {f:?}");
+        }
+        // While Redis is away /ready stays 503 and /health stays 200, both answering fast.
+        // The outage outlasts the ~9.4 s after which a default ConnectionManager gives up.
+        while t0.elapsed() < Duration::from_secs(11) {
+            for i in 0..n {
+                let t = Instant::now();
+                assert_ne!(
+                    c.ready_status(i).await,
+                    Some(200),
+                    "instance {i} ready without Redis"
+                );
+                assert!(
+                    t.elapsed() < Duration::from_secs(1),
+                    "/ready took {:?}",
+                    t.elapsed()
+                );
+                let (status, _) = c.s(i).health().await.expect("/health answers");
+                assert_eq!(status, 200, "instance {i} /health during the outage");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        tokio::task::block_in_place(|| c.redis.restart());
+        let back = join_all((0..n).map(|i| c.wait_ready(i, true, Duration::from_secs(2)))).await;
+        for (i, b) in back.iter().enumerate() {
+            let b = b.unwrap_or_else(|| {
+                panic!("instance {i}: /ready not 200 within 2 s of Redis's return")
+            });
+            eprintln!("cluster: Redis back (empty) → instance {i} /ready 200 after {b:?}");
+        }
+
+        // A new session works across instances, no instance restarted.
+        let (mut h, _j, s) = assert_cross_instance_room(&c, 1, 2).await;
+        let (mut third, ok) = c.join(0, &s).await;
+        assert_eq!(peer_ids(&ok).len(), 3, "{ok}");
+        third
+            .send_json(json!({"type": "signal", "to_peer": h.id(), "signal": "via A"}))
+            .await;
+        let v = h.recv_type("peer_joined").await;
+        assert_eq!(v["peer"]["id"], third.id());
+        assert_eq!(h.recv_type("signal").await["from_peer"], third.id());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. SIGTERM drain (issue 4)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_across_instances() {
+    let delay = Duration::from_secs(1);
+    let jitter = Duration::from_secs(1);
+    let mut c = Cluster::start_with(2, |i| {
+        if i == 0 {
+            vec![
+                "--drain-delay".into(),
+                "1s".into(),
+                "--drain-jitter".into(),
+                "1s".into(),
+            ]
+        } else {
+            Vec::new()
+        }
+    })
+    .await;
+    bounded(Duration::from_secs(30), async {
+        // Host and a second peer on A; a joiner on B.
+        let s = c.session(0).await;
+        let (mut host, _) = c.join(0, &s).await;
+        let (mut a2, _) = c.join(0, &s).await;
+        let (mut b, _) = c.join(1, &s).await;
+        host.recv_type("peer_joined").await;
+        host.recv_type("peer_joined").await;
+        a2.recv_type("peer_joined").await;
+        let mut on_a = vec![host.id(), a2.id()];
+        on_a.sort();
+
+        let t0 = Instant::now();
+        c.servers[0].signal(libc::SIGTERM);
+        c.wait_ready(0, false, Duration::from_millis(500))
+            .await
+            .expect("/ready on A not 503 within 500 ms of SIGTERM");
+        eprintln!("cluster: SIGTERM → /ready 503 after {:?}", t0.elapsed());
+        let (status, _) = c
+            .s(0)
+            .health()
+            .await
+            .expect("/health answers while draining");
+        assert_eq!(status, 200, "/health while draining");
+        assert_eq!(c.ready_status(1).await, Some(200), "B stays ready");
+
+        // During the delay A still serves its sockets, across instances.
+        b.send_json(json!({"type": "signal", "to_peer": host.id(), "signal": "still there?"}))
+            .await;
+        assert_eq!(host.recv_type("signal").await["from_peer"], b.id());
+        assert!(t0.elapsed() < delay, "too slow to check the delay window");
+
+        // B's peer hears both A peers leave once the delay ends, not before.
+        let mut left = Vec::new();
+        let mut times = Vec::new();
+        for _ in 0..2 {
+            let v = recv_within(&mut b, delay + jitter + Duration::from_secs(2), "peer_left").await;
+            times.push(t0.elapsed());
+            assert_eq!(v["type"], "peer_left", "{v}");
+            left.push(v["peer_id"].as_str().unwrap().to_owned());
+        }
+        left.sort();
+        assert_eq!(left, on_a);
+        eprintln!("cluster: SIGTERM → peer_left on B after {times:?} (delay {delay:?})");
+        for t in &times {
+            assert!(*t >= delay, "peer_left before the drain delay ended: {t:?}");
+            assert!(
+                *t < delay + jitter,
+                "peer_left waited for the jitter: {t:?}"
+            );
+        }
+
+        // A's clients get 1001 within the jitter window.
+        for ws in [&mut host, &mut a2] {
+            let (before, closed) = ws.expect_close().await;
+            assert!(
+                before.iter().all(|v| v["type"] == "peer_left"),
+                "unexpected before close: {before:?}"
+            );
+            eprintln!(
+                "cluster: SIGTERM → A's client closed after {:?} ({closed:?})",
+                t0.elapsed()
+            );
+            assert_eq!(closed.code(), Some(1001), "{closed:?}");
+        }
+        let bound = delay + jitter + Duration::from_secs(5);
+        let status = c.servers[0]
+            .wait_exit(bound.saturating_sub(t0.elapsed()))
+            .await
+            .unwrap_or_else(|| panic!("A did not exit within {bound:?}"));
+        eprintln!(
+            "cluster: SIGTERM → A exited after {:?} ({status})",
+            t0.elapsed()
+        );
+        assert!(status.success(), "exit status {status}");
+        // B is unaffected.
+        b.expect_silence(QUIET).await;
+        assert_eq!(c.ready_status(1).await, Some(200));
+    })
+    .await;
+}
