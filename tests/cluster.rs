@@ -863,3 +863,84 @@ async fn sigterm_drain_across_instances() {
     })
     .await;
 }
+
+/// Frames that reach a frozen instance while it is frozen are processed when it resumes, racing
+/// its fencing: a stale socket's repeated `join` must not re-announce it, its `signal`s must
+/// not reach the room, and a connection accepted by the kernel during the freeze must not end
+/// up as a member under the dead instance id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_frames_queued_during_the_freeze_do_not_resurrect_ghosts() {
+    let c = Cluster::start(2).await;
+    bounded(Duration::from_secs(40), async {
+        let s = c.session(0).await;
+        let (mut host, _) = c.join(0, &s).await;
+        let (mut g1, _) = c.join(1, &s).await;
+        let (mut g2, _) = c.join(1, &s).await;
+        host.recv_type("peer_joined").await;
+        host.recv_type("peer_joined").await;
+        g1.recv_type("peer_joined").await;
+        let ghosts = [g1.id(), g2.id()];
+
+        let t0 = Instant::now();
+        c.s(1).signal(libc::SIGSTOP);
+        for _ in 0..2 {
+            let limit = Duration::from_secs(5).saturating_sub(t0.elapsed());
+            let v = recv_within(&mut host, limit, "peer_left of a frozen peer").await;
+            assert_eq!(v["type"], "peer_left", "{v}");
+        }
+        // While frozen: the stale sockets speak (the kernel buffers it), a new client connects.
+        g1.send_json(Ws::join_msg(Some(&s.code))).await;
+        g2.send_json(json!({"type": "signal", "to_peer": host.id(), "signal": "ghost"}))
+            .await;
+        let url = c.s(1).ws_url(&s.id);
+        let code = s.code.clone();
+        let late = tokio::spawn(async move {
+            let mut ws = Ws::connect(&url).await;
+            ws.send_json(Ws::join_msg(Some(&code))).await;
+            let first = ws.next(Duration::from_secs(5)).await;
+            (ws, first)
+        });
+        tokio::time::sleep((INSTANCE_TIMEOUT * 2).saturating_sub(t0.elapsed())).await;
+        c.s(1).signal(libc::SIGCONT);
+
+        for g in [&mut g1, &mut g2] {
+            let (_, closed) = g.expect_close().await;
+            assert_eq!(closed.code(), Some(1012), "{closed:?}");
+        }
+        let (mut late, first) = late.await.unwrap();
+        eprintln!("cluster: a client that connected during the freeze got {first:?}");
+        let late_id = match first {
+            Ok(Some(v)) if v["type"] == "join_success" => v["peer_id"].as_str().map(str::to_owned),
+            _ => None,
+        };
+        // The host hears nothing of the ghosts: no peer_joined, no signal from them.
+        let mut seen = Vec::new();
+        while let Ok(Some(v)) = host.next(Duration::from_millis(1500)).await {
+            seen.push(v);
+        }
+        for v in &seen {
+            let about = v["peer"]["id"].as_str().or(v["from_peer"].as_str());
+            let about = about.or(v["peer_id"].as_str()).unwrap_or("");
+            assert!(!ghosts.iter().any(|g| g == about), "ghost reappeared: {v}");
+        }
+        // The late client is either a proper member (joined under the new id: the host saw it
+        // join, and it stays) or not at all.
+        let (_, ok) = c.join(0, &s).await;
+        let members = peer_ids(&ok);
+        for g in &ghosts {
+            assert!(!members.contains(g), "ghost {g} is a member again: {ok}");
+        }
+        match &late_id {
+            Some(id) => {
+                let still_open = late.next(Duration::from_millis(50)).await.is_ok();
+                assert_eq!(
+                    members.contains(id),
+                    still_open,
+                    "late peer {id}: {ok}; seen {seen:?}"
+                );
+            }
+            None => assert_eq!(members.len(), 2, "{ok}"),
+        }
+    })
+    .await;
+}

@@ -95,8 +95,10 @@ impl Liveness {
         }
         let mut inv = inner.scripts.instance_register.prepare_invoke();
         inv.key(inner.keys.alive()).arg(&id);
+        let sent = Instant::now();
         match inner.redis(inv.invoke_async::<u64>(&mut cm)).await {
             Ok(_) => {
+                inner.mark_alive(sent);
                 self.last_ok = Instant::now();
                 self.last_beat = Some(self.last_ok);
                 self.instance.send_modify(|i| {
@@ -140,6 +142,13 @@ impl Liveness {
         if !inst.registered {
             self.try_register().await;
         } else {
+            // Checked before anything else: after a freeze (SIGSTOP) we may be written off
+            // already, and fencing must not wait for a Redis round trip.
+            if !self.inner.alive_locally() {
+                return self
+                    .fence("no successful heartbeat within the instance timeout")
+                    .await;
+            }
             let due = self
                 .last_beat
                 .is_none_or(|t| t.elapsed() >= settings.heartbeat_interval);
@@ -148,13 +157,17 @@ impl Liveness {
                 let mut cm = self.inner.cm();
                 let mut inv = self.inner.scripts.heartbeat.prepare_invoke();
                 inv.key(self.inner.keys.alive()).arg(&inst.id);
+                let sent = Instant::now();
                 match self.inner.redis(inv.invoke_async::<i64>(&mut cm)).await {
-                    Ok(1) => self.last_ok = Instant::now(),
+                    Ok(1) => {
+                        self.inner.mark_alive(sent);
+                        self.last_ok = Instant::now();
+                    }
                     Ok(_) => return self.fence("written off by another instance").await,
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 }
             }
-            if self.last_ok.elapsed() > settings.instance_timeout {
+            if !self.inner.alive_locally() {
                 return self
                     .fence("no successful heartbeat within the instance timeout")
                     .await;
@@ -240,6 +253,8 @@ impl Liveness {
         let inner = self.inner.clone();
         let old = inner.current().id;
         let new_id = crate::protocol::new_id();
+        // Nothing acts under the old id from now on (joins and relays check this).
+        inner.mark_dead();
         // The hub first, so no join completes under the old id after this point.
         let closed = inner
             .ask(|reply| Cmd::Fence {

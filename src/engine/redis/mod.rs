@@ -77,6 +77,9 @@ pub(crate) struct Inner {
     hub: mpsc::Sender<Cmd>,
     last_tick: Arc<AtomicU64>,
     origin: Instant,
+    /// Until when (ms since `origin`) this instance is certainly not written off: the send time
+    /// of its last successful heartbeat (or registration) plus `instance_timeout`. 0: never.
+    alive_until: AtomicU64,
     stop: watch::Sender<bool>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Test hook: stop heartbeating and registering, as if cut off from Redis.
@@ -147,6 +150,7 @@ impl RedisEngine {
             hub: hub_tx,
             last_tick,
             origin,
+            alive_until: AtomicU64::new(0),
             stop: stop_tx,
             tasks: tokio::sync::Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
@@ -195,6 +199,28 @@ impl Inner {
 
     fn current(&self) -> Instance {
         self.instance.borrow().clone()
+    }
+
+    /// Whether this instance can be sure it has not been written off: its last successful
+    /// heartbeat was *sent* less than `instance_timeout` ago (local monotonic clock; the
+    /// heartbeat reached Redis after it was sent, so others cannot have reaped us earlier).
+    /// Past that, other instances may have reaped its peers, so it must not act for them
+    /// (join, relay) even before the liveness task gets to fence it, e.g. right after a
+    /// SIGSTOP/SIGCONT, when every task resumes at once.
+    pub(crate) fn alive_locally(&self) -> bool {
+        (self.origin.elapsed().as_millis() as u64) < self.alive_until.load(Ordering::Acquire)
+    }
+
+    /// Records a successful heartbeat (or registration) sent at `sent`.
+    pub(crate) fn mark_alive(&self, sent: Instant) {
+        let base = sent.saturating_duration_since(self.origin);
+        let until = (base + self.settings.instance_timeout).as_millis() as u64;
+        self.alive_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Forgets the liveness deadline (fencing: nothing may act under the old id any more).
+    pub(crate) fn mark_dead(&self) {
+        self.alive_until.store(0, Ordering::Release);
     }
 
     /// Bounds one Redis call by `call_timeout`.
@@ -314,6 +340,9 @@ impl Inner {
         if !inst.registered {
             return Err(unavailable("instance not registered"));
         }
+        if !self.alive_locally() {
+            return Err(unavailable("instance may have been written off"));
+        }
         let k = &self.keys;
         // The intent first: if we die after the join below, a reaper finds the peer here.
         let cmd = redis::cmd("SADD")
@@ -354,6 +383,12 @@ impl Inner {
             .iter()
             .map(|m| (m.info.id.clone(), m.owner.clone()))
             .collect();
+        // Frozen while the script ran: we may already be reaped, so the join must not stand
+        // (the hub may not have been fenced yet to refuse it below).
+        if !self.alive_locally() {
+            let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
+            return Err(unavailable("instance may have been written off"));
+        }
         let reply = self
             .ask(|reply| Cmd::Joined {
                 room: room.to_owned(),
@@ -406,6 +441,10 @@ impl Inner {
     }
 
     async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<bool> {
+        // The sender may have been reaped (and the room told it left): relay nothing for it.
+        if !self.alive_locally() {
+            return Err(unavailable("instance may have been written off"));
+        }
         let route = self
             .ask(|reply| Cmd::Route {
                 room: room.to_owned(),
