@@ -3,13 +3,15 @@
 //! `LocalPeers` is plain data with `&mut self` methods and no lock: each engine keeps it inside
 //! the one task that owns it and reaches it by message passing, so no guard can ever be held
 //! across an `.await`. Delivery never waits on a socket: a frame that does not fit the peer's
-//! queue (by count or by bytes) disconnects that peer instead of buffering without limit.
+//! queue (by count or by bytes) disconnects that peer instead of buffering without limit: its
+//! socket task is woken at once, even in the middle of a write that cannot complete, drops the
+//! backlog and ends (so the room hears `peer_left` now, not after the write timeout).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::protocol::Frame;
 
@@ -47,12 +49,21 @@ pub struct QueueLimits {
 pub struct PeerShared {
     queued_bytes: AtomicUsize,
     closed: OnceLock<CloseReason>,
+    /// Wakes the socket task when `closed` is set.
+    closing: Notify,
 }
 
 impl PeerShared {
     /// Why the queue was closed by the server, if it was.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.closed.get().copied()
+    }
+
+    /// Closes the queue (the first reason wins) and wakes the socket task.
+    fn close(&self, reason: CloseReason) {
+        if self.closed.set(reason).is_ok() {
+            self.closing.notify_waiters();
+        }
     }
 }
 
@@ -64,7 +75,12 @@ pub struct PeerQueue {
 
 impl PeerQueue {
     /// Next frame to write, or `None` once the server closed the queue (see `close_reason`).
+    /// Frames still queued then are dropped: the socket is ending, and a slow consumer's
+    /// backlog is exactly what must not be written.
     pub async fn recv(&mut self) -> Option<Frame> {
+        if self.shared.close_reason().is_some() {
+            return None;
+        }
         let frame = self.rx.recv().await?;
         self.shared
             .queued_bytes
@@ -74,6 +90,20 @@ impl PeerQueue {
 
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.shared.close_reason()
+    }
+
+    /// Resolves once the server closes the queue; the socket task races its writes against
+    /// it, so a write blocked on a full socket does not delay the disconnect.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.shared.closing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.shared.close_reason() {
+                return reason;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -109,7 +139,7 @@ impl LocalPeers {
                 shared: shared.clone(),
             },
         ) {
-            let _ = old.shared.closed.set(CloseReason::GoingAway);
+            old.shared.close(CloseReason::GoingAway);
         }
         PeerQueue { rx, shared }
     }
@@ -163,7 +193,7 @@ impl LocalPeers {
     /// Closes one peer's queue: its socket task writes a close frame and ends.
     pub fn close(&mut self, peer: &str, reason: CloseReason) {
         if let Some(slot) = self.slots.remove(peer) {
-            let _ = slot.shared.closed.set(reason);
+            slot.shared.close(reason);
         }
     }
 
@@ -211,10 +241,28 @@ mod tests {
         }
         assert!(!peers.contains("a"));
         assert_eq!(peers.kicked(), 1);
-        assert!(q.recv().await.is_some());
-        assert!(q.recv().await.is_some());
+        // The backlog is dropped: the socket ends at once.
         assert!(q.recv().await.is_none());
         assert_eq!(q.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(q.closed().await, CloseReason::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn close_wakes_a_waiting_socket_task() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 1,
+            bytes: 1024,
+        });
+        let q = peers.register("a");
+        let waiter = tokio::spawn(async move { q.closed().await });
+        tokio::task::yield_now().await;
+        peers.deliver("a", &frame("1"));
+        peers.deliver("a", &frame("2"));
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(reason, CloseReason::SlowConsumer);
     }
 
     #[tokio::test]
@@ -227,7 +275,6 @@ mod tests {
         assert!(peers.deliver("a", &frame("123456")));
         peers.deliver("a", &frame("123456"));
         assert!(!peers.contains("a"));
-        assert_eq!(&*q.recv().await.unwrap(), "123456");
         assert!(q.recv().await.is_none());
     }
 

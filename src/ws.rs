@@ -187,8 +187,18 @@ impl<E: Engine> Connection<E> {
                 }
                 frame = queue.recv() => match frame {
                     Some(frame) => {
-                        if !self.write(sink, Message::Text(frame.as_ref().into())).await {
-                            return End::silent();
+                        let msg = Message::Text(frame.as_ref().into());
+                        tokio::select! {
+                            ok = self.write(sink, msg) => if !ok {
+                                return End::silent();
+                            },
+                            // Closed by the server while this write waits on a full socket (a
+                            // slow consumer): end now and leave the room, instead of after the
+                            // write timeout. The close frame follows the bytes in flight.
+                            reason = queue.closed() => {
+                                let (code, why) = reason.close_frame();
+                                return End::close(code, why);
+                            }
                         }
                     }
                     None => {
