@@ -515,9 +515,16 @@ async fn concurrent_first_joins_through_two_instances_one_server() {
             assert_eq!(peer_ids(late_ok).len(), 2, "{late_ok}");
             assert_eq!(find_peer(late_ok, &early.id())["role"], "server");
             assert_eq!(find_peer(late_ok, &late.id())["role"], "client");
+            // The later joiner signals at once, possibly before the earlier one's join has
+            // fully completed on its instance: both the broadcast and the signal arrive.
+            late.send_json(json!({"type": "signal", "to_peer": early.id(), "signal": k}))
+                .await;
             let joined = early.recv_type("peer_joined").await;
             assert_eq!(joined["peer"]["id"], late.id());
             assert_eq!(joined["peer"]["role"], "client");
+            let got = early.recv_type("signal").await;
+            assert_eq!(got["from_peer"], late.id());
+            assert_eq!(got["signal"], k);
             late.expect_silence(Duration::from_millis(50)).await;
         }
         eprintln!(

@@ -172,6 +172,14 @@ pub(crate) enum Cmd {
         peer: String,
         owner: String,
     },
+    /// Redis lists `to` as a member of `room` owned by this instance, but the hub has not
+    /// recorded the membership yet (its join is in flight): deliver if it is a local socket.
+    DeliverJoining {
+        room: String,
+        to: String,
+        frame: Frame,
+        reply: oneshot::Sender<bool>,
+    },
     /// This instance was written off: close every socket, forget every membership, and
     /// continue as `new_id`.
     Fence {
@@ -337,6 +345,14 @@ impl Hub {
                 let _ = reply.send(route);
             }
             Cmd::Learn { room, peer, owner } => self.learn_all(&room, &[(peer, owner)]),
+            Cmd::DeliverJoining {
+                room,
+                to,
+                frame,
+                reply,
+            } => {
+                let _ = reply.send(self.deliver_member(&room, &to, &frame));
+            }
             Cmd::Fence { new_id, reply } => {
                 let closed = self.peers.close_all(CloseReason::Fenced);
                 self.joined.clear();
@@ -364,14 +380,25 @@ impl Hub {
         let mut groups: HashMap<String, Vec<String>> = HashMap::new();
         for (peer, owner) in recipients {
             if owner == self.id {
-                if self.joined.get(&peer).is_some_and(|m| m.room == room) {
-                    self.peers.deliver(&peer, frame);
-                }
+                self.deliver_member(room, &peer, frame);
             } else {
                 groups.entry(owner).or_default().push(peer);
             }
         }
         groups.into_iter().collect()
+    }
+
+    /// Delivers to a local socket that Redis lists as a member of `room` owned by this
+    /// instance. That is a recorded membership, or a join in flight: its script has run, but
+    /// its `Joined` has not reached the hub yet, and a broadcast or signal computed from the
+    /// script's member list (e.g. a concurrent joiner's `peer_joined`) can overtake it. Such a
+    /// frame is queued behind nothing: the socket writes `join_success` before its queue.
+    fn deliver_member(&mut self, room: &str, peer: &str, frame: &Frame) -> bool {
+        let ok = match self.joined.get(peer) {
+            Some(m) => m.room == room,
+            None => self.peers.contains(peer),
+        };
+        ok && self.peers.deliver(peer, frame)
     }
 
     fn learn_all(&mut self, room: &str, members: &[(String, String)]) {
@@ -447,9 +474,7 @@ impl Hub {
                 }
                 let frame = Frame::from(frame);
                 for peer in to {
-                    if self.joined.get(&peer).is_some_and(|m| m.room == room) {
-                        self.peers.deliver(&peer, &frame);
-                    }
+                    self.deliver_member(&room, &peer, &frame);
                 }
             }
         }

@@ -468,7 +468,16 @@ impl Inner {
                     return Ok(false);
                 };
                 if owner == self.current().id {
-                    // Ours by record but not routable here: it is on its way out.
+                    // Ours by record but not (or no longer) recorded by the hub: a join in
+                    // flight gets the frame, a peer on its way out does not.
+                    let _ = self
+                        .ask(|reply| Cmd::DeliverJoining {
+                            room: room.to_owned(),
+                            to: to.to_owned(),
+                            frame: frame.clone(),
+                            reply,
+                        })
+                        .await?;
                     return Ok(true);
                 }
                 let _ = self.hub.try_send(Cmd::Learn {
