@@ -3,9 +3,13 @@
 //! The original wedged at ~1000 peers under a 1024 descriptor limit: `accept` failed with
 //! EMFILE, axum's default listener slept a full second after each failure, and `/health` timed
 //! out. Here every accepted connection holds a permit of a semaphore sized below the descriptor
-//! limit; once they are all taken, new connections are accepted and closed at once (the client
-//! sees a clean close, not a hang), and the descriptors between this cap and the WebSocket cap
-//! stay free for `/health` and `/ready`. An accept error backs off for a few milliseconds only.
+//! limit, and the descriptors between this cap and the WebSocket cap stay free for `/health` and
+//! `/ready`. Once every permit is taken, the next connection waits in the kernel's backlog for
+//! at most [`SLOT_WAIT`]: a burst of upgrades refused with 503 (clients reconnecting at the cap)
+//! holds slots for a few milliseconds only, and a health check arriving in that burst must be
+//! served, not dropped. A connection still without a slot after that wait is accepted and
+//! closed at once (the client sees a clean close, not a hang). An accept error backs off for a
+//! few milliseconds only.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +25,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS…): short, so serving resumes as soon
 /// as a descriptor frees up.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+/// How long the next connection may wait for a slot when all are taken, before it is refused.
+/// While it waits, no other connection is accepted; so this also paces refusals when slots
+/// stay taken (one per `SLOT_WAIT`), and must stay short.
+pub const SLOT_WAIT: Duration = Duration::from_millis(50);
 
 pub struct LimitedListener {
     inner: TcpListener,
@@ -60,6 +68,11 @@ impl axum::serve::Listener for LimitedListener {
 
     async fn accept(&mut self) -> (Counted, SocketAddr) {
         loop {
+            // The slot first, so that a connection never waits holding a descriptor.
+            let slot = tokio::time::timeout(SLOT_WAIT, self.permits.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok);
             let (stream, addr) = match self.inner.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -68,8 +81,8 @@ impl axum::serve::Listener for LimitedListener {
                     continue;
                 }
             };
-            match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
+            match slot.or_else(|| self.permits.clone().try_acquire_owned().ok()) {
+                Some(permit) => {
                     return (
                         Counted {
                             stream,
@@ -78,7 +91,7 @@ impl axum::serve::Listener for LimitedListener {
                         addr,
                     )
                 }
-                Err(_) => {
+                None => {
                     self.warn("connection limit reached; refusing new connections", None);
                     drop(stream);
                 }
