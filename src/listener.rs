@@ -4,10 +4,10 @@
 //! EMFILE, axum's default listener slept a full second after each failure, and `/health` timed
 //! out. Here every accepted connection holds a permit of a semaphore sized below the descriptor
 //! limit, and the descriptors between this cap and the WebSocket cap stay free for `/health` and
-//! `/ready`. Once every permit is taken, the next connection waits in the kernel's backlog for
-//! at most [`SLOT_WAIT`]: a burst of upgrades refused with 503 (clients reconnecting at the cap)
-//! holds slots for a few milliseconds only, and a health check arriving in that burst must be
-//! served, not dropped. A connection still without a slot after that wait is accepted and
+//! `/ready`. Once every permit is taken, the next connection waits at most [`SLOT_WAIT`] for
+//! one (those after it wait in the kernel's backlog): a burst of upgrades refused with 503
+//! (clients reconnecting at the cap) holds slots for a few milliseconds only, and a health
+//! check arriving in that burst must be served, not dropped. A connection still without a slot after that wait is accepted and
 //! closed at once (the client sees a clean close, not a hang). An accept error backs off for a
 //! few milliseconds only.
 
@@ -68,11 +68,6 @@ impl axum::serve::Listener for LimitedListener {
 
     async fn accept(&mut self) -> (Counted, SocketAddr) {
         loop {
-            // The slot first, so that a connection never waits holding a descriptor.
-            let slot = tokio::time::timeout(SLOT_WAIT, self.permits.clone().acquire_owned())
-                .await
-                .ok()
-                .and_then(Result::ok);
             let (stream, addr) = match self.inner.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -81,7 +76,17 @@ impl axum::serve::Listener for LimitedListener {
                     continue;
                 }
             };
-            match slot.or_else(|| self.permits.clone().try_acquire_owned().ok()) {
+            // All taken: wait briefly for one to free up. Only this connection holds a
+            // descriptor meanwhile (taken from the reserve below the limit); the next ones wait
+            // in the kernel's backlog.
+            let slot = match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => tokio::time::timeout(SLOT_WAIT, self.permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+            };
+            match slot {
                 Some(permit) => {
                     return (
                         Counted {
