@@ -3,7 +3,8 @@
 //!
 //! - `hang_reproduction`: hundreds of clients join, send `debug` requests and signals to the
 //!   room's server peer and vanish with a TCP reset, while `/health` is probed every 200 ms with a
-//!   2 s timeout; `_unread_stdout`: the same with stdout a pipe nobody reads and `RUST_LOG=debug`.
+//!   2 s timeout; `_unread_stdout`: the same with stdout a pipe nobody reads and debug logging
+//!   (plus the WebSocket library traced, so the log writer's 16 Ki-line buffer overflows too).
 //! - `slow_consumer`: a peer that stops reading is flooded with 1 KiB signals.
 //! - `idle_peers_vanish`: joined peers that stop answering anything (no FIN) are reaped.
 //! - `fd_limit`: the server under `prlimit --nofile=1024:1024` and more clients than that.
