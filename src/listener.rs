@@ -3,13 +3,12 @@
 //! The original wedged at ~1000 peers under a 1024 descriptor limit: `accept` failed with
 //! EMFILE, axum's default listener slept a full second after each failure, and `/health` timed
 //! out. Here every accepted connection holds a permit of a semaphore sized below the descriptor
-//! limit, and the descriptors between this cap and the WebSocket cap stay free for `/health` and
-//! `/ready`. Once every permit is taken, the next connection waits at most [`SLOT_WAIT`] for
-//! one (those after it wait in the kernel's backlog): a burst of upgrades refused with 503
-//! (clients reconnecting at the cap) holds slots for a few milliseconds only, and a health
-//! check arriving in that burst must be served, not dropped. A connection still without a slot after that wait is accepted and
-//! closed at once (the client sees a clean close, not a hang). An accept error backs off for a
-//! few milliseconds only.
+//! limit, and the descriptors between this cap and the WebSocket cap stay free for `/health`
+//! and `/ready`. Once every permit is taken, the next connection waits at most [`SLOT_WAIT`]
+//! for one (those after it wait in the kernel's backlog): a burst of upgrades refused with 503
+//! holds slots for a few milliseconds only, and a health check arriving in that burst must be
+//! served, not dropped. A connection still without a slot after that wait is accepted and
+//! closed at once (a clean close, not a hang). An accept error backs off a few milliseconds.
 
 use std::io;
 use std::net::SocketAddr;

@@ -109,6 +109,12 @@ impl End {
             jitter: false,
         }
     }
+
+    /// The server closed the socket's queue (slow consumer, fenced, replaced).
+    fn closed_by(reason: CloseReason) -> Self {
+        let (code, why) = reason.close_frame();
+        End::close(code, why)
+    }
 }
 
 struct Connection<E> {
@@ -183,7 +189,7 @@ impl<E: Engine> Connection<E> {
         loop {
             tokio::select! {
                 _ = &mut closing => {
-                    return End { close: Some(CloseReason::GoingAway.close_frame()), jitter: true };
+                    return End { jitter: true, ..End::closed_by(CloseReason::GoingAway) };
                 }
                 frame = queue.recv() => match frame {
                     Some(frame) => {
@@ -195,15 +201,12 @@ impl<E: Engine> Connection<E> {
                             // Closed by the server while this write waits on a full socket (a
                             // slow consumer): end now and leave the room, instead of after the
                             // write timeout. The close frame follows the bytes in flight.
-                            reason = queue.closed() => {
-                                let (code, why) = reason.close_frame();
-                                return End::close(code, why);
-                            }
+                            reason = queue.closed() => return End::closed_by(reason),
                         }
                     }
                     None => {
                         let reason = queue.close_reason().unwrap_or(CloseReason::GoingAway);
-                        return End::close(reason.close_frame().0, reason.close_frame().1);
+                        return End::closed_by(reason);
                     }
                 },
                 msg = stream.next() => {
