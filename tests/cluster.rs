@@ -16,20 +16,15 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
-use common::{sdp, sealed_sdp, uuid, Api, RedisServer, Scope, Server, ServerBuilder, Session, Ws};
+use common::{
+    bounded_for, find_peer, flows, sdp, uuid, Api, RedisServer, Scope, Server, ServerBuilder,
+    Session, Ws,
+};
 
 const HEARTBEAT: &str = "250ms";
 const INSTANCE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Long enough for a stray message to show up on loopback.
 const QUIET: Duration = Duration::from_millis(500);
-
-/// Upper bound of one cluster test (a few need more than the harness's 30 s).
-async fn bounded<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("test did not finish within {limit:?}"),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The cluster
@@ -104,13 +99,7 @@ impl Cluster {
 
     /// Registers a session on instance `i` (generated code).
     async fn session(&self, i: usize) -> Session {
-        let id = uuid();
-        let body = self.api(i).register(&id, None).await;
-        assert_eq!(body["success"], true, "register failed: {body}");
-        Session {
-            code: body["join_code"].as_str().unwrap().to_owned(),
-            id,
-        }
+        self.api(i).new_session(None).await
     }
 
     /// Opens `/ws/{session}` on instance `i` and joins; returns the socket and `join_success`.
@@ -139,16 +128,6 @@ fn peer_ids(join_success: &Value) -> Vec<String> {
         .collect();
     ids.sort();
     ids
-}
-
-#[track_caller]
-fn find_peer<'a>(join_success: &'a Value, id: &str) -> &'a Value {
-    join_success["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == id)
-        .unwrap_or_else(|| panic!("peer {id} not in {join_success}"))
 }
 
 /// A session registered on `a`, its host joined on `a` and a joiner on `b`: signals both ways
@@ -193,235 +172,20 @@ async fn assert_cross_instance_room(c: &Cluster, a: usize, b: usize) -> (Ws, Ws,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation1_flow_across_instances() {
     let c = Cluster::start(2).await;
-    bounded(Duration::from_secs(30), async {
-        let (api_a, api_b) = (c.api(0), c.api(1));
-        let id = uuid();
-        let reg = api_a.register(&id, None).await;
-        assert_eq!(reg["success"], true, "{reg}");
-        let code = reg["join_code"].as_str().unwrap().to_owned();
-        assert!(code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()));
-        // The URLs point at the instance that answered.
-        assert_eq!(reg["websocket_url"], c.s(0).ws_url(&id));
-
-        let mut host = Ws::connect(reg["websocket_url"].as_str().unwrap()).await;
-        let ok = host.join(Some(&code)).await;
-        assert_eq!(ok["peers"][0]["role"], "server");
-        host.send_json(json!({"type": "ping"})).await;
-        host.recv_type("pong").await;
-
-        // HTTP join through B: the session registered on A is found there.
-        assert_eq!(api_b.status(&id).await.body["exists"], true);
-        let join = api_b
-            .post(
-                &format!("/sessions/{id}/join"),
-                &json!({"passphrase": code, "label": "probe-joiner"}),
-            )
-            .await;
-        join.assert_status(200);
-        assert_eq!(join.body["success"], true, "{}", join.body);
-        let signaling = join.body["webrtc_offer"]["signaling_url"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        assert_eq!(signaling, format!("{}/sessions/{id}/webrtc", c.s(1).base()));
-        assert_eq!(join.body["websocket_url"], c.s(1).ws_url(&id));
-        let mut joiner = Ws::connect(join.body["websocket_url"].as_str().unwrap()).await;
-        let mut msg = Ws::join_msg(Some(&code));
-        msg["label"] = json!("probe-joiner");
-        let ok = joiner.join_with(msg).await;
-        let (host_id, joiner_id) = (host.id(), joiner.id());
-        assert_eq!(peer_ids(&ok).len(), 2, "{ok}");
-        assert_eq!(find_peer(&ok, &joiner_id)["role"], "client");
-        assert_eq!(find_peer(&ok, &host_id)["role"], "server");
-        let joined = host.recv_type("peer_joined").await;
-        assert_eq!(joined["peer"]["id"], joiner_id.as_str());
-        assert_eq!(joined["peer"]["role"], "client");
-        assert_eq!(joined["peer"]["metadata"]["label"], "probe-joiner");
-        joiner.send_json(json!({"type": "ping"})).await;
-        joiner.recv_type("pong").await;
-
-        // Offer posted via A, polled via B; answer posted via B, polled via A.
-        let scope = Scope::Sessions;
-        assert_eq!(api_b.get_offer(scope, &id, &joiner_id).await.status, 404);
-        let h = uuid();
-        let offer = sdp("offer", &h, &host_id, &joiner_id);
-        api_a
-            .post_sdp(scope, &id, "offer", &offer)
-            .await
-            .assert_status(204);
-        // ICE trickled by the host before the joiner fetched the offer: relayed at once.
-        let ice = |n: u32| {
-            json!({"transport": "webrtc", "signal": {"signal_type": "ice_candidate",
-                "candidate": format!("candidate:{n}"), "sdp_mid": "0", "sdp_mline_index": 0,
-                "handshake_id": h}})
-        };
-        host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": ice(1)}))
-            .await;
-        let got = joiner.recv_type("signal").await;
-        assert_eq!(got["from_peer"], host_id.as_str());
-        assert_eq!(got["signal"], ice(1));
-        assert_eq!(api_a.get_answer(scope, &id, &h).await.status, 404);
-        let got = api_b.get_offer(scope, &id, &joiner_id).await;
-        got.assert_status(200);
-        assert_eq!(got.body, offer);
-        assert_eq!(api_a.get_offer(scope, &id, &joiner_id).await.status, 404);
-        let answer = sdp("answer", &h, &joiner_id, &host_id);
-        api_b
-            .post_sdp(scope, &id, "answer", &answer)
-            .await
-            .assert_status(204);
-        joiner
-            .send_json(json!({"type": "signal", "to_peer": host_id, "signal": ice(2)}))
-            .await;
-        let got = host.recv_type("signal").await;
-        assert_eq!(got["from_peer"], joiner_id.as_str());
-        assert_eq!(got["signal"], ice(2));
-        let got = api_a.get_answer(scope, &id, &h).await;
-        got.assert_status(200);
-        assert_eq!(got.body, answer);
-        assert_eq!(api_b.get_answer(scope, &id, &h).await.status, 404);
-
-        // Transport negotiation crosses instances too.
-        joiner
-            .send_json(json!({"type": "negotiate_transport", "to_peer": host_id,
-                              "proposed_transport": "webrtc"}))
-            .await;
-        let got = host.recv_type("transport_proposal").await;
-        assert_eq!(got["from_peer"], joiner_id.as_str());
-        host.send_json(json!({"type": "accept_transport", "to_peer": joiner_id,
-                              "transport": "webrtc"}))
-            .await;
-        assert_eq!(
-            joiner.recv_type("transport_accepted").await["from_peer"],
-            host_id.as_str()
-        );
-        // debug from B reaches the server peer on A.
-        joiner
-            .send_json(json!({"type": "debug", "request": {"type": "get_stats"}}))
-            .await;
-        let got = host.recv_type("signal").await;
-        assert_eq!(got["signal"]["signal_type"], "debug_request");
-        assert_eq!(got["signal"]["payload"]["from_peer"], joiner_id.as_str());
-
-        // The joiner quits with a bare TCP close: the host on A hears of it, once.
-        joiner.close_abruptly().await;
-        assert_eq!(
-            host.recv_type("peer_left").await,
-            json!({"type": "peer_left", "peer_id": joiner_id})
-        );
-        host.expect_silence(QUIET).await;
-        host.send_json(json!({"type": "ping"})).await;
-        host.recv_type("pong").await;
-    })
+    bounded_for(
+        Duration::from_secs(30),
+        flows::generation1_flow(c.s(0), c.s(1)),
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation2_flow_across_instances() {
     let c = Cluster::start(2).await;
-    bounded(Duration::from_secs(30), async {
-        let (api_a, api_b) = (c.api(0), c.api(1));
-        let id = uuid();
-        let reg = api_a.register(&id, Some("SMOKEP")).await;
-        assert_eq!(reg["join_code"], "SMOKEP");
-
-        // Host attaches on A and joins /ws/{peer session} on A.
-        let a = api_a.attach(&id, Some("SMOKEP"), "offerer").await;
-        a.assert_status(200);
-        let pid = a.body["peer_session_id"].as_str().unwrap().to_owned();
-        assert_eq!(a.body["host_session_id"], id.as_str());
-        let mut host = Ws::connect(&c.s(0).ws_url(&pid)).await;
-        let mut msg = Ws::join_msg(Some("SMOKEP"));
-        msg["metadata"] = json!({"peer_session_id": pid, "role": "offerer",
-                                 "peer_id": msg["peer_id"], "host_session_id": id});
-        let ok = host.join_with(msg).await;
-        assert_eq!(ok["session_id"], id.as_str());
-        assert_eq!(ok["peers"][0]["role"], "server");
-
-        // Joiner: HTTP join, attach and socket through B; the same peer session.
-        let join = api_b
-            .post(
-                &format!("/sessions/{id}/join"),
-                &json!({"passphrase": "SMOKEP", "label": "probe-joiner"}),
-            )
-            .await;
-        assert_eq!(join.body["success"], true, "{}", join.body);
-        assert_eq!(api_b.attach(&id, None, "answerer").await.status, 401);
-        assert_eq!(
-            api_b.attach(&id, Some("WRONG1"), "answerer").await.status,
-            401
-        );
-        let b = api_b.attach(&id, Some("SMOKEP"), "answerer").await;
-        b.assert_status(200);
-        assert_eq!(b.body["peer_session_id"], pid.as_str());
-        let mut joiner = Ws::connect(&c.s(1).ws_url(&pid)).await;
-        let mut msg = Ws::join_msg(Some("SMOKEP"));
-        msg["label"] = json!("probe-joiner");
-        msg["metadata"] = json!({"role": "answerer", "peer_session_id": pid,
-                                 "host_session_id": id, "peer_id": msg["peer_id"]});
-        let ok = joiner.join_with(msg).await;
-        assert_eq!(ok["session_id"], id.as_str());
-        let (host_id, joiner_id) = (host.id(), joiner.id());
-        assert_eq!(find_peer(&ok, &joiner_id)["role"], "client");
-        // join.metadata in PeerInfo, both ways across instances.
-        let host_info = find_peer(&ok, &host_id);
-        assert_eq!(host_info["role"], "server");
-        assert_eq!(host_info["metadata"]["role"], "offerer");
-        assert_eq!(host_info["metadata"]["peer_session_id"], pid.as_str());
-        let joined = host.recv_type("peer_joined").await;
-        let meta = &joined["peer"]["metadata"];
-        assert_eq!(joined["peer"]["id"], joiner_id.as_str());
-        assert_eq!(meta["role"], "answerer");
-        assert_eq!(meta["peer_session_id"], pid.as_str());
-        assert_eq!(meta["host_session_id"], id.as_str());
-        assert_eq!(meta["label"], "probe-joiner");
-
-        // Mailbox under /peer-sessions: 409 while empty, sealed payloads verbatim.
-        let scope = Scope::PeerSessions;
-        assert_eq!(api_b.get_offer(scope, &pid, &joiner_id).await.status, 409);
-        let h = uuid();
-        assert_eq!(api_a.get_answer(scope, &pid, &h).await.status, 409);
-        let offer = sealed_sdp("offer", &h, &host_id, &joiner_id);
-        api_a
-            .post_sdp(scope, &pid, "offer", &offer)
-            .await
-            .assert_status(204);
-        let sealed_ice = json!({"transport": "webrtc", "signal": {"signal_type": "ice_candidate",
-            "candidate": "", "sdp_mid": null, "sdp_mline_index": null, "handshake_id": h,
-            "sealed": {"ciphertext": "z1bcb1TEX3/u", "nonce": "Dm1o1pW3SIsw0poe", "version": 1}}});
-        host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": sealed_ice}))
-            .await;
-        let got = joiner.recv_type("signal").await;
-        assert_eq!(got["from_peer"], host_id.as_str());
-        assert_eq!(got["signal"], sealed_ice);
-        let got = api_b.get_offer(scope, &pid, &joiner_id).await;
-        got.assert_status(200);
-        assert_eq!(got.body, offer);
-        assert_eq!(api_b.get_offer(scope, &pid, &joiner_id).await.status, 409);
-        joiner
-            .send_json(json!({"type": "signal", "to_peer": host_id, "signal": sealed_ice}))
-            .await;
-        let got = host.recv_type("signal").await;
-        assert_eq!(got["from_peer"], joiner_id.as_str());
-        assert_eq!(got["signal"], sealed_ice);
-        let answer = sealed_sdp("answer", &h, &joiner_id, &host_id);
-        api_b
-            .post_sdp(scope, &pid, "answer", &answer)
-            .await
-            .assert_status(204);
-        let got = api_a.get_answer(scope, &pid, &h).await;
-        got.assert_status(200);
-        assert_eq!(got.body, answer);
-        assert_eq!(api_a.get_answer(scope, &pid, &h).await.status, 409);
-
-        // The host quits: the joiner on B hears of it, once.
-        host.close_abruptly().await;
-        assert_eq!(
-            joiner.recv_type("peer_left").await,
-            json!({"type": "peer_left", "peer_id": host_id})
-        );
-        joiner.expect_silence(QUIET).await;
-    })
+    bounded_for(
+        Duration::from_secs(30),
+        flows::generation2_flow(c.s(0), c.s(1)),
+    )
     .await;
 }
 
@@ -436,7 +200,7 @@ async fn thousand_signals_across_instances_in_order() {
     /// queue bound (256), so the slow-consumer rule never applies.
     const WINDOW: usize = 50;
     let c = Cluster::start(2).await;
-    bounded(Duration::from_secs(60), async {
+    bounded_for(Duration::from_secs(60), async {
         let s = c.session(0).await;
         let (mut a, _) = c.join(0, &s).await;
         let (mut b, _) = c.join(1, &s).await;
@@ -490,7 +254,7 @@ async fn thousand_signals_across_instances_in_order() {
 async fn concurrent_first_joins_through_two_instances_one_server() {
     const ROOMS: usize = 20;
     let c = Cluster::start(2).await;
-    bounded(Duration::from_secs(60), async {
+    bounded_for(Duration::from_secs(60), async {
         let mut first_was = [0usize; 2];
         for k in 0..ROOMS {
             // x on instance k % 2, y on the other: neither instance always goes first.
@@ -542,7 +306,7 @@ async fn concurrent_first_joins_through_two_instances_one_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_survivors_get_peer_left_within_5s() {
     let c = Cluster::start(3).await;
-    bounded(Duration::from_secs(30), async {
+    bounded_for(Duration::from_secs(30), async {
         // Room 1: host on A, victim joiner on B, joiner on C.
         let r1 = c.session(0).await;
         let (mut h1, _) = c.join(0, &r1).await;
@@ -602,7 +366,7 @@ async fn kill_9_survivors_get_peer_left_within_5s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_then_sigcont_fences_without_ghosts() {
     let c = Cluster::start(3).await;
-    bounded(Duration::from_secs(40), async {
+    bounded_for(Duration::from_secs(40), async {
         // One room: host on A, two peers on B (to be frozen), a joiner on C.
         let s = c.session(0).await;
         let (mut host, _) = c.join(0, &s).await;
@@ -712,7 +476,7 @@ async fn sigstop_then_sigcont_fences_without_ghosts() {
 async fn redis_restarted_empty_ready_flips_and_new_sessions_work() {
     let mut c = Cluster::start(3).await;
     let n = c.servers.len();
-    bounded(Duration::from_secs(60), async {
+    bounded_for(Duration::from_secs(60), async {
         // A working room before the outage.
         let (_host, _joiner, _) = assert_cross_instance_room(&c, 0, 1).await;
 
@@ -789,7 +553,7 @@ async fn sigterm_drain_across_instances() {
         }
     })
     .await;
-    bounded(Duration::from_secs(30), async {
+    bounded_for(Duration::from_secs(30), async {
         // Host and a second peer on A; a joiner on B.
         let s = c.session(0).await;
         let (mut host, _) = c.join(0, &s).await;
@@ -878,7 +642,7 @@ async fn sigterm_drain_across_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_frames_queued_during_the_freeze_do_not_resurrect_ghosts() {
     let c = Cluster::start(2).await;
-    bounded(Duration::from_secs(40), async {
+    bounded_for(Duration::from_secs(40), async {
         let s = c.session(0).await;
         let (mut host, _) = c.join(0, &s).await;
         let (mut g1, _) = c.join(1, &s).await;

@@ -14,7 +14,9 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{json, Value};
 
-use common::{assert_keys, sdp, sealed_sdp, uuid, Ctx, Scope, Ws};
+use common::{
+    assert_keys, find_peer, flows, hex_bytes, is_six_digits, sdp, sealed_sdp, uuid, Ctx, Scope, Ws,
+};
 
 /// Long enough for a stray message to show up on loopback, short enough to keep tests quick.
 const QUIET: Duration = Duration::from_millis(400);
@@ -69,24 +71,10 @@ fn assert_peer_info(p: &Value) {
     }
 }
 
-#[track_caller]
-fn find_peer<'a>(join_success: &'a Value, id: &str) -> &'a Value {
-    join_success["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == id)
-        .unwrap_or_else(|| panic!("peer {id} not in {join_success}"))
-}
-
 /// The socket still answers: `ping` → `pong`.
 async fn assert_usable(ws: &mut Ws) {
     ws.send_json(json!({"type": "ping"})).await;
     ws.recv_type("pong").await;
-}
-
-fn is_six_digits(code: &str) -> bool {
-    code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Expected transports of a register (`offerer`) or join (`answerer`) answer.
@@ -1062,263 +1050,21 @@ async fn ice_relayed_before_the_offer_is_fetched(ctx: &Ctx) {
 // Full flows
 // ---------------------------------------------------------------------------------------------
 
+// The flows live in `common::flows`; `cluster.rs` runs them with host and joiner on two
+// instances. Here both sides talk to the same server.
+
 async fn generation1_flow(ctx: &Ctx) {
-    let api = ctx.api();
-    let id = uuid();
-    // Host registers without a passphrase: a 6-digit code.
-    let reg = api.register(&id, None).await;
-    assert_eq!(reg["success"], true);
-    let code = reg["join_code"].as_str().unwrap().to_owned();
-    assert!(is_six_digits(&code));
-    assert_eq!(reg["transports"][0]["kind"], "web_rtc");
-    assert_eq!(reg["transports"][1]["kind"], "web_socket");
-
-    let mut host = Ws::connect(reg["websocket_url"].as_str().unwrap()).await;
-    let ok = host.join(Some(&code)).await;
-    assert_eq!(ok["peers"][0]["role"], "server");
-    host.send_json(json!({"type": "ping"})).await;
-    host.recv_type("pong").await;
-
-    // The joiner: HTTP join with the code, then the socket.
-    let mut body = json!({"passphrase": code, "label": "probe-joiner"});
-    let join = api.post(&format!("/sessions/{id}/join"), &body).await;
-    join.assert_status(200);
-    assert_eq!(join.body["success"], true);
-    let signaling = join.body["webrtc_offer"]["signaling_url"].as_str().unwrap().to_owned();
-    assert_eq!(signaling, format!("{}/sessions/{id}/webrtc", ctx.base()));
-    let mut joiner = Ws::connect(join.body["websocket_url"].as_str().unwrap()).await;
-    body = Ws::join_msg(Some(&code));
-    body["label"] = json!("probe-joiner");
-    let ok = joiner.join_with(body).await;
-    let (host_id, joiner_id) = (host.id(), joiner.id());
-    assert_eq!(find_peer(&ok, &joiner_id)["role"], "client");
-    assert_eq!(find_peer(&ok, &host_id)["role"], "server");
-    let joined = host.recv_type("peer_joined").await;
-    assert_eq!(joined["peer"]["id"], joiner_id.as_str());
-    assert_eq!(joined["peer"]["metadata"]["label"], "probe-joiner");
-    joiner.send_json(json!({"type": "ping"})).await;
-    joiner.recv_type("pong").await;
-
-    // Offer/answer through the mailbox (paths from the signaling URL), ICE over the sockets.
-    let path = signaling.strip_prefix(&ctx.base()).unwrap().to_owned();
-    let poll_offer = format!("{path}/offer?peer_id={joiner_id}");
-    assert_eq!(api.get_ok(&poll_offer).await.status, 404);
-    let h = uuid();
-    let offer = sdp("offer", &h, &host_id, &joiner_id);
-    api.post(&format!("{path}/offer"), &offer).await.assert_status(204);
-    let ice = |n: u32| json!({"transport": "webrtc", "signal": {"signal_type": "ice_candidate",
-        "candidate": format!("candidate:{n}"), "sdp_mid": "", "sdp_mline_index": 0,
-        "handshake_id": h}});
-    host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": ice(1)}))
-        .await;
-    let poll_answer = format!("{path}/answer?handshake_id={h}");
-    assert_eq!(api.get_ok(&poll_answer).await.status, 404);
-    assert_eq!(joiner.recv_type("signal").await["signal"], ice(1));
-    let got = api.get_ok(&poll_offer).await;
-    got.assert_status(200);
-    assert_eq!(got.body, offer);
-    let answer = sdp("answer", &h, &joiner_id, &host_id);
-    api.post(&format!("{path}/answer"), &answer).await.assert_status(204);
-    joiner
-        .send_json(json!({"type": "signal", "to_peer": host_id, "signal": ice(2)}))
-        .await;
-    let got = host.recv_type("signal").await;
-    assert_eq!(got["from_peer"], joiner_id.as_str());
-    assert_eq!(got["signal"], ice(2));
-    let got = api.get_ok(&poll_answer).await;
-    got.assert_status(200);
-    assert_eq!(got.body, answer);
-    assert_eq!(api.get_ok(&poll_answer).await.status, 404);
-    assert_eq!(api.get_ok(&poll_offer).await.status, 404);
-
-    // Joiner quits with a bare TCP close: the host hears of it.
-    joiner.close_abruptly().await;
-    assert_eq!(
-        host.recv_type("peer_left").await,
-        json!({"type": "peer_left", "peer_id": joiner_id})
-    );
-    host.send_json(json!({"type": "ping"})).await;
-    host.recv_type("pong").await;
-    host.close_abruptly().await;
+    flows::generation1_flow(&ctx.server, &ctx.server).await;
 }
 
 async fn generation2_flow(ctx: &Ctx) {
-    let api = ctx.api();
-    let id = uuid();
-    let reg = api.register(&id, Some("SMOKEP")).await;
-    assert_eq!(reg["join_code"], "SMOKEP");
-
-    // Host attaches and joins on /ws/{peer session}.
-    let a = api
-        .post(
-            "/peer-sessions/attach",
-            &json!({"host_session_id": id, "passphrase": "SMOKEP", "peer_id": uuid(),
-                    "role": "offerer"}),
-        )
-        .await;
-    a.assert_status(200);
-    let pid = a.body["peer_session_id"].as_str().unwrap().to_owned();
-    let mut host = ctx.ws(&pid).await;
-    let mut msg = Ws::join_msg(Some("SMOKEP"));
-    msg["metadata"] = json!({"peer_session_id": pid, "role": "offerer",
-                             "peer_id": msg["peer_id"], "host_session_id": id});
-    let ok = host.join_with(msg).await;
-    assert_eq!(ok["session_id"], id.as_str());
-    assert_eq!(ok["peers"][0]["role"], "server");
-    assert_eq!(ok["peers"][0]["metadata"]["role"], "offerer");
-    host.send_json(json!({"type": "ping"})).await;
-    host.recv_type("pong").await;
-
-    // Joiner: HTTP join, attach (same peer session), socket on the peer session.
-    let join = api
-        .post(
-            &format!("/sessions/{id}/join"),
-            &json!({"passphrase": "SMOKEP", "label": "probe-joiner"}),
-        )
-        .await;
-    assert_eq!(join.body["success"], true);
-    assert_eq!(join.body["webrtc_offer"]["label"], "probe-joiner");
-    let b = api
-        .post(
-            "/peer-sessions/attach",
-            &json!({"host_session_id": id, "passphrase": "SMOKEP", "peer_id": uuid(),
-                    "role": "answerer"}),
-        )
-        .await;
-    b.assert_status(200);
-    assert_eq!(b.body["peer_session_id"], pid.as_str());
-    let mut joiner = ctx.ws(&pid).await;
-    let mut msg = Ws::join_msg(Some("SMOKEP"));
-    msg["label"] = json!("probe-joiner");
-    msg["metadata"] = json!({"role": "answerer", "peer_session_id": pid,
-                             "host_session_id": id, "peer_id": msg["peer_id"]});
-    let ok = joiner.join_with(msg).await;
-    let (host_id, joiner_id) = (host.id(), joiner.id());
-    assert_eq!(find_peer(&ok, &joiner_id)["role"], "client");
-    let joined = host.recv_type("peer_joined").await;
-    let meta = &joined["peer"]["metadata"];
-    assert_eq!(meta["role"], "answerer");
-    assert_eq!(meta["peer_session_id"], pid.as_str());
-    assert_eq!(meta["host_session_id"], id.as_str());
-    assert_eq!(meta["label"], "probe-joiner");
-    joiner.send_json(json!({"type": "ping"})).await;
-    joiner.recv_type("pong").await;
-
-    // Mailbox under /peer-sessions: 409 while empty, sealed payloads verbatim.
-    let scope = Scope::PeerSessions;
-    assert_eq!(api.get_offer(scope, &pid, &joiner_id).await.status, 409);
-    let h = uuid();
-    let offer = sealed_sdp("offer", &h, &host_id, &joiner_id);
-    api.post_sdp(scope, &pid, "offer", &offer).await.assert_status(204);
-    let sealed_ice = json!({"transport": "webrtc", "signal": {"signal_type": "ice_candidate",
-        "candidate": "", "sdp_mid": null, "sdp_mline_index": null, "handshake_id": h,
-        "sealed": {"ciphertext": "z1bcb1TEX3/u", "nonce": "Dm1o1pW3SIsw0poe", "version": 1}}});
-    host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": sealed_ice}))
-        .await;
-    assert_eq!(api.get_answer(scope, &pid, &h).await.status, 409);
-    assert_eq!(joiner.recv_type("signal").await["signal"], sealed_ice);
-    let got = api.get_offer(scope, &pid, &joiner_id).await;
-    got.assert_status(200);
-    assert_eq!(got.body, offer);
-    joiner
-        .send_json(json!({"type": "signal", "to_peer": host_id, "signal": sealed_ice}))
-        .await;
-    assert_eq!(host.recv_type("signal").await["from_peer"], joiner_id.as_str());
-    let answer = sealed_sdp("answer", &h, &joiner_id, &host_id);
-    api.post_sdp(scope, &pid, "answer", &answer).await.assert_status(204);
-    let got = api.get_answer(scope, &pid, &h).await;
-    got.assert_status(200);
-    assert_eq!(got.body, answer);
-    assert_eq!(api.get_answer(scope, &pid, &h).await.status, 409);
-
-    // The fallback socket on the host session id: binary frames, never joins.
-    let mut fallback = ctx.ws(&id).await;
-    fallback
-        .send_binary(hex_bytes("01000000000000000000000003417828"))
-        .await;
-    fallback
-        .send_binary(hex_bytes("01000000000000000100000003417828"))
-        .await;
-    let mut errors = 0;
-    while let Ok(Some(v)) = fallback.next(QUIET).await {
-        assert_eq!(v["type"], "error");
-        errors += 1;
-    }
-    assert!(errors <= 2, "{errors}");
-    host.expect_silence(Duration::from_millis(50)).await;
-
-    // Joiner quits: the fallback first, then its signaling socket. The host hears exactly one
-    // peer_left, for the joiner (the original sent one for the fallback and none for the joiner).
-    fallback.close_abruptly().await;
-    joiner.close_abruptly().await;
-    assert_eq!(
-        host.recv_type("peer_left").await,
-        json!({"type": "peer_left", "peer_id": joiner_id})
-    );
-    host.expect_silence(QUIET).await;
+    flows::generation2_flow(&ctx.server, &ctx.server).await;
 }
 
 async fn browser_flow(ctx: &Ctx) {
-    // beach-surfer: HTTP join (needs webrtc_offer), never pings, negotiates the transport.
-    let api = ctx.api();
-    let s = ctx.session().await;
-    let mut host = ctx.ws(&s.id).await;
-    host.join(Some(&s.code)).await;
-
-    let join = api.join_http(&s.id, Some(&s.code)).await;
-    let offer_meta = &join["webrtc_offer"];
-    assert_eq!(offer_meta["role"], "answerer");
-    assert_eq!(offer_meta["poll_interval_ms"], 250);
-    let mut browser = Ws::connect(join["websocket_url"].as_str().unwrap()).await;
-    let mut msg = json!({"type": "join", "peer_id": uuid(), "passphrase": s.code,
-                         "supported_transports": ["webrtc"],
-                         "preferred_transport": "webrtc", "label": "beach-surfer"});
-    msg["mcp"] = Value::Null;
-    let ok = browser.join_with(msg).await;
-    let (host_id, browser_id) = (host.id(), browser.id());
-    assert_eq!(find_peer(&ok, &host_id)["role"], "server");
-    assert_eq!(host.recv_type("peer_joined").await["peer"]["id"], browser_id.as_str());
-
-    browser
-        .send_json(json!({"type": "negotiate_transport", "to_peer": host_id,
-                          "proposed_transport": "webrtc"}))
-        .await;
-    let got = host.recv_type("transport_proposal").await;
-    assert_eq!(got["from_peer"], browser_id.as_str());
-    assert_eq!(got["proposed_transport"], "webrtc");
-    host.send_json(json!({"type": "accept_transport", "to_peer": browser_id,
-                          "transport": "webrtc"}))
-        .await;
-    let got = browser.recv_type("transport_accepted").await;
-    assert_eq!(got["from_peer"], host_id.as_str());
-
-    let h = uuid();
-    let offer = sdp("offer", &h, &host_id, &browser_id);
-    api.post_sdp(Scope::Sessions, &s.id, "offer", &offer).await.assert_status(204);
-    let got = api.get_offer(Scope::Sessions, &s.id, &browser_id).await;
-    assert_eq!(got.body, offer);
-    let answer = sdp("answer", &h, &browser_id, &host_id);
-    api.post_sdp(Scope::Sessions, &s.id, "answer", &answer).await.assert_status(204);
-    assert_eq!(api.get_answer(Scope::Sessions, &s.id, &h).await.body, answer);
-    browser
-        .send_json(json!({"type": "signal", "to_peer": host_id, "signal": {"candidate": "c"}}))
-        .await;
-    host.recv_type("signal").await;
-    // Without any ping from the browser the socket stays up (server pings are answered by the
-    // WebSocket layer) and still relays.
-    browser.expect_silence(Duration::from_millis(1500)).await;
-    host.send_json(json!({"type": "signal", "to_peer": browser_id, "signal": {"late": 1}}))
-        .await;
-    assert_eq!(browser.recv_type("signal").await["signal"]["late"], 1);
+    flows::browser_flow(&ctx.server, &ctx.server).await;
 }
 
-}
-
-fn hex_bytes(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 /// The harness itself: a server whose stdout nobody reads still starts, and signals reach it.

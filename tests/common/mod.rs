@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod flows;
 pub mod redis;
 
 use std::fs::File;
@@ -51,9 +52,14 @@ pub const SERVER_TYPES: &[&str] = &[
 
 /// Runs `fut` within [`TEST_TIMEOUT`].
 pub async fn bounded<T>(fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_TIMEOUT, fut).await {
+    bounded_for(TEST_TIMEOUT, fut).await
+}
+
+/// Runs `fut` within `limit` (for tests that need more, or less, than [`TEST_TIMEOUT`]).
+pub async fn bounded_for<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
         Ok(v) => v,
-        Err(_) => panic!("test did not finish within {TEST_TIMEOUT:?}"),
+        Err(_) => panic!("test did not finish within {limit:?}"),
     }
 }
 
@@ -75,6 +81,35 @@ fn temp_path(what: &str) -> PathBuf {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// A fresh directory under the system temp dir, `beach-road-{what}-{uuid}`. Removed on drop,
+/// except while panicking (left for a look, as the server log is).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("beach-road-{what}-{}", uuid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// `self/name`
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,21 +177,22 @@ impl Ctx {
 
     /// Registers a fresh session with a client-chosen passphrase (generation 2).
     pub async fn session_with(&self, passphrase: Option<&str>) -> Session {
-        let id = uuid();
-        let body = self.api().register(&id, passphrase).await;
-        assert_eq!(body["success"], true, "register failed: {body}");
-        Session {
-            code: body["join_code"].as_str().unwrap().to_owned(),
-            id,
-        }
+        self.api().new_session(passphrase).await
+    }
+
+    /// A registered session (generated code) and its host (role `server`), joined over
+    /// `/ws/{session}`.
+    pub async fn hosted(&self) -> (Session, Ws) {
+        let session = self.session().await;
+        let mut host = self.ws(&session.id).await;
+        host.join(Some(&session.code)).await;
+        (session, host)
     }
 
     /// A registered session with its host (role `server`) and one joiner (role `client`) joined
     /// over `/ws/{session}`; the host's `peer_joined` is consumed.
     pub async fn room(&self) -> Room {
-        let session = self.session().await;
-        let mut host = self.ws(&session.id).await;
-        host.join(Some(&session.code)).await;
+        let (session, mut host) = self.hosted().await;
         let mut joiner = self.ws(&session.id).await;
         joiner.join(Some(&session.code)).await;
         let joined = host.recv_type("peer_joined").await;
@@ -596,6 +632,17 @@ impl Api {
         r.body
     }
 
+    /// Registers a fresh session (`None`: a generated code); asserts success.
+    pub async fn new_session(&self, passphrase: Option<&str>) -> Session {
+        let id = uuid();
+        let body = self.register(&id, passphrase).await;
+        assert_eq!(body["success"], true, "register failed: {body}");
+        Session {
+            code: body["join_code"].as_str().unwrap().to_owned(),
+            id,
+        }
+    }
+
     /// `GET /sessions/{id}`
     pub async fn status(&self, id: &str) -> Resp {
         self.get_ok(&format!("/sessions/{id}")).await
@@ -933,4 +980,28 @@ pub fn assert_keys(v: &Value, expected: &[&str]) {
     let mut e: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
     e.sort();
     assert_eq!(keys(v), e, "keys of {v}");
+}
+
+/// The entry for peer `id` in the `peers` of a `join_success`.
+#[track_caller]
+pub fn find_peer<'a>(join_success: &'a Value, id: &str) -> &'a Value {
+    join_success["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("peer {id} not in {join_success}"))
+}
+
+/// A generated join code: six ASCII digits.
+pub fn is_six_digits(code: &str) -> bool {
+    code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `"0100…"` → its bytes.
+pub fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
