@@ -40,9 +40,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Runs one test body alone (see [`SERIAL`]), bounded by `limit`.
 async fn run(limit: Duration, body: impl Future<Output = ()>) {
     let _alone = SERIAL.lock().await;
-    if tokio::time::timeout(limit, body).await.is_err() {
-        panic!("test did not finish within {limit:?}");
-    }
+    common::bounded_for(limit, body).await
 }
 
 /// `name(engine)` as `memory::name` and `redis::name`.
@@ -497,9 +495,7 @@ async fn hang(engine: Engine, stdout: Stdout) {
     };
     let ctx = Ctx::start_with(engine, builder).await;
     let api = ctx.api();
-    let session = ctx.session().await;
-    let mut host = ctx.ws(&session.id).await;
-    host.join(Some(&session.code)).await;
+    let (session, host) = ctx.hosted().await;
     let host_id = host.id();
     let baseline = local_peers(&api).await;
     assert_eq!(baseline, 1, "only the host is connected");
@@ -724,9 +720,7 @@ async fn idle_peers_vanish(engine: Engine) {
     let builder = Server::builder().args(["--idle-timeout", "2s", "--ping-interval", "500ms"]);
     let ctx = Ctx::start_with(engine, builder).await;
     let api = ctx.api();
-    let session = ctx.session().await;
-    let mut host = ctx.ws(&session.id).await;
-    host.join(Some(&session.code)).await;
+    let (session, host) = ctx.hosted().await;
     // The host keeps reading (and so answers the server's pings) throughout.
     let host = watch_host(host, IDLE_JOINED, IDLE_TIMEOUT * 4);
 
@@ -1106,9 +1100,7 @@ async fn slow_and_unreachable() {
     let builder = Server::builder().args(["--redis-timeout", "500ms"]);
     let mut ctx = Ctx::start_with(Engine::Redis, builder).await;
     let api = ctx.api();
-    let session = ctx.session().await;
-    let mut host = ctx.ws(&session.id).await;
-    host.join(Some(&session.code)).await;
+    let (session, host) = ctx.hosted().await;
     api.get_ok("/ready").await.assert_status(200);
     let port = ctx.redis.as_ref().unwrap().port();
 
