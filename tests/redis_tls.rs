@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{bounded, free_port, Server};
+use common::{bounded, free_port, Server, TempDir};
 
 struct Redis(Child);
 
@@ -95,9 +95,8 @@ fn make_certs(dir: &Path) {
 #[tokio::test]
 async fn rediss_urls_work() {
     bounded(async {
-        let dir = std::env::temp_dir().join(format!("beach-road-tls-{}", common::uuid()));
-        std::fs::create_dir_all(&dir).unwrap();
-        make_certs(&dir);
+        let dir = TempDir::new("tls");
+        make_certs(dir.path());
         let port = free_port();
         let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
         let redis = Redis(
@@ -149,7 +148,7 @@ async fn rediss_urls_work() {
         assert_eq!(joined["success"], true, "{joined}");
         drop(server);
         drop(redis);
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(dir);
     })
     .await;
 }

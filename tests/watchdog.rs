@@ -3,9 +3,10 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{bounded, Server};
+use common::{bounded, Server, TempDir};
 use tokio::net::UnixDatagram;
 
 /// A server started as systemd starts a unit with `WatchdogSec`: `WATCHDOG_PID` names the
@@ -51,6 +52,15 @@ impl Drop for Supervised {
     }
 }
 
+/// A systemd notify socket (`NOTIFY_SOCKET`) in a fresh temp dir: the dir, the socket's path,
+/// and the socket. Keep the dir until the server is gone.
+fn notify_socket() -> (TempDir, PathBuf, UnixDatagram) {
+    let dir = TempDir::new("notify");
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    (dir, path, sock)
+}
+
 /// Datagrams received on the notify socket within `window`.
 async fn collect(sock: &UnixDatagram, window: Duration) -> Vec<String> {
     let deadline = Instant::now() + window;
@@ -72,10 +82,7 @@ fn count(msgs: &[String], what: &str) -> usize {
 #[tokio::test]
 async fn watchdog_is_fed_from_the_runtime_and_stops_while_frozen() {
     bounded(async {
-        let dir = std::env::temp_dir().join(format!("beach-road-notify-{}", common::uuid()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
+        let (dir, path, sock) = notify_socket();
         // WatchdogSec=1s: the server should notify about every 500 ms.
         let server = Supervised::start(&path, 1_000_000).await;
 
@@ -101,7 +108,7 @@ async fn watchdog_is_fed_from_the_runtime_and_stops_while_frozen() {
             "not resumed: {resumed:?}"
         );
         drop(server);
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(dir);
     })
     .await;
 }
@@ -109,10 +116,7 @@ async fn watchdog_is_fed_from_the_runtime_and_stops_while_frozen() {
 #[tokio::test]
 async fn ready_is_notified_once_serving() {
     bounded(async {
-        let dir = std::env::temp_dir().join(format!("beach-road-notify-{}", common::uuid()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
+        let (dir, path, sock) = notify_socket();
         let server = Server::builder()
             .env("NOTIFY_SOCKET", path.to_str().unwrap())
             .start()
@@ -124,7 +128,7 @@ async fn ready_is_notified_once_serving() {
             .unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
         drop(server);
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(dir);
     })
     .await;
 }
