@@ -20,6 +20,36 @@ async fn ping_pong(ws: &mut Ws) {
     ws.recv_type("pong").await;
 }
 
+/// The joiner proposes `webrtc` to the host (`negotiate_transport` → `transport_proposal`), the
+/// host accepts (`accept_transport` → `transport_accepted`).
+async fn negotiate_webrtc(joiner: &mut Ws, host: &mut Ws) {
+    let (host_id, joiner_id) = (host.id(), joiner.id());
+    joiner
+        .send_json(json!({"type": "negotiate_transport", "to_peer": host_id,
+                          "proposed_transport": "webrtc"}))
+        .await;
+    let got = host.recv_type("transport_proposal").await;
+    assert_eq!(got["from_peer"], joiner_id.as_str());
+    assert_eq!(got["proposed_transport"], "webrtc");
+    host.send_json(json!({"type": "accept_transport", "to_peer": joiner_id,
+                          "transport": "webrtc"}))
+        .await;
+    let got = joiner.recv_type("transport_accepted").await;
+    assert_eq!(got["from_peer"], host_id.as_str());
+}
+
+/// `gone` quits with a bare TCP close (no close frame, as the CLIs do): `stays` hears exactly one
+/// `peer_left`, for it.
+async fn leaves(gone: Ws, stays: &mut Ws) {
+    let gone_id = gone.id();
+    gone.close_abruptly().await;
+    assert_eq!(
+        stays.recv_type("peer_left").await,
+        json!({"type": "peer_left", "peer_id": gone_id})
+    );
+    stays.expect_silence(QUIET).await;
+}
+
 /// Generation 1: a generated code, the joiner joins over HTTP and then the socket of the
 /// session id, offer and answer through the mailbox at the signaling URL, ICE over the sockets.
 pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
@@ -122,20 +152,7 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
     assert_eq!(api_j.get_ok(&poll_answer).await.status, 404);
     assert_eq!(api_j.get_ok(&poll_offer).await.status, 404);
 
-    // Transport negotiation.
-    joiner
-        .send_json(json!({"type": "negotiate_transport", "to_peer": host_id,
-                          "proposed_transport": "webrtc"}))
-        .await;
-    let got = host.recv_type("transport_proposal").await;
-    assert_eq!(got["from_peer"], joiner_id.as_str());
-    host.send_json(json!({"type": "accept_transport", "to_peer": joiner_id,
-                          "transport": "webrtc"}))
-        .await;
-    assert_eq!(
-        joiner.recv_type("transport_accepted").await["from_peer"],
-        host_id.as_str()
-    );
+    negotiate_webrtc(&mut joiner, &mut host).await;
     // debug from the joiner reaches the server peer.
     joiner
         .send_json(json!({"type": "debug", "request": {"type": "get_stats"}}))
@@ -145,12 +162,7 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
     assert_eq!(got["signal"]["payload"]["from_peer"], joiner_id.as_str());
 
     // The joiner quits with a bare TCP close: the host hears of it, once.
-    joiner.close_abruptly().await;
-    assert_eq!(
-        host.recv_type("peer_left").await,
-        json!({"type": "peer_left", "peer_id": joiner_id})
-    );
-    host.expect_silence(QUIET).await;
+    leaves(joiner, &mut host).await;
     ping_pong(&mut host).await;
     host.close_abruptly().await;
 }
@@ -280,12 +292,7 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
     // Joiner quits: the fallback first, then its signaling socket. The host hears exactly one
     // peer_left, for the joiner (the original sent one for the fallback and none for the joiner).
     fallback.close_abruptly().await;
-    joiner.close_abruptly().await;
-    assert_eq!(
-        host.recv_type("peer_left").await,
-        json!({"type": "peer_left", "peer_id": joiner_id})
-    );
-    host.expect_silence(QUIET).await;
+    leaves(joiner, &mut host).await;
 
     // A joiner comes back on the peer session; then the host quits: the joiner hears of it, once.
     let mut joiner = Ws::connect(&joiner_side.ws_url(&pid)).await;
@@ -295,12 +302,7 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
         host.recv_type("peer_joined").await["peer"]["id"],
         joiner_id.as_str()
     );
-    host.close_abruptly().await;
-    assert_eq!(
-        joiner.recv_type("peer_left").await,
-        json!({"type": "peer_left", "peer_id": host_id})
-    );
-    joiner.expect_silence(QUIET).await;
+    leaves(host, &mut joiner).await;
 }
 
 /// beach-surfer: HTTP join (needs `webrtc_offer`), never pings, negotiates the transport.
@@ -327,18 +329,7 @@ pub async fn browser_flow(host_side: &Server, joiner_side: &Server) {
         browser_id.as_str()
     );
 
-    browser
-        .send_json(json!({"type": "negotiate_transport", "to_peer": host_id,
-                          "proposed_transport": "webrtc"}))
-        .await;
-    let got = host.recv_type("transport_proposal").await;
-    assert_eq!(got["from_peer"], browser_id.as_str());
-    assert_eq!(got["proposed_transport"], "webrtc");
-    host.send_json(json!({"type": "accept_transport", "to_peer": browser_id,
-                          "transport": "webrtc"}))
-        .await;
-    let got = browser.recv_type("transport_accepted").await;
-    assert_eq!(got["from_peer"], host_id.as_str());
+    negotiate_webrtc(&mut browser, &mut host).await;
 
     let scope = Scope::Sessions;
     let h = uuid();
