@@ -8,6 +8,8 @@
 //! ```
 //! `<base>` is `http://127.0.0.1:PORT`; host and joiner may be on different instances.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -17,6 +19,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Signals in flight at most in `relay`.
+const WINDOW: usize = 100;
 
 #[tokio::main]
 async fn main() {
@@ -66,7 +71,10 @@ async fn http(base: &str, method: &str, path: &str, body: &str) -> String {
 
 async fn join(base: &str, session: &str, code: &str) -> (Ws, String) {
     let url = format!("{}/ws/{session}", base.replacen("http", "ws", 1));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+    // Nagle plus delayed ACKs would add ~40 ms stalls to the client side of the figures.
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .expect("ws");
     let msg = json!({"type":"join","peer_id":"bench","passphrase":code,"supported_transports":["webrtc"]});
     ws.send(Message::Text(msg.to_string().into()))
         .await
@@ -97,27 +105,31 @@ async fn relay(host_base: &str, joiner_base: &str, n: usize) {
     let (mut joiner, joiner_id) = join(joiner_base, &session, &code).await;
     let _peer_joined = next_json(&mut host).await;
     let origin = Instant::now();
+    let received = Arc::new(AtomicUsize::new(0));
+    let seen = received.clone();
     let receiver = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(n);
         while lat.len() < n {
             let v = next_json(&mut joiner).await;
             if let Some(sent) = v["signal"]["t"].as_u64() {
                 lat.push(origin.elapsed().as_micros() as u64 - sent);
+                seen.fetch_add(1, Ordering::Relaxed);
             }
         }
         lat
     });
     let start = Instant::now();
-    // Paced in bursts of 64 so the run measures relay, not the slow-consumer cut-off.
+    // Closed loop: at most WINDOW signals in flight, so the run measures relay and stays
+    // below the server's per-peer queue bound (an open-loop flood is `flood`'s job).
     for i in 0..n {
+        while i - received.load(Ordering::Relaxed) >= WINDOW {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
         let t = origin.elapsed().as_micros() as u64;
         let msg = json!({"type":"signal","to_peer":joiner_id,"signal":{"t":t,"candidate":"candidate:1 1 udp 2130706431 10.0.0.1 5000 typ host"}});
         host.send(Message::Text(msg.to_string().into()))
             .await
             .unwrap();
-        if i % 64 == 63 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
     }
     let mut lat = receiver.await.expect("receiver");
     let elapsed = start.elapsed();
