@@ -1,8 +1,9 @@
 //! The hub: the one task that owns this instance's sockets ([`LocalPeers`]), their room
 //! memberships and the peer→owner cache, and consumes the pub/sub push channel.
 //!
-//! Engine calls reach it over a bounded mpsc with oneshot replies; Redis pushes arrive on the
-//! unbounded channel the `ConnectionManager` requires (its sender must never block). The hub
+//! Engine calls reach it over a bounded mpsc with oneshot replies; Redis pushes arrive on a
+//! bounded channel filled with `try_send` (the `ConnectionManager`'s sender must never block;
+//! past the bound pushes are dropped and counted, see `build_manager`). The hub
 //! never awaits anything but its two inputs and never touches Redis, so a slow client or a slow
 //! Redis cannot stall routing: delivery is `LocalPeers::deliver`, which never waits.
 
@@ -240,7 +241,7 @@ impl Hub {
     pub(crate) async fn run(
         mut self,
         mut cmds: mpsc::Receiver<Cmd>,
-        mut pushes: mpsc::UnboundedReceiver<(u64, PushInfo)>,
+        mut pushes: mpsc::Receiver<(u64, PushInfo)>,
         mut stop: watch::Receiver<bool>,
     ) {
         loop {

@@ -47,7 +47,7 @@ pub(crate) struct Liveness {
     inner: Arc<Inner>,
     conn: watch::Sender<ConnectionManager>,
     instance: watch::Sender<Instance>,
-    push: mpsc::UnboundedSender<(u64, PushInfo)>,
+    push: mpsc::Sender<(u64, PushInfo)>,
     gen: Arc<AtomicU64>,
     last_ok: Instant,
     last_beat: Option<Instant>,
@@ -60,7 +60,7 @@ impl Liveness {
         inner: Arc<Inner>,
         conn: watch::Sender<ConnectionManager>,
         instance: watch::Sender<Instance>,
-        push: mpsc::UnboundedSender<(u64, PushInfo)>,
+        push: mpsc::Sender<(u64, PushInfo)>,
         gen: Arc<AtomicU64>,
     ) -> Self {
         Self {

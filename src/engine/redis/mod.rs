@@ -45,6 +45,11 @@ pub struct RedisSettings {
     pub instance_timeout: Duration,
 }
 
+/// Pushes (pub/sub messages) waiting for the hub at most; see `build_manager`.
+const PUSH_QUEUE: usize = 64 * 1024;
+/// Pushes dropped because the hub fell `PUSH_QUEUE` behind.
+static DROPPED_PUSHES: AtomicU64 = AtomicU64::new(0);
+
 /// Readiness's PING gets at most this long, so `/ready` answers fast.
 const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// Reconnect backoff cap: short enough to be ready again within ~1 s of Redis's return.
@@ -102,11 +107,23 @@ fn resp3_url(url: &str) -> String {
 pub(crate) fn build_manager(
     url: &str,
     timeout: Duration,
-    push: mpsc::UnboundedSender<(u64, PushInfo)>,
+    push: mpsc::Sender<(u64, PushInfo)>,
     gen: u64,
 ) -> RedisResult<ConnectionManager> {
     let client = redis::Client::open(resp3_url(url))?;
-    let sender = move |info: PushInfo| push.send((gen, info));
+    // Bounded, and never blocking the connection: past the bound a push is dropped and counted
+    // (redis-rs ignores the error). The hub only fills it if it is starved; a lost self-tick
+    // then shows as deafness and the instance turns unready.
+    let sender = move |info: PushInfo| {
+        push.try_send((gen, info)).inspect_err(|_| {
+            if DROPPED_PUSHES
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(1000)
+            {
+                tracing::warn!("pub/sub backlog full: dropping pushes");
+            }
+        })
+    };
     let cfg = ConnectionManagerConfig::new()
         .set_push_sender(sender)
         .set_automatic_resubscription()
@@ -125,7 +142,7 @@ impl RedisEngine {
     /// Starts the engine. Never fails because Redis is down: the instance then starts not ready
     /// and registers as soon as Redis answers. Panics only on a malformed URL.
     pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisEngine {
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let gen = Arc::new(AtomicU64::new(0));
         let cm = build_manager(&settings.url, config.call_timeout, push_tx.clone(), 0)
             .unwrap_or_else(|e| panic!("invalid Redis URL {:?}: {e}", settings.url));
