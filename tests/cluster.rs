@@ -189,6 +189,13 @@ async fn generation2_flow_across_instances() {
     .await;
 }
 
+/// The browser client (no `ping`, `negotiate_transport`) with host and joiner on two instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_flow_across_instances() {
+    let c = Cluster::start(2).await;
+    bounded_for(Duration::from_secs(30), flows::browser_flow(c.s(0), c.s(1))).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. 1000 signals across instances, both directions interleaved
 // ---------------------------------------------------------------------------------------------
