@@ -84,17 +84,18 @@ async fn run(
             serve(engine, "memory", config, listener, max_sockets, dropped).await
         }
         Some(url) => {
-            if let Err(e) = redis::Client::open(url.as_str()) {
-                let msg = format!("invalid REDIS_URL: {e}");
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
-            }
             let settings = RedisSettings {
                 url,
                 key_prefix: config.key_prefix.clone(),
                 heartbeat_interval: config.heartbeat_interval,
                 instance_timeout: config.instance_timeout,
             };
-            let engine = RedisEngine::start(config.engine(), settings).await;
+            let engine = RedisEngine::start(config.engine(), settings)
+                .await
+                .map_err(|e| {
+                    let msg = format!("invalid REDIS_URL: {e}");
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+                })?;
             serve(engine, "redis", config, listener, max_sockets, dropped).await
         }
     }

@@ -45,7 +45,9 @@ async fn engine(r: &RedisServer) -> RedisEngine {
 }
 
 async fn engine_with(r: &RedisServer, prefix: &str, config: EngineConfig) -> RedisEngine {
-    let e = RedisEngine::start(config, settings(&r.url(), prefix)).await;
+    let e = RedisEngine::start(config, settings(&r.url(), prefix))
+        .await
+        .expect("valid URL");
     wait_until(Duration::from_secs(5), || async { e.ready().await.is_ok() }).await;
     e
 }
@@ -475,7 +477,9 @@ async fn starts_without_redis_and_recovers() {
         let mut r = RedisServer::start();
         r.kill();
         let t = tokio::time::Instant::now();
-        let e = RedisEngine::start(config(), settings(&r.url(), "t")).await;
+        let e = RedisEngine::start(config(), settings(&r.url(), "t"))
+            .await
+            .expect("valid URL");
         assert!(t.elapsed() < Duration::from_secs(3), "start does not hang");
         let t = tokio::time::Instant::now();
         assert!(e.ready().await.is_err());

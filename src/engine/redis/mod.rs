@@ -139,13 +139,12 @@ fn unavailable(e: impl std::fmt::Display) -> EngineError {
 }
 
 impl RedisEngine {
-    /// Starts the engine. Never fails because Redis is down: the instance then starts not ready
-    /// and registers as soon as Redis answers. Panics only on a malformed URL.
-    pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisEngine {
+    /// Starts the engine. Fails only on a malformed URL, never because Redis is down: the
+    /// instance then starts not ready and registers as soon as Redis answers.
+    pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisResult<RedisEngine> {
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let gen = Arc::new(AtomicU64::new(0));
-        let cm = build_manager(&settings.url, config.call_timeout, push_tx.clone(), 0)
-            .unwrap_or_else(|e| panic!("invalid Redis URL {:?}: {e}", settings.url));
+        let cm = build_manager(&settings.url, config.call_timeout, push_tx.clone(), 0)?;
         let (conn_tx, conn_rx) = watch::channel(cm);
         let id = crate::protocol::new_id();
         let (inst_tx, inst_rx) = watch::channel(Instance {
@@ -183,7 +182,7 @@ impl RedisEngine {
             .lock()
             .await
             .extend([hub_task, live_task, reap_task]);
-        RedisEngine { inner }
+        Ok(RedisEngine { inner })
     }
 
     /// This process's current instance id (changes when the instance is fenced).
