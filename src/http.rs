@@ -25,6 +25,7 @@ use crate::protocol::{unix_now, valid_id, SdpPayload};
 use crate::shutdown::{Phase, Shutdown};
 
 /// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
 pub struct App<E> {
     pub engine: E,
     pub config: Arc<Config>,
@@ -32,18 +33,6 @@ pub struct App<E> {
     pub health: Health,
     /// One permit per open WebSocket: the connection limit, and what the drain waits for.
     pub sockets: Arc<tokio::sync::Semaphore>,
-}
-
-impl<E: Clone> Clone for App<E> {
-    fn clone(&self) -> Self {
-        Self {
-            engine: self.engine.clone(),
-            config: self.config.clone(),
-            shutdown: self.shutdown.clone(),
-            health: self.health.clone(),
-            sockets: self.sockets.clone(),
-        }
-    }
 }
 
 /// An error answered as `{"error": message}` with a status.
