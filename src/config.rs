@@ -8,6 +8,14 @@ use clap::Parser;
 use crate::engine::EngineConfig;
 use crate::peers::QueueLimits;
 
+/// An address or a CIDR (`10.0.0.7` is `10.0.0.7/32`).
+fn ip_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("not an address or CIDR: {s}"))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -32,6 +40,11 @@ pub struct Config {
     /// Unset: derived from each request's Host and X-Forwarded-Proto headers.
     #[arg(long, env = "BEACH_SESSION_SERVER")]
     pub public_url: Option<String>,
+
+    /// Proxies whose `X-Forwarded-For` is believed (comma-separated addresses or CIDRs, e.g. the
+    /// load balancer's subnets). Unset: the TCP peer is the client, whatever the header says.
+    #[arg(long, env = "BEACH_ROAD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = ip_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Prefix of every Redis key and channel of this deployment.
     #[arg(long, env = "BEACH_ROAD_KEY_PREFIX", default_value = "beach-road")]

@@ -11,6 +11,7 @@
 //! | [`config`] | flags with environment fallbacks |
 //! | [`protocol`] | wire types and id validation |
 //! | [`code`] | join codes: generation, salted hashing, constant-time check |
+//! | [`client`] | the client's address: TCP peer or trusted proxies' `X-Forwarded-For` |
 //! | [`access`] | the join-code check shared by HTTP join, attach and WebSocket join |
 //! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
 //! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
@@ -31,6 +32,7 @@
 //! call to Redis or the network has a timeout; every spawned task ends with its owner.
 
 pub mod access;
+pub mod client;
 pub mod code;
 pub mod config;
 pub mod engine;
