@@ -1,5 +1,5 @@
 -- answer_take: takes the answer of one handshake; of concurrent readers exactly one gets it.
--- KEYS[1]  answer string           {S}:answer:<handshake>
+-- KEYS[1]  answer string           {S}:answer:<to>:<handshake>
 -- Returns {} when there is none, else {payload}.
 local v = redis.call('GET', KEYS[1])
 if not v then

@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- deregister: removes an instance from the live set (shutdown, or fencing itself).
+-- allow-oom: liveness must go on when Redis is full (maxmemory, noeviction); this only
+-- writes a few bytes per instance at most, so it cannot be what fills it.
 -- KEYS[1]  live instances zset     {instances}:alive
 -- KEYS[2]  dead instances zset     {instances}:dead (member = instance id, score = lease end ms)
 -- ARGV[1]  instance id

@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- heartbeat: refreshes a live instance, unless it was written off.
+-- allow-oom: liveness must go on when Redis is full (maxmemory, noeviction); this only
+-- writes a few bytes per instance at most, so it cannot be what fills it.
 -- KEYS[1]  live instances zset     {instances}:alive
 -- ARGV[1]  instance id
 -- Returns 1 when refreshed, 0 when the instance is no longer registered (it was reaped or

@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- instance_register: records a new live instance.
+-- allow-oom: liveness must go on when Redis is full (maxmemory, noeviction); this only
+-- writes a few bytes per instance at most, so it cannot be what fills it.
 -- KEYS[1]  live instances zset     {instances}:alive (member = instance id, score = last beat ms)
 -- ARGV[1]  instance id
 -- Returns the Redis time (ms) of the registration.

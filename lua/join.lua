@@ -1,21 +1,26 @@
--- join: adds a peer to a room, choosing its role atomically (first in an EMPTY room: server).
+-- join: adds a peer to a room with its role, unless the room is full. The role comes from the
+-- id the peer joined through (the host's token: server); a server becomes the room's server.
 -- A repeated join of a member changes nothing and returns fresh = 0.
 -- KEYS[1]  members hash            {S}:peers   (peer -> "seq|role|joined_at|owner|blob")
 -- KEYS[2]  join counter            {S}:seq     (orders members by join)
 -- KEYS[3]  server peer string      {S}:server
 -- KEYS[4]  session hash            {S}:session (ttl refreshed)
--- KEYS[5]  alias string            {S}:alias   (ttl refreshed)
 -- ARGV[1]  peer id
 -- ARGV[2]  owner instance id
 -- ARGV[3]  blob: JSON of the peer's transports and metadata, opaque here
 -- ARGV[4]  session ttl (ms)
--- Returns {fresh ('1'|'0'), id1, rec1, id2, rec2, ...}: every member, the joiner included.
+-- ARGV[5]  role: 'server' or 'client'
+-- ARGV[6]  members a room holds at most
+-- Returns {'full'} when the room is full, else {fresh ('1'|'0'), id1, rec1, id2, rec2, ...}:
+-- every member, the joiner included.
 local fresh = 0
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[6]) then
+    return {'full'}
+  end
   fresh = 1
-  local role = 'client'
-  if redis.call('HLEN', KEYS[1]) == 0 then
-    role = 'server'
+  local role = ARGV[5]
+  if role == 'server' then
     redis.call('SET', KEYS[3], ARGV[1])
   end
   local seq = redis.call('INCR', KEYS[2])
@@ -23,7 +28,7 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   redis.call('HSET', KEYS[1], ARGV[1],
     seq .. '|' .. role .. '|' .. now .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 end
-for i = 1, 5 do
+for i = 1, 4 do
   redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
 local out = {tostring(fresh)}

@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- leave: removes a peer from its room and deletes the offers queued for it.
+-- allow-oom: liveness must go on when Redis is full (maxmemory, noeviction); this only
+-- writes a few bytes per instance at most, so it cannot be what fills it.
 -- KEYS[1]  members hash            {S}:peers
 -- KEYS[2]  server peer string      {S}:server
 -- KEYS[3]  the peer's offer list   {S}:offers:<peer>

@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- reap_claim: writes off silent instances and claims one dead instance to clean up.
+-- allow-oom: liveness must go on when Redis is full (maxmemory, noeviction); this only
+-- writes a few bytes per instance at most, so it cannot be what fills it.
 -- KEYS[1]  live instances zset     {instances}:alive
 -- KEYS[2]  dead instances zset     {instances}:dead  (score = end of the current claim, ms)
 -- KEYS[3]  claim holders hash      {instances}:reaper (dead id -> reaper id)

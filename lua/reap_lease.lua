@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- reap_lease: renews or releases a reaper's claim on a dead instance.
+-- allow-oom: liveness must go on when Redis is full (maxmemory, noeviction); this only
+-- writes a few bytes per instance at most, so it cannot be what fills it.
 -- KEYS[1]  dead instances zset     {instances}:dead
 -- KEYS[2]  claim holders hash      {instances}:reaper
 -- ARGV[1]  dead instance id

@@ -1,13 +1,13 @@
 -- register: stores a new host session unless its id is taken (exactly one racer wins).
 -- KEYS[1]  session hash            {S}:session
--- ARGV[1]  join code salt
--- ARGV[2]  join code hash
--- ARGV[3]  session ttl (ms)
+-- ARGV[1]  HMAC of the join code under the server secret (the secret never reaches Redis)
+-- ARGV[2]  session ttl (ms)
 -- Returns created_at (unix seconds, Redis TIME) when stored, 0 when the id is taken.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
 local now = tonumber(redis.call('TIME')[1])
-redis.call('HSET', KEYS[1], 'created_at', now, 'salt', ARGV[1], 'hash', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+-- minted = 1: the host token, written by the caller just before.
+redis.call('HSET', KEYS[1], 'created_at', now, 'hash', ARGV[1], 'minted', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return now

@@ -1,10 +1,18 @@
-//! Who may enter a session: the join-code check shared by HTTP join, attach and WebSocket join.
+//! Who may enter a session: the check shared by HTTP join, attach and WebSocket join.
 //!
-//! Every wrong code is counted per session in the engine (so across all instances); past
-//! `max_code_failures` within the window even the right code is refused until the window ends,
-//! which caps guessing a 6-digit code at a handful of tries per ten minutes.
+//! A token (the host's, or one a joiner got from a successful join) admits by itself: it was
+//! handed out only to someone who registered the session or gave its code, and it is a 122-bit
+//! random id. The public session id admits only with the code, checked by the engine in one
+//! atomic step that also counts wrong codes per session and per client address (see
+//! `lua/code_check.lua`): a guesser from one address is stopped after a few tries without
+//! locking out anyone else, and all guessers together get a bounded number of tries per window.
+//! Token holders are never locked out, so no guesser can keep the host or admitted joiners away.
 
-use crate::engine::{Engine, EngineError, SessionRecord};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::code::Secret;
+use crate::engine::{Access, CodeCheck, Engine, EngineError, Grant};
 
 /// Why a join was refused. Messages are the wire strings clients know; generation 1 treats a
 /// message containing "invalid" or "code" as an authentication error.
@@ -13,7 +21,8 @@ pub enum Refusal {
     NotFound,
     PassphraseRequired,
     InvalidPassphrase,
-    TooManyAttempts,
+    /// Too many wrong codes; try again after this long (HTTP 429 `Retry-After`).
+    TooManyAttempts(Duration),
     Unavailable(EngineError),
 }
 
@@ -23,8 +32,19 @@ impl Refusal {
             Refusal::NotFound => "Session not found".into(),
             Refusal::PassphraseRequired => "Passphrase required".into(),
             Refusal::InvalidPassphrase => "Invalid passphrase".into(),
-            Refusal::TooManyAttempts => "Too many invalid codes; try again later".into(),
+            Refusal::TooManyAttempts(_) => "Too many invalid codes; try again later".into(),
             Refusal::Unavailable(e) => e.to_string(),
+        }
+    }
+
+    /// A short machine-readable reason, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotFound => "not_found",
+            Refusal::PassphraseRequired => "passphrase_required",
+            Refusal::InvalidPassphrase => "invalid_code",
+            Refusal::TooManyAttempts(_) => "code_locked",
+            Refusal::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -35,24 +55,37 @@ impl From<EngineError> for Refusal {
     }
 }
 
-/// Resolves `id` (session or peer-session id) and checks `passphrase` against its code.
+/// Resolves `id` (session id or token) and, for the public session id, checks `passphrase`.
 pub async fn admit<E: Engine>(
     engine: &E,
+    secret: &Secret,
     id: &str,
     passphrase: Option<&str>,
-) -> Result<SessionRecord, Refusal> {
-    let session = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
-    if engine.code_failures(&session.id).await? >= engine.config().max_code_failures {
-        return Err(Refusal::TooManyAttempts);
+    client: IpAddr,
+) -> Result<Access, Refusal> {
+    let access = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
+    if access.grant != Grant::Public {
+        return Ok(access);
     }
     let passphrase = passphrase.map(str::trim).filter(|p| !p.is_empty());
     let Some(passphrase) = passphrase else {
         return Err(Refusal::PassphraseRequired);
     };
-    if session.code.matches(passphrase) {
-        Ok(session)
-    } else {
-        engine.code_failure(&session.id).await?;
-        Err(Refusal::InvalidPassphrase)
+    let session = &access.session.id;
+    let digest = secret.digest(session, passphrase);
+    match engine
+        .check_code(session, &client.to_string(), &digest)
+        .await?
+    {
+        CodeCheck::Correct => Ok(access),
+        CodeCheck::Wrong => {
+            tracing::info!(session = %session, %client, "wrong join code");
+            Err(Refusal::InvalidPassphrase)
+        }
+        CodeCheck::Locked(wait) => {
+            tracing::info!(session = %session, %client, "join code refused: too many wrong codes");
+            Err(Refusal::TooManyAttempts(wait))
+        }
+        CodeCheck::NotFound => Err(Refusal::NotFound),
     }
 }

@@ -1,14 +1,16 @@
-//! Join codes: generated with a CSPRNG, stored only as a salted hash, compared in constant time.
+//! Join codes: generated with a CSPRNG, stored only as an HMAC under the server secret.
 //!
-//! The original server kept codes in plain text beside an unsalted SHA-256 and compared them
-//! naively (protocol.md §7.4). Here the store never sees the code itself. A 6-digit code has only
-//! 20 bits, so hashing alone cannot protect it: wrong guesses are also counted per session and
-//! refused past a limit (see `crate::engine::EngineConfig::max_code_failures`).
+//! A 6-digit code has 20 bits: any unkeyed hash of it, salted or not, is reversed by trying all
+//! 10^6 codes (0.08 s for salt + SHA-256). The store therefore only ever sees
+//! HMAC-SHA-256(secret, session id ‖ 0 ‖ code), and the secret is not in the store: it comes from
+//! configuration (`--secret`, `--secret-file`), the same on every instance. Guessing through the
+//! server is bounded separately (`crate::access`, counted atomically by the engine).
 
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use sha2::Sha256;
 
 /// Six random ASCII digits (generation 1 accepts nothing else).
 pub fn generate() -> String {
@@ -16,34 +18,53 @@ pub fn generate() -> String {
     format!("{n:06}")
 }
 
-/// A salted SHA-256 of a join code, as stored with the session.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CodeHash {
-    pub salt: String,
-    pub hash: String,
-}
+/// Shortest secret accepted, in bytes.
+pub const MIN_SECRET_LEN: usize = 32;
 
-impl CodeHash {
-    pub fn new(code: &str) -> Self {
-        let salt: [u8; 16] = rand::rng().random();
-        let salt = hex::encode(salt);
-        let hash = digest(&salt, code);
-        Self { salt, hash }
-    }
+/// The server secret keying code digests. Never logged, never stored in Redis.
+#[derive(Clone)]
+pub struct Secret(Arc<[u8]>);
 
-    /// Constant-time comparison of `code` against the stored hash.
-    pub fn matches(&self, code: &str) -> bool {
-        let candidate = digest(&self.salt, code);
-        candidate.as_bytes().ct_eq(self.hash.as_bytes()).into()
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
     }
 }
 
-fn digest(salt: &str, code: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(salt.as_bytes());
-    h.update([0u8]);
-    h.update(code.as_bytes());
-    hex::encode(h.finalize())
+impl Secret {
+    /// A secret of at least [`MIN_SECRET_LEN`] bytes (surrounding whitespace, e.g. a file's
+    /// trailing newline, is ignored).
+    pub fn new(bytes: &[u8]) -> Result<Secret, String> {
+        let trimmed = bytes.trim_ascii();
+        if trimmed.len() < MIN_SECRET_LEN {
+            return Err(format!(
+                "the secret must have at least {MIN_SECRET_LEN} bytes (got {})",
+                trimmed.len()
+            ));
+        }
+        Ok(Secret(Arc::from(trimmed)))
+    }
+
+    /// A random secret: right for one instance, wrong for several (their digests differ).
+    pub fn random() -> Secret {
+        let bytes: [u8; 32] = rand::rng().random();
+        Secret(Arc::from(hex::encode(bytes).as_bytes()))
+    }
+
+    /// The digest stored for, and compared with, `code` of `session` (hex).
+    pub fn digest(&self, session: &str, code: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(session.as_bytes());
+        mac.update(&[0]);
+        mac.update(code.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// Constant-time equality of two digests (the in-process engine's comparison).
+pub fn digests_match(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 #[cfg(test)]
@@ -60,12 +81,20 @@ mod tests {
     }
 
     #[test]
-    fn hash_matches_only_the_code() {
-        let h = CodeHash::new("042917");
-        assert!(h.matches("042917"));
-        assert!(!h.matches("042918"));
-        assert!(!h.matches(""));
-        assert_ne!(CodeHash::new("042917").salt, h.salt, "salts differ");
-        assert!(!h.hash.contains("042917"));
+    fn digest_is_keyed_and_bound_to_the_session() {
+        let a = Secret::new(&[b'a'; 32]).unwrap();
+        let b = Secret::new(&[b'b'; 32]).unwrap();
+        let d = a.digest("s1", "042917");
+        assert!(digests_match(&d, &a.digest("s1", "042917")));
+        assert!(!digests_match(&d, &a.digest("s1", "042918")));
+        assert!(!digests_match(&d, &a.digest("s2", "042917")));
+        assert!(!digests_match(&d, &b.digest("s1", "042917")));
+        assert!(!d.contains("042917"));
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(Secret::new(b"short").is_err());
+        assert!(Secret::new(format!("{}\n", "x".repeat(32)).as_bytes()).is_ok());
     }
 }

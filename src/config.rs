@@ -58,9 +58,90 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_MAILBOX_TTL", default_value = "5m", value_parser = duration)]
     pub mailbox_ttl: Duration,
 
-    /// Wrong join codes tolerated per session within 10 minutes before joins are refused.
-    #[arg(long, env = "BEACH_ROAD_MAX_CODE_FAILURES", default_value_t = 10)]
+    /// Secret keying the stored digests of join codes (at least 32 bytes; the same on every
+    /// instance; never stored in Redis). Unset, with no --secret-file: a random one, which is
+    /// right for a single instance only.
+    #[arg(long, env = "BEACH_ROAD_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+
+    /// File holding the secret (e.g. fetched from a secret store at boot).
+    #[arg(long, env = "BEACH_ROAD_SECRET_FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
+
+    /// Wrong join codes tolerated per session from one client address within the window;
+    /// past it that address is refused (HTTP 429) until the window frees up.
+    #[arg(long, env = "BEACH_ROAD_MAX_CODE_FAILURES", default_value_t = 5)]
     pub max_code_failures: u32,
+
+    /// Wrong join codes tolerated per session from all addresses within the window; past it
+    /// the code is not checked for anyone but token holders (the host and admitted joiners).
+    #[arg(
+        long,
+        env = "BEACH_ROAD_MAX_SESSION_CODE_FAILURES",
+        default_value_t = 50
+    )]
+    pub max_session_code_failures: u32,
+
+    /// The window of both code-failure limits.
+    #[arg(long, env = "BEACH_ROAD_CODE_FAILURE_WINDOW", default_value = "10m", value_parser = duration)]
+    pub code_failure_window: Duration,
+
+    /// Sessions one client address may register per minute (HTTP 429 beyond).
+    #[arg(
+        long,
+        env = "BEACH_ROAD_REGISTRATIONS_PER_MINUTE",
+        default_value_t = 20
+    )]
+    pub registrations_per_minute: u32,
+
+    /// Sessions the whole deployment accepts per minute, all addresses together: the budget
+    /// that keeps Redis from filling (size it as rate x session TTL x ~1 KiB < maxmemory).
+    #[arg(
+        long,
+        env = "BEACH_ROAD_REGISTRATIONS_PER_MINUTE_TOTAL",
+        default_value_t = 6000
+    )]
+    pub registrations_per_minute_total: u32,
+
+    /// Members one room holds at most; further joins get `join_error` "Session is full".
+    #[arg(long, env = "BEACH_ROAD_MAX_ROOM_PEERS", default_value_t = 32)]
+    pub max_room_peers: usize,
+
+    /// Joiner tokens (one per successful HTTP join or attach) one session may mint in its life.
+    #[arg(
+        long,
+        env = "BEACH_ROAD_MAX_TOKENS_PER_SESSION",
+        default_value_t = 1024
+    )]
+    pub max_tokens_per_session: u32,
+
+    /// Largest offer or answer accepted by the mailbox, in bytes (real SDPs fit ~16 KiB).
+    #[arg(long, env = "BEACH_ROAD_MAX_SDP_BYTES", default_value_t = 32 * 1024)]
+    pub max_sdp_bytes: usize,
+
+    /// A WebSocket that has not joined within this time is closed.
+    #[arg(long, env = "BEACH_ROAD_JOIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub join_timeout: Duration,
+
+    /// Frames per second one socket may send (sustained); a faster sender is slowed down.
+    #[arg(
+        long,
+        env = "BEACH_ROAD_PEER_MESSAGES_PER_SECOND",
+        default_value_t = 50
+    )]
+    pub peer_messages_per_second: u32,
+
+    /// Frames one socket may send in a burst above the sustained rate.
+    #[arg(long, env = "BEACH_ROAD_PEER_MESSAGE_BURST", default_value_t = 200)]
+    pub peer_message_burst: u32,
+
+    /// Bytes per second one socket may send (sustained); a faster sender is slowed down.
+    #[arg(long, env = "BEACH_ROAD_PEER_BYTES_PER_SECOND", default_value_t = 256 * 1024)]
+    pub peer_bytes_per_second: u32,
+
+    /// Bytes one socket may send in a burst above the sustained rate.
+    #[arg(long, env = "BEACH_ROAD_PEER_BYTE_BURST", default_value_t = 1 << 20)]
+    pub peer_byte_burst: u32,
 
     /// How often this instance refreshes its liveness in Redis.
     #[arg(long, env = "BEACH_ROAD_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = duration)]
@@ -128,12 +209,35 @@ impl Config {
             session_ttl: self.session_ttl,
             mailbox_ttl: self.mailbox_ttl,
             max_code_failures: self.max_code_failures,
+            max_session_code_failures: self.max_session_code_failures,
+            code_failure_window: self.code_failure_window,
+            max_tokens_per_session: self.max_tokens_per_session,
             queue: QueueLimits {
                 messages: self.peer_queue_messages,
                 bytes: self.peer_queue_bytes,
             },
             call_timeout: self.redis_timeout,
             ..EngineConfig::default()
+        }
+    }
+
+    /// The code secret: configured, read from its file, or random (with a warning).
+    pub fn load_secret(&self) -> Result<crate::code::Secret, String> {
+        match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => Err("set either --secret or --secret-file, not both".into()),
+            (Some(s), None) => crate::code::Secret::new(s.as_bytes()),
+            (None, Some(path)) => {
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("cannot read the secret file {}: {e}", path.display()))?;
+                crate::code::Secret::new(&bytes)
+            }
+            (None, None) => {
+                tracing::warn!(
+                    "no --secret or --secret-file: using a random secret; join codes will not \
+                     work across several instances"
+                );
+                Ok(crate::code::Secret::random())
+            }
         }
     }
 

@@ -5,11 +5,13 @@
 //! than axum's plain-text rejection. Register and join failures are `200 success:false` because
 //! the clients rely on it; an engine that cannot answer gives 503 at once.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -17,11 +19,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::access::{admit, Refusal};
-use crate::code::{self, CodeHash};
+use crate::client::client_ip;
+use crate::code::{self, Secret};
 use crate::config::Config;
-use crate::engine::{Engine, EngineError, SessionRecord};
+use crate::engine::{Engine, EngineError, Grant, SessionRecord};
 use crate::health::Health;
-use crate::protocol::{unix_now, valid_id, SdpPayload};
+use crate::protocol::{new_id, unix_now, valid_id, SdpPayload};
 use crate::shutdown::{Phase, Shutdown};
 
 /// Everything a handler needs; cheap to clone.
@@ -31,6 +34,8 @@ pub struct App<E> {
     pub config: Arc<Config>,
     pub shutdown: Shutdown,
     pub health: Health,
+    /// Keys the stored digests of join codes; never leaves the process.
+    pub secret: Secret,
     /// One permit per open WebSocket: the connection limit, and what the drain waits for.
     pub sockets: Arc<tokio::sync::Semaphore>,
 }
@@ -42,7 +47,24 @@ impl ApiError {
     fn bad_request(msg: impl Into<String>) -> Self {
         ApiError(StatusCode::BAD_REQUEST, msg.into())
     }
+
+    fn forbidden(msg: impl Into<String>) -> Self {
+        ApiError(StatusCode::FORBIDDEN, msg.into())
+    }
 }
+
+/// `429 Too Many Requests` with `Retry-After` (whole seconds, at least 1) and `body`.
+pub fn too_many(wait: Duration, body: Value) -> Response {
+    let secs = wait.as_millis().div_ceil(1000).max(1).to_string();
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, secs)],
+        Json(body),
+    )
+        .into_response()
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
@@ -168,8 +190,15 @@ struct RegisterRequest {
 /// Longest client-chosen join code accepted.
 const MAX_CODE_LEN: usize = 128;
 
+fn register_failure(message: &str) -> Value {
+    json!({ "success": false, "session_url": "", "message": message, "transports": [] })
+}
+
+/// `POST /sessions`. The host's URLs carry its token (see `docs/protocol.md`): whoever holds
+/// them is the host; everybody else is told only the session id.
 pub async fn register<E: Engine>(
     State(app): State<App<E>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
@@ -182,23 +211,39 @@ pub async fn register<E: Engine>(
     if code.len() > MAX_CODE_LEN {
         return Err(ApiError::bad_request("passphrase too long"));
     }
+    // This address's share first, so a flooder that is refused spends nobody else's.
+    let client = client_ip(&headers, peer, &app.config.trusted_proxies);
+    let limits = [
+        (
+            format!("reg@{client}"),
+            app.config.registrations_per_minute,
+            "Too many sessions registered from this address; try again later",
+        ),
+        (
+            "reg".to_owned(),
+            app.config.registrations_per_minute_total,
+            "The server takes no more sessions right now; try again later",
+        ),
+    ];
+    for (key, max, message) in limits {
+        if let Some(wait) = app.engine.rate(&key, max, MINUTE).await? {
+            tracing::info!(%client, key, "registration refused: rate limit");
+            return Ok(too_many(wait, register_failure(message)));
+        }
+    }
     let id = req.session_id;
     let record = SessionRecord {
         id: id.clone(),
         created_at: unix_now(),
-        code: CodeHash::new(&code),
+        code: app.secret.digest(&id, &code),
     };
-    if !app.engine.register(record).await? {
-        return Ok(Json(json!({
-            "success": false,
-            "session_url": "",
-            "message": "Session already exists",
-            "transports": [],
-        }))
-        .into_response());
+    let host = new_id();
+    if !app.engine.register(record, &host).await? {
+        return Ok(Json(register_failure("Session already exists")).into_response());
     }
+    tracing::info!(session = %id, %client, "session registered");
     let base = base_url(&app.config, &headers);
-    let (_, transports, ws) = transports(&base, &id, "offerer", None);
+    let (_, transports, ws) = transports(&base, &host, "offerer", None);
     Ok(Json(json!({
         "success": true,
         "session_url": format!("{base}/sessions/{id}"),
@@ -217,7 +262,9 @@ pub async fn session_status<E: Engine>(
 ) -> ApiResult {
     check_id("session id", &id)?;
     let body = match app.engine.resolve(&id).await? {
-        Some(s) if s.id == id => json!({ "exists": true, "created_at": s.created_at }),
+        Some(a) if a.session.id == id => {
+            json!({ "exists": true, "created_at": a.session.created_at })
+        }
         _ => json!({ "exists": false, "created_at": null }),
     };
     Ok(Json(body).into_response())
@@ -231,35 +278,64 @@ struct JoinRequest {
     label: Option<String>,
 }
 
+fn join_failure(message: &str) -> Value {
+    json!({ "success": false, "message": message, "webrtc_offer": null, "transports": [] })
+}
+
+/// The token a successful join or attach acts through: the one in the URL, or for the public
+/// session id (the code was checked) a fresh joiner token. `None`: the session's quota of
+/// tokens is spent.
+async fn token_for<E: Engine>(
+    app: &App<E>,
+    id: &str,
+    access: &crate::engine::Access,
+) -> Result<Option<String>, ApiError> {
+    match access.grant {
+        Grant::Public => Ok(app.engine.mint_token(&access.session.id).await?),
+        Grant::Host | Grant::Joiner => Ok(Some(id.to_owned())),
+    }
+}
+
+const TOKENS_SPENT: &str = "This session has been joined too often; ask the host to share anew";
+
+/// `POST /sessions/{id}/join`: checks the code; the answer's URLs carry the joiner's own token.
 pub async fn join<E: Engine>(
     State(app): State<App<E>>,
     Path(id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
     check_id("session id", &id)?;
     let req: JoinRequest = parse(&body)?;
-    let session = match admit(&app.engine, &id, req.passphrase.as_deref()).await {
-        Ok(s) => s,
+    let client = client_ip(&headers, peer, &app.config.trusted_proxies);
+    let access = match admit(
+        &app.engine,
+        &app.secret,
+        &id,
+        req.passphrase.as_deref(),
+        client,
+    )
+    .await
+    {
+        Ok(a) => a,
         Err(Refusal::Unavailable(e)) => return Err(e.into()),
-        Err(refusal) => {
-            return Ok(Json(json!({
-                "success": false,
-                "message": refusal.message(),
-                "webrtc_offer": null,
-                "transports": [],
-            }))
-            .into_response())
+        Err(refusal @ Refusal::TooManyAttempts(wait)) => {
+            return Ok(too_many(wait, join_failure(&refusal.message())))
         }
+        Err(refusal) => return Ok(Json(join_failure(&refusal.message())).into_response()),
+    };
+    let Some(token) = token_for(&app, &id, &access).await? else {
+        return Ok(Json(join_failure(TOKENS_SPENT)).into_response());
     };
     let base = base_url(&app.config, &headers);
-    let id = session.id;
-    let (meta, transports, ws) = transports(&base, &id, "answerer", req.label.as_deref());
+    let session = access.session.id;
+    let (meta, transports, ws) = transports(&base, &token, "answerer", req.label.as_deref());
     Ok(Json(json!({
         "success": true,
         "message": null,
         "webrtc_offer": meta,
-        "session_url": format!("{base}/sessions/{id}"),
+        "session_url": format!("{base}/sessions/{session}"),
         "transports": transports,
         "websocket_url": ws,
     }))
@@ -273,21 +349,46 @@ struct AttachRequest {
     passphrase: Option<String>,
 }
 
-pub async fn attach<E: Engine>(State(app): State<App<E>>, body: Bytes) -> ApiResult {
+/// `POST /peer-sessions/attach` (generation 2): the peer-session id is the caller's token
+/// (generation 2 takes `host_session_id` from its signaling URL, so the host attaches with its
+/// own token and a joiner with the one its join gave it; a bare session id plus the code
+/// mints a joiner token).
+pub async fn attach<E: Engine>(
+    State(app): State<App<E>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
     let req: AttachRequest = parse(&body)?;
     check_id("host_session_id", &req.host_session_id)?;
-    let session = match admit(&app.engine, &req.host_session_id, req.passphrase.as_deref()).await {
-        Ok(s) => s,
+    let client = client_ip(&headers, peer, &app.config.trusted_proxies);
+    let id = &req.host_session_id;
+    let access = match admit(
+        &app.engine,
+        &app.secret,
+        id,
+        req.passphrase.as_deref(),
+        client,
+    )
+    .await
+    {
+        Ok(a) => a,
         Err(Refusal::Unavailable(e)) => return Err(e.into()),
         Err(Refusal::NotFound) => {
             return Err(ApiError(StatusCode::NOT_FOUND, "Session not found".into()))
         }
+        Err(refusal @ Refusal::TooManyAttempts(wait)) => {
+            return Ok(too_many(wait, json!({ "error": refusal.message() })))
+        }
         Err(refusal) => return Err(ApiError(StatusCode::UNAUTHORIZED, refusal.message())),
     };
-    let Some(pid) = app.engine.attach(&session.id).await? else {
-        return Err(ApiError(StatusCode::NOT_FOUND, "Session not found".into()));
+    let Some(token) = token_for(&app, id, &access).await? else {
+        return Err(ApiError(StatusCode::TOO_MANY_REQUESTS, TOKENS_SPENT.into()));
     };
-    Ok(Json(json!({ "peer_session_id": pid, "host_session_id": session.id })).into_response())
+    Ok(
+        Json(json!({ "peer_session_id": token, "host_session_id": access.session.id }))
+            .into_response(),
+    )
 }
 
 /// The status of "unknown session" and "nothing yet": `/sessions` says 404, `/peer-sessions`
@@ -300,23 +401,54 @@ fn missing_status(path: &MatchedPath) -> StatusCode {
     }
 }
 
-/// Resolves the mailbox's room, or the route's "missing" status.
-async fn room<E: Engine>(app: &App<E>, id: &str, path: &MatchedPath) -> Result<String, ApiError> {
+/// The peer a mailbox request acts as, and its room: the peer bound to the token in the URL,
+/// which must grant `need` (offers go out with the host's token and answers with a joiner's)
+/// and still be a member. Ids in the body or query are never proof of anything: every member
+/// can read them.
+async fn acting_peer<E: Engine>(
+    app: &App<E>,
+    id: &str,
+    path: &MatchedPath,
+    need: Grant,
+) -> Result<(String, String), ApiError> {
     check_id("session id", id)?;
-    match app.engine.resolve(id).await? {
-        Some(s) => Ok(s.id),
-        None => Err(ApiError(missing_status(path), "Session not found".into())),
+    let Some(access) = app.engine.resolve(id).await? else {
+        return Err(ApiError(missing_status(path), "Session not found".into()));
+    };
+    if access.grant != need {
+        return Err(ApiError::forbidden(match need {
+            Grant::Host => "only the host's signaling URL (from its register response) may do this",
+            _ => "only a joiner's signaling URL (from its join response) may do this",
+        }));
     }
+    let room = access.session.id;
+    let Some(peer) = access.peer else {
+        return Err(ApiError::forbidden(
+            "join the session over the WebSocket of this URL first",
+        ));
+    };
+    if !app.engine.is_member(&room, &peer).await? {
+        return Err(ApiError::forbidden(format!(
+            "peer {peer} has left this session"
+        )));
+    }
+    Ok((room, peer))
 }
 
-/// Stores an offer or an answer. Both peers must be members of the session's room: the
-/// mailbox is not open to anyone who knows a session id.
+/// Stores an offer (host → joiner) or an answer (joiner → host). The sender is the peer of the
+/// URL's token; `from_peer` must name it and `to_peer` a member.
 pub async fn post_sdp<E: Engine>(
     State(app): State<App<E>>,
     path: MatchedPath,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
+    if body.len() > app.config.max_sdp_bytes {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("SDP payload over {} bytes", app.config.max_sdp_bytes),
+        ));
+    }
     let payload: SdpPayload = parse(&body)?;
     for (what, v) in [
         ("handshake_id", &payload.handshake_id),
@@ -328,24 +460,32 @@ pub async fn post_sdp<E: Engine>(
         }
         check_id(what, v)?;
     }
-    let room = room(&app, &id, &path).await?;
-    for peer in [&payload.from_peer, &payload.to_peer] {
-        if !app.engine.is_member(&room, peer).await? {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                format!("peer {peer} has not joined this session"),
-            ));
-        }
+    let offer = path.as_str().ends_with("/offer");
+    let need = if offer { Grant::Host } else { Grant::Joiner };
+    let (room, me) = acting_peer(&app, &id, &path, need).await?;
+    if payload.from_peer != me {
+        return Err(ApiError::forbidden("from_peer must be your own peer id"));
+    }
+    if !app.engine.is_member(&room, &payload.to_peer).await? {
+        return Err(ApiError::forbidden(format!(
+            "peer {} has not joined this session",
+            payload.to_peer
+        )));
     }
     let stored = serde_json::to_string(&payload).expect("payload serializes");
-    if path.as_str().ends_with("/offer") {
+    if offer {
         app.engine
             .push_offer(&room, &payload.to_peer, stored)
             .await?;
-    } else {
-        app.engine
-            .put_answer(&room, &payload.handshake_id, stored)
-            .await?;
+    } else if !app
+        .engine
+        .put_answer(&room, &me, &payload.to_peer, &payload.handshake_id, stored)
+        .await?
+    {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many answers waiting for that peer".into(),
+        ));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -355,23 +495,20 @@ pub struct OfferQuery {
     peer_id: Option<String>,
 }
 
-/// Takes the oldest offer queued for `peer_id`, which must be a member of the room.
+/// Takes the oldest offer queued for the joiner of the URL's token (`peer_id` must be it).
 pub async fn get_offer<E: Engine>(
     State(app): State<App<E>>,
     path: MatchedPath,
     Path(id): Path<String>,
     Query(q): Query<OfferQuery>,
 ) -> ApiResult {
-    let peer = q.peer_id.unwrap_or_default();
-    check_id("peer_id", &peer)?;
-    let room = room(&app, &id, &path).await?;
-    if !app.engine.is_member(&room, &peer).await? {
-        return Err(ApiError(
-            missing_status(&path),
-            format!("peer {peer} has not joined this session"),
-        ));
+    let asked = q.peer_id.unwrap_or_default();
+    check_id("peer_id", &asked)?;
+    let (room, me) = acting_peer(&app, &id, &path, Grant::Joiner).await?;
+    if asked != me {
+        return Err(ApiError::forbidden("peer_id must be your own peer id"));
     }
-    stored_or_missing(app.engine.pop_offer(&room, &peer).await?, &path)
+    stored_or_missing(app.engine.pop_offer(&room, &me).await?, &path)
 }
 
 #[derive(Deserialize)]
@@ -379,7 +516,7 @@ pub struct AnswerQuery {
     handshake_id: Option<String>,
 }
 
-/// Takes the answer of a handshake; exactly one reader gets it.
+/// Takes an answer addressed to the host of the URL's token; exactly one reader gets it.
 pub async fn get_answer<E: Engine>(
     State(app): State<App<E>>,
     path: MatchedPath,
@@ -388,8 +525,8 @@ pub async fn get_answer<E: Engine>(
 ) -> ApiResult {
     let handshake = q.handshake_id.unwrap_or_default();
     check_id("handshake_id", &handshake)?;
-    let room = room(&app, &id, &path).await?;
-    stored_or_missing(app.engine.take_answer(&room, &handshake).await?, &path)
+    let (room, me) = acting_peer(&app, &id, &path, Grant::Host).await?;
+    stored_or_missing(app.engine.take_answer(&room, &me, &handshake).await?, &path)
 }
 
 fn stored_or_missing(stored: Option<String>, path: &MatchedPath) -> ApiResult {

@@ -2,10 +2,12 @@
 //!
 //! `LocalPeers` is plain data with `&mut self` methods and no lock: each engine keeps it inside
 //! the one task that owns it and reaches it by message passing, so no guard can ever be held
-//! across an `.await`. Delivery never waits on a socket: a frame that does not fit the peer's
-//! queue (by count or by bytes) disconnects that peer instead of buffering without limit: its
-//! socket task is woken at once, even in the middle of a write that cannot complete, drops the
-//! backlog and ends (so the room hears `peer_left` now, not after the write timeout).
+//! across an `.await`. Delivery never waits on a socket. Relayed frames may fill only part of
+//! a peer's queue and are refused beyond it (the sender is told; see [`LocalPeers::deliver`]),
+//! so another client cannot get a peer cut off. A control frame that does not fit disconnects
+//! the peer instead of buffering without limit: its socket task is woken at once, even in the
+//! middle of a write that cannot complete, drops the backlog and ends (so the room hears
+//! `peer_left` now, not after the write timeout).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +37,29 @@ impl CloseReason {
             CloseReason::GoingAway => (1001, "server shutting down"),
         }
     }
+}
+
+/// The share of a peer's queue (numerator, denominator) that relayed frames may fill; the rest
+/// is kept for the server's own control frames.
+pub const RELAY_SHARE: (usize, usize) = (3, 4);
+
+/// What a frame is, for [`LocalPeers::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Sent on behalf of another client (`signal`, transport negotiation, `debug`).
+    Relay,
+    /// The server's own room events (`peer_joined`, `peer_left`).
+    Control,
+}
+
+/// The outcome of [`LocalPeers::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// No such socket on this instance.
+    Absent,
+    /// A relayed frame found the queue's relay share full; nothing was queued.
+    Full,
 }
 
 /// Bounds of one peer's outbound queue.
@@ -165,29 +190,43 @@ impl LocalPeers {
         self.kicked
     }
 
-    /// Queues `frame` for `peer` without waiting. Returns false when the peer is not on this
-    /// instance (any more). A peer whose queue is full by count or by bytes is disconnected.
-    pub fn deliver(&mut self, peer: &str, frame: &Frame) -> bool {
+    /// Queues `frame` for `peer` without waiting. A relayed frame (another client's signal)
+    /// may fill only [`RELAY_SHARE`] of the queue: past that it is refused and its sender told,
+    /// so a flooding sender can never get its victim disconnected. A control frame
+    /// (`peer_joined`, `peer_left`) that does not fit means the peer really is not reading:
+    /// it is disconnected (the room must not go on with a member whose view is wrong).
+    pub fn deliver(&mut self, peer: &str, frame: &Frame, class: Class) -> Queued {
         let Some(slot) = self.slots.get(peer) else {
-            return false;
+            return Queued::Absent;
         };
         let queued = slot.shared.queued_bytes.load(Ordering::Relaxed);
-        let fits = queued + frame.len() <= self.limits.bytes;
+        let (max_messages, max_bytes) = match class {
+            Class::Relay => (
+                self.limits.messages.max(1) * RELAY_SHARE.0 / RELAY_SHARE.1,
+                self.limits.bytes * RELAY_SHARE.0 / RELAY_SHARE.1,
+            ),
+            Class::Control => (self.limits.messages.max(1), self.limits.bytes),
+        };
+        let in_queue = slot.tx.max_capacity() - slot.tx.capacity();
+        let fits = in_queue < max_messages.max(1) && queued + frame.len() <= max_bytes;
         if fits && slot.tx.try_send(frame.clone()).is_ok() {
             slot.shared
                 .queued_bytes
                 .fetch_add(frame.len(), Ordering::Relaxed);
-            return true;
+            return Queued::Yes;
         }
         if slot.tx.is_closed() {
             // The socket task is gone; its own cleanup will follow.
             self.slots.remove(peer);
-            return false;
+            return Queued::Absent;
+        }
+        if class == Class::Relay {
+            return Queued::Full;
         }
         tracing::warn!(peer, queued, "peer cannot keep up; disconnecting it");
         self.close(peer, CloseReason::SlowConsumer);
         self.kicked += 1;
-        true
+        Queued::Yes
     }
 
     /// Closes one peer's queue: its socket task writes a close frame and ends.
@@ -222,9 +261,12 @@ mod tests {
             bytes: 1024,
         });
         let mut q = peers.register("a");
-        assert!(peers.deliver("a", &frame("1")));
-        assert!(peers.deliver("a", &frame("2")));
-        assert!(!peers.deliver("b", &frame("x")));
+        assert_eq!(Queued::Yes, peers.deliver("a", &frame("1"), Class::Control));
+        assert_eq!(Queued::Yes, peers.deliver("a", &frame("2"), Class::Control));
+        assert_eq!(
+            Queued::Absent,
+            peers.deliver("b", &frame("x"), Class::Control)
+        );
         assert_eq!(&*q.recv().await.unwrap(), "1");
         assert_eq!(&*q.recv().await.unwrap(), "2");
     }
@@ -237,7 +279,7 @@ mod tests {
         });
         let mut q = peers.register("a");
         for _ in 0..3 {
-            peers.deliver("a", &frame("x"));
+            peers.deliver("a", &frame("x"), Class::Control);
         }
         assert!(!peers.contains("a"));
         assert_eq!(peers.kicked(), 1);
@@ -256,8 +298,8 @@ mod tests {
         let q = peers.register("a");
         let waiter = tokio::spawn(async move { q.closed().await });
         tokio::task::yield_now().await;
-        peers.deliver("a", &frame("1"));
-        peers.deliver("a", &frame("2"));
+        peers.deliver("a", &frame("1"), Class::Control);
+        peers.deliver("a", &frame("2"), Class::Control);
         let reason = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
             .expect("woken")
@@ -272,10 +314,31 @@ mod tests {
             bytes: 10,
         });
         let mut q = peers.register("a");
-        assert!(peers.deliver("a", &frame("123456")));
-        peers.deliver("a", &frame("123456"));
+        assert_eq!(
+            Queued::Yes,
+            peers.deliver("a", &frame("123456"), Class::Control)
+        );
+        peers.deliver("a", &frame("123456"), Class::Control);
         assert!(!peers.contains("a"));
         assert!(q.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn relayed_frames_never_disconnect_the_receiver() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 8,
+            bytes: 1024,
+        });
+        let mut q = peers.register("a");
+        let results: Vec<Queued> = (0..20)
+            .map(|_| peers.deliver("a", &frame("x"), Class::Relay))
+            .collect();
+        assert_eq!(results.iter().filter(|r| **r == Queued::Yes).count(), 6);
+        assert!(results[6..].iter().all(|r| *r == Queued::Full));
+        assert!(peers.contains("a"), "the receiver stays");
+        // Control frames still fit in the reserved quarter.
+        assert_eq!(Queued::Yes, peers.deliver("a", &frame("j"), Class::Control));
+        assert_eq!(&*q.recv().await.unwrap(), "x");
     }
 
     #[tokio::test]
@@ -286,7 +349,10 @@ mod tests {
         });
         let mut q = peers.register("a");
         for _ in 0..20 {
-            assert!(peers.deliver("a", &frame("123456")));
+            assert_eq!(
+                Queued::Yes,
+                peers.deliver("a", &frame("123456"), Class::Control)
+            );
             q.recv().await.unwrap();
         }
         assert!(peers.contains("a"));

@@ -70,6 +70,9 @@ async fn run(
     fd_limit: u64,
     dropped: crate::logging::Dropped,
 ) -> std::io::Result<()> {
+    let secret = config
+        .load_secret()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let addr = SocketAddr::new(config.bind, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let max_tcp = fd_limit.saturating_sub(FD_RESERVE).max(2) as usize;
@@ -81,7 +84,16 @@ async fn run(
     match config.redis_url.clone() {
         None => {
             let engine = MemoryEngine::start(config.engine());
-            serve(engine, "memory", config, listener, max_sockets, dropped).await
+            serve(
+                engine,
+                "memory",
+                config,
+                secret,
+                listener,
+                max_sockets,
+                dropped,
+            )
+            .await
         }
         Some(url) => {
             let settings = RedisSettings {
@@ -96,7 +108,16 @@ async fn run(
                     let msg = format!("invalid REDIS_URL: {e}");
                     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
                 })?;
-            serve(engine, "redis", config, listener, max_sockets, dropped).await
+            serve(
+                engine,
+                "redis",
+                config,
+                secret,
+                listener,
+                max_sockets,
+                dropped,
+            )
+            .await
         }
     }
 }
@@ -142,6 +163,7 @@ async fn serve<E: Engine>(
     engine: E,
     engine_name: &'static str,
     config: Config,
+    secret: crate::code::Secret,
     listener: tokio::net::TcpListener,
     max_sockets: usize,
     dropped: crate::logging::Dropped,
@@ -155,6 +177,7 @@ async fn serve<E: Engine>(
         config: config.clone(),
         shutdown: shutdown.clone(),
         health: health.clone(),
+        secret,
         sockets: sockets.clone(),
     };
     let watchdog = tokio::spawn(health.watchdog());

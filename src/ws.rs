@@ -7,7 +7,8 @@
 //! `peer_left` — unless it never joined, in which case nobody hears of it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -20,16 +21,22 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use crate::access::admit;
-use crate::engine::{Engine, NewPeer};
+use crate::client::client_ip;
+use crate::engine::{Delivery, Engine, Grant, JoinResult, NewPeer};
 use crate::http::App;
 use crate::peers::{CloseReason, PeerQueue};
-use crate::protocol::{common_transports, new_id, valid_id, ClientMessage, Frame, ServerMessage};
+use crate::protocol::{
+    common_transports, new_id, valid_id, ClientMessage, Frame, Role, ServerMessage,
+};
 use crate::shutdown::Phase;
 
 /// Bounds on what a client may attach to its PeerInfo.
 const MAX_TRANSPORTS: usize = 16;
 const MAX_METADATA_KEYS: usize = 32;
 const MAX_METADATA_LEN: usize = 1024;
+/// A member's PeerInfo, serialized, at most: a room's member list (`join_success`) is then at
+/// most `max_room_peers` times this, whatever its members sent.
+pub const MAX_PEER_INFO_BYTES: usize = 4096;
 /// `error` replies per socket per window; further bad frames are dropped silently, so a client
 /// that streams garbage (e.g. the generation-2 fallback socket) gets no error storm back.
 const ERROR_BURST: u32 = 5;
@@ -60,32 +67,27 @@ pub async fn upgrade<E: Engine>(
         )
             .into_response();
     };
-    let remote = remote_addr(&headers, addr);
+    let client = client_ip(&headers, addr, &app.config.trusted_proxies);
     let max = app.config.max_message_bytes;
+    let write_limit = write_buffer_limit(&app.config);
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
     // (shared/notes/crates.md §3).
     ws.read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(2 * max + 4096)
+        .max_write_buffer_size(write_limit)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            Connection::new(app, id, remote).run(socket).await;
+            Connection::new(app, id, client).run(socket).await;
             drop(permit);
         })
 }
 
-/// The client address shown to the room: the last `X-Forwarded-For` hop (the one the load
-/// balancer appended), else the TCP peer.
-fn remote_addr(headers: &HeaderMap, addr: SocketAddr) -> String {
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 64)
-        .map(str::to_owned)
-        .unwrap_or_else(|| addr.to_string())
+/// The write buffer must hold the largest frame we ever write whole: a member list at the room
+/// limit, or a client's largest relayed message (our own queue bounds the rest).
+fn write_buffer_limit(config: &crate::config::Config) -> usize {
+    let member_list = config.max_room_peers * (MAX_PEER_INFO_BYTES + 256);
+    member_list.max(2 * config.max_message_bytes) + 64 * 1024
 }
 
 /// How a connection ends: the close frame to send, if any.
@@ -110,6 +112,18 @@ impl End {
         }
     }
 
+    /// A read error: RFC 6455 §7.4.1 close codes for what the client did wrong (1002 protocol
+    /// error, 1007 invalid UTF-8, 1009 too big); a vanished peer just ends.
+    fn on_error(e: axum::Error) -> Self {
+        use tungstenite::Error as WsError;
+        match e.into_inner().downcast::<WsError>().map(|e| *e) {
+            Ok(WsError::Protocol(_)) => End::close(1002, "protocol error"),
+            Ok(WsError::Utf8(_)) => End::close(1007, "invalid UTF-8"),
+            Ok(WsError::Capacity(_)) => End::close(1009, "message too big"),
+            _ => End::silent(),
+        }
+    }
+
     /// The server closed the socket's queue (slow consumer, fenced, replaced).
     fn closed_by(reason: CloseReason) -> Self {
         let (code, why) = reason.close_frame();
@@ -117,32 +131,63 @@ impl End {
     }
 }
 
+type Limiter = governor::DefaultDirectRateLimiter;
+
+/// A sender's budgets (messages and bytes per second, with bursts); see [`Connection::pace`].
+struct Budget {
+    messages: Limiter,
+    bytes: Limiter,
+}
+
+impl Budget {
+    fn new(config: &crate::config::Config) -> Self {
+        let quota = |per_second: u32, burst: u32| {
+            let rate = NonZeroU32::new(per_second.max(1)).expect("non-zero");
+            let burst = NonZeroU32::new(burst.max(1)).expect("non-zero");
+            governor::Quota::per_second(rate).allow_burst(burst)
+        };
+        Self {
+            messages: Limiter::direct(quota(
+                config.peer_messages_per_second,
+                config.peer_message_burst,
+            )),
+            bytes: Limiter::direct(quota(
+                config.peer_bytes_per_second,
+                config.peer_byte_burst.max(config.max_message_bytes as u32),
+            )),
+        }
+    }
+}
+
 struct Connection<E> {
     app: App<E>,
-    /// The id in the URL: a session or peer-session id.
+    /// The id in the URL: the public session id or a token.
     path_id: String,
     /// Server-assigned (protocol.md §4): the client's own id is informational only.
     peer_id: String,
-    remote: String,
+    client: IpAddr,
     /// The host session id once joined.
     room: Option<String>,
     last_seen: Instant,
     errors_sent: u32,
     errors_since: Instant,
+    budget: Budget,
 }
 
 impl<E: Engine> Connection<E> {
-    fn new(app: App<E>, path_id: String, remote: String) -> Self {
+    fn new(app: App<E>, path_id: String, client: IpAddr) -> Self {
         let now = Instant::now();
+        let budget = Budget::new(&app.config);
         Self {
             app,
             path_id,
             peer_id: new_id(),
-            remote,
+            client,
             room: None,
             last_seen: now,
             errors_sent: 0,
             errors_since: now,
+            budget,
         }
     }
 
@@ -155,6 +200,7 @@ impl<E: Engine> Connection<E> {
                     if let Err(e) = self.app.engine.leave(&room, &self.peer_id).await {
                         tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
                     }
+                    tracing::info!(session = %room, peer = %self.peer_id, "peer left");
                 }
                 self.app.engine.disconnect(&self.peer_id).await;
                 end
@@ -186,10 +232,17 @@ impl<E: Engine> Connection<E> {
         let shutdown = self.app.shutdown.clone();
         let closing = shutdown.reached(Phase::Closing);
         tokio::pin!(closing);
+        // A socket that never joins holds a slot for nothing: it gets `join_timeout`.
+        let join_deadline = tokio::time::sleep(config.join_timeout);
+        tokio::pin!(join_deadline);
         loop {
             tokio::select! {
                 _ = &mut closing => {
                     return End { jitter: true, ..End::closed_by(CloseReason::GoingAway) };
+                }
+                _ = &mut join_deadline, if self.room.is_none() => {
+                    tracing::debug!(peer = %self.peer_id, "no join within the join timeout");
+                    return End::close(1008, "join timeout");
                 }
                 frame = queue.recv() => match frame {
                     Some(frame) => {
@@ -215,17 +268,20 @@ impl<E: Engine> Connection<E> {
                         // An abrupt disconnect is ordinary for these clients: debug, not error.
                         Some(Err(e)) => {
                             tracing::debug!(peer = %self.peer_id, error = %e, "socket error");
-                            if e.to_string().contains("too long") {
-                                return End::close(1009, "message too big");
-                            }
-                            return End::silent();
+                            return End::on_error(e);
                         }
                         None => return End::silent(),
                     };
                     self.last_seen = Instant::now();
                     let ok = match msg {
-                        Message::Text(text) => self.handle(sink, text.as_bytes()).await,
-                        Message::Binary(bytes) => self.handle(sink, &bytes).await,
+                        Message::Text(text) => {
+                            self.pace(text.len()).await;
+                            self.handle(sink, text.as_bytes()).await
+                        }
+                        Message::Binary(bytes) => {
+                            self.pace(bytes.len()).await;
+                            self.handle(sink, &bytes).await
+                        }
                         Message::Close(_) => return End::silent(),
                         Message::Ping(_) | Message::Pong(_) => true,
                     };
@@ -243,6 +299,30 @@ impl<E: Engine> Connection<E> {
                     }
                 }
             }
+        }
+    }
+
+    /// Slows a sender down to its budget: reading its next frame waits until the budget has
+    /// room, so a flooder's own TCP connection backs up (and its own queue, if it also stops
+    /// reading, gets it disconnected) while every other socket is served as usual. Real
+    /// signaling (an ICE trickle is tens of messages) stays far inside the burst.
+    async fn pace(&self, len: usize) {
+        let clock = governor::clock::DefaultClock::default();
+        let len = NonZeroU32::new(len.clamp(1, u32::MAX as usize) as u32).expect("non-zero");
+        loop {
+            let wait = match self.budget.messages.check() {
+                Ok(()) => match self.budget.bytes.check_n(len) {
+                    Ok(Ok(())) => return,
+                    Ok(Err(not_until)) => {
+                        not_until.wait_time_from(governor::clock::Clock::now(&clock))
+                    }
+                    // Larger than the burst (cannot happen: the burst covers the largest
+                    // message); let it through rather than wait for ever.
+                    Err(_) => return,
+                },
+                Err(not_until) => not_until.wait_time_from(governor::clock::Clock::now(&clock)),
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -291,6 +371,7 @@ impl<E: Engine> Connection<E> {
             } => {
                 let peer = NewPeer {
                     id: self.peer_id.clone(),
+                    role: Role::Client,
                     supported_transports: supported_transports
                         .into_iter()
                         .take(MAX_TRANSPORTS)
@@ -328,7 +409,9 @@ impl<E: Engine> Connection<E> {
         }
     }
 
-    /// PeerInfo metadata: the client's keys (bounded), then the server's, which win.
+    /// PeerInfo metadata: the client's keys (bounded), then the server's, which win. A value
+    /// equal to this socket's token is dropped: generation 2 puts its "peer session id" (our
+    /// token) into its metadata, and every member would read it.
     fn metadata(
         &self,
         client: Option<BTreeMap<String, String>>,
@@ -338,7 +421,7 @@ impl<E: Engine> Connection<E> {
         let mut meta: BTreeMap<String, String> = client
             .unwrap_or_default()
             .into_iter()
-            .filter(|(k, v)| k.len() <= 64 && v.len() <= MAX_METADATA_LEN)
+            .filter(|(k, v)| k.len() <= 64 && v.len() <= MAX_METADATA_LEN && *v != self.path_id)
             .take(MAX_METADATA_KEYS)
             .collect();
         if let Some(label) = label.filter(|l| !l.is_empty() && l.len() <= MAX_METADATA_LEN) {
@@ -347,38 +430,84 @@ impl<E: Engine> Connection<E> {
         if mcp == Some(true) {
             meta.insert("mcp".into(), "true".into());
         }
-        meta.insert("remote_addr".into(), self.remote.clone());
+        // An address we vouch for (the TCP peer, or a trusted proxy's), never a client's claim.
+        meta.insert("remote_addr".into(), self.client.to_string());
         meta
     }
 
-    async fn join(&mut self, sink: &mut Sink, passphrase: Option<&str>, peer: NewPeer) -> bool {
-        let room = match &self.room {
+    async fn join(&mut self, sink: &mut Sink, passphrase: Option<&str>, mut peer: NewPeer) -> bool {
+        let (room, grant) = match &self.room {
             // A repeated join changes nothing (never demotes): the same answer again.
-            Some(room) => room.clone(),
-            None => match admit(&self.app.engine, &self.path_id, passphrase).await {
-                Ok(session) => session.id,
-                Err(refusal) => {
-                    let reason = refusal.message();
-                    return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+            Some(room) => (room.clone(), None),
+            None => {
+                let engine = &self.app.engine;
+                let secret = &self.app.secret;
+                match admit(engine, secret, &self.path_id, passphrase, self.client).await {
+                    Ok(access) => (access.session.id, Some(access.grant)),
+                    Err(refusal) => {
+                        tracing::info!(
+                            peer = %self.peer_id, client = %self.client,
+                            reason = refusal.reason(), "join refused"
+                        );
+                        let reason = refusal.message();
+                        return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+                    }
                 }
-            },
+            }
         };
-        match self.app.engine.join(&room, peer).await {
-            Ok(joined) => {
-                self.room = Some(room.clone());
-                let msg = ServerMessage::JoinSuccess {
-                    session_id: room,
-                    peer_id: self.peer_id.clone(),
-                    available_transports: common_transports(&joined.peers),
-                    peers: joined.peers,
-                };
-                self.reply(sink, &msg).await
+        // The `server` role is the host's: only its token grants it.
+        if grant == Some(Grant::Host) {
+            peer.role = Role::Server;
+        }
+        let size = serde_json::to_string(&(
+            &peer.supported_transports,
+            &peer.preferred_transport,
+            &peer.metadata,
+        ))
+        .map_or(usize::MAX, |s| s.len());
+        if size > MAX_PEER_INFO_BYTES {
+            let reason = format!("join carries too much: at most {MAX_PEER_INFO_BYTES} bytes of transports and metadata");
+            return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+        }
+        let max_peers = self.app.config.max_room_peers;
+        let joined = match self.app.engine.join(&room, peer.clone(), max_peers).await {
+            Ok(JoinResult::Joined(joined)) => joined,
+            Ok(JoinResult::Full) => {
+                tracing::info!(session = %room, peer = %self.peer_id, "join refused: room full");
+                let reason = "Session is full".to_owned();
+                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
             Err(e) => {
                 let reason = e.to_string();
-                self.reply(sink, &ServerMessage::JoinError { reason }).await
+                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+            }
+        };
+        self.room = Some(room.clone());
+        // Bound before join_success, so the mailbox acts for this peer as soon as it knows it.
+        if joined.fresh && matches!(grant, Some(Grant::Host | Grant::Joiner)) {
+            if let Err(e) = self
+                .app
+                .engine
+                .bind_token(&self.path_id, &self.peer_id)
+                .await
+            {
+                let reason = e.to_string();
+                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
         }
+        if joined.fresh {
+            tracing::info!(
+                session = %room, peer = %self.peer_id, role = ?joined.me.role,
+                client = %self.client, "peer joined"
+            );
+        }
+        let msg = ServerMessage::JoinSuccess {
+            session_id: room,
+            peer_id: self.peer_id.clone(),
+            available_transports: common_transports(&joined.peers),
+            peers: joined.peers,
+        };
+        self.reply(sink, &msg).await
     }
 
     /// Forwards a message to another member of this socket's room.
@@ -391,10 +520,17 @@ impl<E: Engine> Connection<E> {
         }
         let frame: Frame = msg.to_frame();
         match self.app.engine.send(&room, to, frame).await {
-            Ok(true) => true,
-            Ok(false) => {
+            Ok(Delivery::Sent) => true,
+            Ok(Delivery::NotMember) => {
                 self.error(sink, format!("peer {to} is not in this session"))
                     .await
+            }
+            Ok(Delivery::Full) => {
+                self.error(
+                    sink,
+                    format!("peer {to} is not keeping up; message dropped"),
+                )
+                .await
             }
             Err(e) => self.error(sink, e.to_string()).await,
         }
@@ -409,8 +545,8 @@ impl<E: Engine> Connection<E> {
             return self.error(sink, "debug request needs a type".into()).await;
         }
         let server = match self.app.engine.server_peer(&room).await {
-            Ok(Some(server)) => server,
-            Ok(None) => {
+            Ok(Some(server)) if server != self.peer_id => server,
+            Ok(_) => {
                 return self
                     .error(sink, "no server peer in this session".into())
                     .await

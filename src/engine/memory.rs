@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Engine, EngineConfig, EngineError, EngineResult, Joined, NewPeer, SessionRecord};
-use crate::peers::{LocalPeers, PeerQueue};
+use super::{
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Grant,
+    JoinResult, Joined, NewPeer, SessionRecord,
+};
+use crate::code::digests_match;
+use crate::peers::{Class, LocalPeers, PeerQueue, Queued};
 use crate::protocol::{new_id, unix_now, Frame, PeerInfo, Role, ServerMessage};
 
 type Job = Box<dyn FnOnce(&mut State) + Send>;
@@ -87,23 +91,48 @@ impl<T> Expiring<T> {
 
 struct SessionEntry {
     record: SessionRecord,
-    peer_session: Option<String>,
+    /// Tokens minted so far (the host's included).
+    minted: u32,
 }
+
+struct Token {
+    session: String,
+    grant: Grant,
+    peer: Option<String>,
+}
+
+/// Failure times within the window, oldest first.
+type Failures = VecDeque<Instant>;
 
 struct State {
     config: EngineConfig,
     sessions: HashMap<String, Expiring<SessionEntry>>,
-    /// Peer-session id → host session id.
-    aliases: HashMap<String, String>,
-    /// Session → (wrong codes, start of window).
-    failures: HashMap<String, (u32, Instant)>,
+    /// Token → its session and grant (dropped with the session).
+    tokens: HashMap<String, Token>,
+    /// Session → wrong codes from everywhere; (session, client) → from one client.
+    failures: HashMap<String, Failures>,
+    client_failures: HashMap<(String, String), Failures>,
+    /// Fixed-window counters: key → (count, window end).
+    rates: HashMap<String, (u32, Instant)>,
     /// (room, recipient) → queued offers.
     offers: HashMap<(String, String), VecDeque<Expiring<String>>>,
-    /// (room, handshake) → answer.
-    answers: HashMap<(String, String), Expiring<String>>,
+    /// (room, recipient, handshake) → (sender, answer).
+    answers: HashMap<(String, String, String), Expiring<(String, String)>>,
     /// Room → members in join order.
     rooms: HashMap<String, Vec<PeerInfo>>,
+    /// Room → its current `server` peer.
+    servers: HashMap<String, String>,
     local: LocalPeers,
+}
+
+/// Drops the entries older than `window` and returns how long until the oldest leaves it.
+fn trim(f: &mut Failures, now: Instant, window: Duration) -> Duration {
+    while f.front().is_some_and(|t| now.duration_since(*t) >= window) {
+        f.pop_front();
+    }
+    f.front()
+        .map(|t| window.saturating_sub(now.duration_since(*t)))
+        .unwrap_or_default()
 }
 
 impl State {
@@ -112,28 +141,29 @@ impl State {
         Self {
             config,
             sessions: HashMap::new(),
-            aliases: HashMap::new(),
+            tokens: HashMap::new(),
             failures: HashMap::new(),
+            client_failures: HashMap::new(),
+            rates: HashMap::new(),
             offers: HashMap::new(),
             answers: HashMap::new(),
             rooms: HashMap::new(),
+            servers: HashMap::new(),
             local,
         }
     }
 
     fn session(&self, id: &str, now: Instant) -> Option<&SessionEntry> {
-        let host = self.aliases.get(id).map(String::as_str).unwrap_or(id);
         self.sessions
-            .get(host)
+            .get(id)
             .filter(|s| s.live(now))
             .map(|s| &s.value)
     }
 
-    fn failures(&self, session: &str, now: Instant) -> u32 {
-        match self.failures.get(session) {
-            Some((n, since)) if now.duration_since(*since) < self.config.code_failure_window => *n,
-            _ => 0,
-        }
+    fn is_member(&self, room: &str, peer: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|m| m.iter().any(|p| p.id == peer))
     }
 
     /// Sends `frame` to every member of `room` but `except`.
@@ -147,17 +177,24 @@ impl State {
             .map(|p| p.id.clone())
             .collect();
         for id in targets {
-            self.local.deliver(&id, frame);
+            self.local.deliver(&id, frame, Class::Control);
         }
     }
 
     fn sweep(&mut self, now: Instant) {
         self.sessions.retain(|_, s| s.live(now));
         let sessions = &self.sessions;
-        self.aliases.retain(|_, host| sessions.contains_key(host));
+        self.tokens.retain(|_, t| sessions.contains_key(&t.session));
         let window = self.config.code_failure_window;
-        self.failures
-            .retain(|_, (_, since)| now.duration_since(*since) < window);
+        for f in self.failures.values_mut() {
+            trim(f, now, window);
+        }
+        self.failures.retain(|_, f| !f.is_empty());
+        for f in self.client_failures.values_mut() {
+            trim(f, now, window);
+        }
+        self.client_failures.retain(|_, f| !f.is_empty());
+        self.rates.retain(|_, (_, until)| *until > now);
         for queue in self.offers.values_mut() {
             queue.retain(|o| o.live(now));
         }
@@ -171,19 +208,31 @@ impl Engine for MemoryEngine {
         &self.config
     }
 
-    async fn register(&self, session: SessionRecord) -> EngineResult<bool> {
+    async fn register(&self, session: SessionRecord, host_token: &str) -> EngineResult<bool> {
+        let token = host_token.to_owned();
         self.call(move |s| {
             let now = Instant::now();
-            if s.session(&session.id, now).is_some() || s.aliases.contains_key(&session.id) {
+            if s.session(&session.id, now).is_some()
+                || s.tokens.contains_key(&session.id)
+                || s.tokens.contains_key(&token)
+            {
                 return false;
             }
             let until = now + s.config.session_ttl;
+            s.tokens.insert(
+                token,
+                Token {
+                    session: session.id.clone(),
+                    grant: Grant::Host,
+                    peer: None,
+                },
+            );
             s.sessions.insert(
                 session.id.clone(),
                 Expiring {
                     value: SessionEntry {
                         record: session,
-                        peer_session: None,
+                        minted: 1,
                     },
                     until,
                 },
@@ -193,43 +242,111 @@ impl Engine for MemoryEngine {
         .await
     }
 
-    async fn resolve(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
+    async fn resolve(&self, id: &str) -> EngineResult<Option<Access>> {
         let id = id.to_owned();
-        self.call(move |s| s.session(&id, Instant::now()).map(|e| e.record.clone()))
-            .await
-    }
-
-    async fn attach(&self, host: &str) -> EngineResult<Option<String>> {
-        let host = host.to_owned();
         self.call(move |s| {
             let now = Instant::now();
-            let entry = s.sessions.get_mut(&host).filter(|e| e.live(now))?;
-            let pid = entry.value.peer_session.get_or_insert_with(new_id).clone();
-            s.aliases.insert(pid.clone(), host);
-            Some(pid)
+            if let Some(e) = s.session(&id, now) {
+                return Some(Access {
+                    session: e.record.clone(),
+                    grant: Grant::Public,
+                    peer: None,
+                });
+            }
+            let t = s.tokens.get(&id)?;
+            let e = s.session(&t.session, now)?;
+            Some(Access {
+                session: e.record.clone(),
+                grant: t.grant,
+                peer: t.peer.clone(),
+            })
         })
         .await
     }
 
-    async fn code_failure(&self, session: &str) -> EngineResult<u32> {
+    async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
         let session = session.to_owned();
         self.call(move |s| {
             let now = Instant::now();
-            let n = s.failures(&session, now) + 1;
-            let since = match s.failures.get(&session) {
-                Some((_, since)) if n > 1 => *since,
-                _ => now,
+            let max = s.config.max_tokens_per_session;
+            let entry = s.sessions.get_mut(&session).filter(|e| e.live(now))?;
+            if entry.value.minted >= max {
+                return None;
+            }
+            entry.value.minted += 1;
+            let token = new_id();
+            s.tokens.insert(
+                token.clone(),
+                Token {
+                    session,
+                    grant: Grant::Joiner,
+                    peer: None,
+                },
+            );
+            Some(token)
+        })
+        .await
+    }
+
+    async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {
+        let (token, peer) = (token.to_owned(), peer.to_owned());
+        self.call(move |s| {
+            if let Some(t) = s.tokens.get_mut(&token) {
+                t.peer = Some(peer);
+            }
+        })
+        .await
+    }
+
+    async fn check_code(
+        &self,
+        session: &str,
+        client: &str,
+        digest: &str,
+    ) -> EngineResult<CodeCheck> {
+        let (session, client, digest) = (session.to_owned(), client.to_owned(), digest.to_owned());
+        self.call(move |s| {
+            let now = Instant::now();
+            let Some(entry) = s.session(&session, now) else {
+                return CodeCheck::NotFound;
             };
-            s.failures.insert(session, (n, since));
-            n
+            let expected = entry.record.code.clone();
+            let window = s.config.code_failure_window;
+            let mine = s
+                .client_failures
+                .entry((session.clone(), client))
+                .or_default();
+            let mine_wait = trim(mine, now, window);
+            if mine.len() >= s.config.max_code_failures as usize {
+                return CodeCheck::Locked(mine_wait);
+            }
+            let all = s.failures.entry(session).or_default();
+            let all_wait = trim(all, now, window);
+            if all.len() >= s.config.max_session_code_failures as usize {
+                return CodeCheck::Locked(all_wait);
+            }
+            if digests_match(&digest, &expected) {
+                return CodeCheck::Correct;
+            }
+            all.push_back(now);
+            mine.push_back(now);
+            CodeCheck::Wrong
         })
         .await
     }
 
-    async fn code_failures(&self, session: &str) -> EngineResult<u32> {
-        let session = session.to_owned();
-        self.call(move |s| s.failures(&session, Instant::now()))
-            .await
+    async fn rate(&self, key: &str, max: u32, window: Duration) -> EngineResult<Option<Duration>> {
+        let key = key.to_owned();
+        self.call(move |s| {
+            let now = Instant::now();
+            let entry = s.rates.entry(key).or_insert((0, now + window));
+            if entry.1 <= now {
+                *entry = (0, now + window);
+            }
+            entry.0 += 1;
+            (entry.0 > max).then(|| entry.1.duration_since(now))
+        })
+        .await
     }
 
     async fn push_offer(&self, room: &str, to: &str, payload: String) -> EngineResult<()> {
@@ -263,28 +380,53 @@ impl Engine for MemoryEngine {
         .await
     }
 
-    async fn put_answer(&self, room: &str, handshake: &str, payload: String) -> EngineResult<()> {
-        let key = (room.to_owned(), handshake.to_owned());
+    async fn put_answer(
+        &self,
+        room: &str,
+        from: &str,
+        to: &str,
+        handshake: &str,
+        payload: String,
+    ) -> EngineResult<bool> {
+        let key = (room.to_owned(), to.to_owned(), handshake.to_owned());
+        let from = from.to_owned();
         self.call(move |s| {
-            let until = Instant::now() + s.config.mailbox_ttl;
+            let now = Instant::now();
+            let waiting = s
+                .answers
+                .iter()
+                .filter(|((r, t, h), a)| {
+                    *r == key.0 && *t == key.1 && *h != key.2 && a.value.0 == from && a.live(now)
+                })
+                .count();
+            if waiting >= s.config.max_queued_answers {
+                return false;
+            }
+            let until = now + s.config.mailbox_ttl;
             s.answers.insert(
                 key,
                 Expiring {
-                    value: payload,
+                    value: (from, payload),
                     until,
                 },
             );
+            true
         })
         .await
     }
 
-    async fn take_answer(&self, room: &str, handshake: &str) -> EngineResult<Option<String>> {
-        let key = (room.to_owned(), handshake.to_owned());
+    async fn take_answer(
+        &self,
+        room: &str,
+        to: &str,
+        handshake: &str,
+    ) -> EngineResult<Option<String>> {
+        let key = (room.to_owned(), to.to_owned(), handshake.to_owned());
         self.call(move |s| {
             s.answers
                 .remove(&key)
                 .filter(|a| a.live(Instant::now()))
-                .map(|a| a.value)
+                .map(|a| a.value.1)
         })
         .await
     }
@@ -299,7 +441,7 @@ impl Engine for MemoryEngine {
         let _ = self.call(move |s| s.local.remove(&peer)).await;
     }
 
-    async fn join(&self, room: &str, peer: NewPeer) -> EngineResult<Joined> {
+    async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
         let room = room.to_owned();
         self.call(move |s| {
             let now = Instant::now();
@@ -308,19 +450,21 @@ impl Engine for MemoryEngine {
             }
             let members = s.rooms.entry(room.clone()).or_default();
             if let Some(me) = members.iter().find(|p| p.id == peer.id) {
-                return Joined {
+                return JoinResult::Joined(Joined {
                     me: me.clone(),
                     peers: members.clone(),
                     fresh: false,
-                };
+                });
+            }
+            if members.len() >= max_peers {
+                if members.is_empty() {
+                    s.rooms.remove(&room);
+                }
+                return JoinResult::Full;
             }
             let me = PeerInfo {
                 id: peer.id,
-                role: if members.is_empty() {
-                    Role::Server
-                } else {
-                    Role::Client
-                },
+                role: peer.role,
                 joined_at: unix_now(),
                 supported_transports: peer.supported_transports,
                 preferred_transport: peer.preferred_transport,
@@ -328,13 +472,16 @@ impl Engine for MemoryEngine {
             };
             members.push(me.clone());
             let peers = members.clone();
+            if me.role == Role::Server {
+                s.servers.insert(room.clone(), me.id.clone());
+            }
             let frame = ServerMessage::PeerJoined { peer: me.clone() }.to_frame();
             s.broadcast(&room, &me.id, &frame);
-            Joined {
+            JoinResult::Joined(Joined {
                 me,
                 peers,
                 fresh: true,
-            }
+            })
         })
         .await
     }
@@ -349,6 +496,9 @@ impl Engine for MemoryEngine {
             members.retain(|p| p.id != peer);
             if members.len() == before {
                 return;
+            }
+            if s.servers.get(&room) == Some(&peer) {
+                s.servers.remove(&room);
             }
             if members.is_empty() {
                 s.rooms.remove(&room);
@@ -366,37 +516,24 @@ impl Engine for MemoryEngine {
 
     async fn is_member(&self, room: &str, peer: &str) -> EngineResult<bool> {
         let (room, peer) = (room.to_owned(), peer.to_owned());
-        self.call(move |s| {
-            s.rooms
-                .get(&room)
-                .is_some_and(|m| m.iter().any(|p| p.id == peer))
-        })
-        .await
+        self.call(move |s| s.is_member(&room, &peer)).await
     }
 
     async fn server_peer(&self, room: &str) -> EngineResult<Option<String>> {
         let room = room.to_owned();
-        self.call(move |s| {
-            s.rooms
-                .get(&room)?
-                .iter()
-                .find(|p| p.role == Role::Server)
-                .map(|p| p.id.clone())
-        })
-        .await
+        self.call(move |s| s.servers.get(&room).cloned()).await
     }
 
-    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<bool> {
+    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
         let (room, to) = (room.to_owned(), to.to_owned());
         self.call(move |s| {
-            let member = s
-                .rooms
-                .get(&room)
-                .is_some_and(|m| m.iter().any(|p| p.id == to));
-            if member {
-                s.local.deliver(&to, &frame);
+            if !s.is_member(&room, &to) {
+                return Delivery::NotMember;
             }
-            member
+            match s.local.deliver(&to, &frame, Class::Relay) {
+                Queued::Full => Delivery::Full,
+                Queued::Yes | Queued::Absent => Delivery::Sent,
+            }
         })
         .await
     }

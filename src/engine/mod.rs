@@ -16,7 +16,6 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::code::CodeHash;
 use crate::peers::{PeerQueue, QueueLimits};
 use crate::protocol::{Frame, PeerInfo};
 
@@ -29,9 +28,15 @@ pub struct EngineConfig {
     pub mailbox_ttl: Duration,
     /// Offers queued for one recipient at most; the oldest is dropped beyond it.
     pub max_queued_offers: usize,
-    /// Wrong join codes tolerated per session within `code_failure_window`.
+    /// Answers one peer may have waiting for one recipient within `mailbox_ttl`.
+    pub max_queued_answers: usize,
+    /// Wrong join codes tolerated per session from one client address within the window...
     pub max_code_failures: u32,
+    /// ...and from all addresses together (the bound on a distributed guesser).
+    pub max_session_code_failures: u32,
     pub code_failure_window: Duration,
+    /// Capability tokens (the host's, one per admitted joiner) one session may mint in its life.
+    pub max_tokens_per_session: u32,
     /// Bounds of each local peer's outbound queue.
     pub queue: QueueLimits,
     /// Upper bound of any single engine call (Redis round trip, actor reply).
@@ -44,8 +49,11 @@ impl Default for EngineConfig {
             session_ttl: Duration::from_secs(12 * 3600),
             mailbox_ttl: Duration::from_secs(300),
             max_queued_offers: 32,
-            max_code_failures: 10,
+            max_queued_answers: 8,
+            max_code_failures: 5,
+            max_session_code_failures: 50,
             code_failure_window: Duration::from_secs(600),
+            max_tokens_per_session: 1024,
             queue: QueueLimits {
                 messages: 256,
                 bytes: 1 << 20,
@@ -61,19 +69,92 @@ pub struct SessionRecord {
     pub id: String,
     /// Unix seconds.
     pub created_at: u64,
-    pub code: CodeHash,
+    /// HMAC of the join code under the server secret (`crate::code::Secret::digest`).
+    pub code: String,
 }
 
-/// What a WebSocket `join` adds to a room; the engine assigns `role` and `joined_at`.
+/// What an id in a URL grants (see `docs/protocol.md`, "Capabilities").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The session id everybody is told: joining needs the code; no mailbox rights.
+    Public,
+    /// The host's token, handed out only in the register response: the `server` role, offers
+    /// out, answers in, no code needed.
+    Host,
+    /// A joiner's token, handed out by a successful join or attach: role `client`, offers in,
+    /// answers out, as the peer of its latest WebSocket join.
+    Joiner,
+}
+
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::Public => "public",
+            Grant::Host => "host",
+            Grant::Joiner => "joiner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Grant> {
+        match s {
+            "host" => Some(Grant::Host),
+            "joiner" => Some(Grant::Joiner),
+            _ => None,
+        }
+    }
+}
+
+/// An id resolved: its session and what it grants.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub session: SessionRecord,
+    pub grant: Grant,
+    /// The token's peer: the latest WebSocket that joined through it (tokens only).
+    pub peer: Option<String>,
+}
+
+/// The outcome of one join-code check (one atomic step: counted and compared together).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeCheck {
+    Correct,
+    Wrong,
+    /// Too many wrong codes from this address (or from everywhere) within the window: refused
+    /// without comparing, for this long.
+    Locked(Duration),
+    NotFound,
+}
+
+/// What an engine did with a frame for one member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for its socket (here or on its instance).
+    Sent,
+    /// `to` is not a member of the room.
+    NotMember,
+    /// The recipient's queue has no room for relayed frames: the frame was not queued.
+    Full,
+}
+
+/// What a WebSocket `join` adds to a room; the engine assigns `joined_at`.
 #[derive(Clone, Debug)]
 pub struct NewPeer {
     pub id: String,
+    /// `server` for a join through the host's token, `client` otherwise.
+    pub role: crate::protocol::Role,
     pub supported_transports: Vec<serde_json::Value>,
     pub preferred_transport: Option<serde_json::Value>,
     pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Result of [`Engine::join`].
+#[derive(Clone, Debug)]
+pub enum JoinResult {
+    Joined(Joined),
+    /// The room has `max_peers` members already.
+    Full,
+}
+
+/// A successful join.
 #[derive(Clone, Debug)]
 pub struct Joined {
     /// The joiner as the room sees it.
@@ -87,7 +168,7 @@ pub struct Joined {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineError {
-    /// The store did not answer in time or is unreachable; try again later (HTTP 503).
+    /// The store did not answer in time, is unreachable or is full; try again later (503).
     Unavailable(String),
 }
 
@@ -106,29 +187,49 @@ pub type EngineResult<T> = Result<T, EngineError>;
 /// Shared state and routing. Implementations must never hold a lock across `.await` and must
 /// bound every call in time (see module docs).
 ///
-/// `room` is always a host session id (peer-session aliases are resolved first).
+/// `room` is always a host session id (tokens are resolved first).
 pub trait Engine: Clone + Send + Sync + 'static {
     /// The tunables this engine was started with.
     fn config(&self) -> &EngineConfig;
 
-    /// Stores a new session. `false` when the id is taken: of two racing registrations of one
-    /// id, exactly one gets `true`.
-    fn register(&self, session: SessionRecord) -> impl Future<Output = EngineResult<bool>> + Send;
+    /// Stores a new session and its host token. `false` when the id is taken: of two racing
+    /// registrations of one id, exactly one gets `true`.
+    fn register(
+        &self,
+        session: SessionRecord,
+        host_token: &str,
+    ) -> impl Future<Output = EngineResult<bool>> + Send;
 
-    /// The host session behind `id`, which is a session id or a peer-session id.
-    fn resolve(&self, id: &str)
-        -> impl Future<Output = EngineResult<Option<SessionRecord>>> + Send;
+    /// The session behind `id` (a session id or a token) and what `id` grants.
+    fn resolve(&self, id: &str) -> impl Future<Output = EngineResult<Option<Access>>> + Send;
 
-    /// The peer-session id of `host`, created on first use and reused after; `None` when the
-    /// host session does not exist.
-    fn attach(&self, host: &str) -> impl Future<Output = EngineResult<Option<String>>> + Send;
+    /// Mints a joiner token for `session`; `None` when the session is gone or has minted
+    /// `max_tokens_per_session` already.
+    fn mint_token(
+        &self,
+        session: &str,
+    ) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
-    /// Records one wrong join code for `session` and returns the failures counted within the
-    /// window, this one included.
-    fn code_failure(&self, session: &str) -> impl Future<Output = EngineResult<u32>> + Send;
+    /// Makes `peer` the peer acting through `token` (its WebSocket joined through it).
+    fn bind_token(&self, token: &str, peer: &str) -> impl Future<Output = EngineResult<()>> + Send;
 
-    /// Wrong join codes counted for `session` within the window.
-    fn code_failures(&self, session: &str) -> impl Future<Output = EngineResult<u32>> + Send;
+    /// Checks the HMAC of a join code against the session's, counting a wrong one for the
+    /// session and for `client`, all in one atomic step; past the limits nothing is compared.
+    fn check_code(
+        &self,
+        session: &str,
+        client: &str,
+        digest: &str,
+    ) -> impl Future<Output = EngineResult<CodeCheck>> + Send;
+
+    /// Counts one event under `key` in a fixed window; `Some(retry_after)` once more than `max`
+    /// happened within it (the event is counted anyway).
+    fn rate(
+        &self,
+        key: &str,
+        max: u32,
+        window: Duration,
+    ) -> impl Future<Output = EngineResult<Option<Duration>>> + Send;
 
     /// Queues an offer for `to` (FIFO; at most `max_queued_offers`, oldest dropped).
     fn push_offer(
@@ -145,18 +246,22 @@ pub trait Engine: Clone + Send + Sync + 'static {
         to: &str,
     ) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
-    /// Stores the answer of a handshake (one slot; a later answer replaces it).
+    /// Stores the answer of a handshake from `from` for `to` (a later one replaces it);
+    /// `false` when `from` has `max_queued_answers` waiting for `to` already.
     fn put_answer(
         &self,
         room: &str,
+        from: &str,
+        to: &str,
         handshake: &str,
         payload: String,
-    ) -> impl Future<Output = EngineResult<()>> + Send;
+    ) -> impl Future<Output = EngineResult<bool>> + Send;
 
-    /// Takes the answer of a handshake: of concurrent readers exactly one gets it.
+    /// Takes the answer of a handshake for `to`: of concurrent readers exactly one gets it.
     fn take_answer(
         &self,
         room: &str,
+        to: &str,
         handshake: &str,
     ) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
@@ -167,9 +272,14 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// Forgets a socket of this instance (after `leave`, if it had joined).
     fn disconnect(&self, peer: &str) -> impl Future<Output = ()> + Send;
 
-    /// Adds the peer to the room, atomically choosing its role (first in an empty room:
-    /// `server`), and sends `peer_joined` to the other members. Idempotent per peer.
-    fn join(&self, room: &str, peer: NewPeer) -> impl Future<Output = EngineResult<Joined>> + Send;
+    /// Adds the peer to the room with its role, unless the room has `max_peers` members, and
+    /// sends `peer_joined` to the other members. Idempotent per peer.
+    fn join(
+        &self,
+        room: &str,
+        peer: NewPeer,
+        max_peers: usize,
+    ) -> impl Future<Output = EngineResult<JoinResult>> + Send;
 
     /// Removes the peer from the room and sends `peer_left` to the remaining members. A peer
     /// that was not a member is ignored (no `peer_left` for sockets that never joined).
@@ -178,17 +288,16 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// Whether `peer` is currently a member of `room`.
     fn is_member(&self, room: &str, peer: &str) -> impl Future<Output = EngineResult<bool>> + Send;
 
-    /// The room's `server` peer, if one is joined.
+    /// The room's `server` peer (its latest host join), while it is a member.
     fn server_peer(&self, room: &str) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
-    /// Delivers a frame to member `to` of `room`, wherever its socket is. `false` when `to` is
-    /// not a member of that room.
+    /// Delivers a relayed frame to member `to` of `room`, wherever its socket is.
     fn send(
         &self,
         room: &str,
         to: &str,
         frame: Frame,
-    ) -> impl Future<Output = EngineResult<bool>> + Send;
+    ) -> impl Future<Output = EngineResult<Delivery>> + Send;
 
     /// `Ok` while this instance can serve: the store answers and routing works.
     fn ready(&self) -> impl Future<Output = EngineResult<()>> + Send;

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{find_peer, hex_bytes, is_six_digits, sdp, sealed_sdp, uuid, Scope, Server, Ws};
+use super::{
+    find_peer, hex_bytes, is_six_digits, sdp, sealed_sdp, url_id, uuid, Scope, Server, Ws,
+};
 
 /// Long enough for a stray message to show up on loopback.
 const QUIET: Duration = Duration::from_millis(500);
@@ -62,7 +64,19 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
     assert!(is_six_digits(&code), "join_code {code:?}");
     assert_eq!(reg["transports"][0]["kind"], "web_rtc");
     assert_eq!(reg["transports"][1]["kind"], "web_socket");
-    assert_eq!(reg["websocket_url"], host_side.ws_url(&id));
+    // The host's URLs carry its token, not the session id everybody is told.
+    let host_signaling = reg["transports"][0]["metadata"]["signaling_url"]
+        .as_str()
+        .unwrap();
+    let host_token = url_id(host_signaling);
+    assert_ne!(host_token, id);
+    assert_eq!(
+        host_signaling,
+        format!("{}/sessions/{host_token}/webrtc", host_side.base())
+    );
+    assert_eq!(reg["websocket_url"], host_side.ws_url(&host_token));
+    assert_eq!(reg["transports"][1]["url"], host_side.ws_url(&host_token));
+    assert_eq!(reg["session_id"], id.as_str());
 
     let mut host = Ws::connect(reg["websocket_url"].as_str().unwrap()).await;
     let ok = host.join(Some(&code)).await;
@@ -83,11 +97,15 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
         .as_str()
         .unwrap()
         .to_owned();
+    // The joiner's URLs carry its own token.
+    let token = url_id(&signaling);
+    assert_ne!(token, id);
+    assert_ne!(token, host_token);
     assert_eq!(
         signaling,
-        format!("{}/sessions/{id}/webrtc", joiner_side.base())
+        format!("{}/sessions/{token}/webrtc", joiner_side.base())
     );
-    assert_eq!(join.body["websocket_url"], joiner_side.ws_url(&id));
+    assert_eq!(join.body["websocket_url"], joiner_side.ws_url(&token));
     let mut joiner = Ws::connect(join.body["websocket_url"].as_str().unwrap()).await;
     let mut msg = Ws::join_msg(Some(&code));
     msg["label"] = json!("probe-joiner");
@@ -114,7 +132,7 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
     let h = uuid();
     let offer = sdp("offer", &h, &host_id, &joiner_id);
     api_h
-        .post_sdp(scope, &id, "offer", &offer)
+        .post_sdp(scope, &host_token, "offer", &offer)
         .await
         .assert_status(204);
     // ICE trickled by the host before the joiner fetched the offer: relayed at once.
@@ -125,14 +143,19 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
     };
     host.send_json(json!({"type": "signal", "to_peer": joiner_id, "signal": ice(1)}))
         .await;
-    assert_eq!(api_h.get_answer(scope, &id, &h).await.status, 404);
+    assert_eq!(api_h.get_answer(scope, &host_token, &h).await.status, 404);
     let got = joiner.recv_type("signal").await;
     assert_eq!(got["from_peer"], host_id.as_str());
     assert_eq!(got["signal"], ice(1));
     let got = api_j.get_ok(&poll_offer).await;
     got.assert_status(200);
     assert_eq!(got.body, offer);
-    assert_eq!(api_h.get_offer(scope, &id, &joiner_id).await.status, 404);
+    // Nobody else takes the joiner's offers: not the host's URL, not the public id.
+    assert_eq!(
+        api_h.get_offer(scope, &host_token, &joiner_id).await.status,
+        403
+    );
+    assert_eq!(api_j.get_offer(scope, &id, &joiner_id).await.status, 403);
     let answer = sdp("answer", &h, &joiner_id, &host_id);
     api_j
         .post(&format!("{path}/answer"), &answer)
@@ -144,12 +167,12 @@ pub async fn generation1_flow(host_side: &Server, joiner_side: &Server) {
     let got = host.recv_type("signal").await;
     assert_eq!(got["from_peer"], joiner_id.as_str());
     assert_eq!(got["signal"], ice(2));
-    let got = api_h.get_answer(scope, &id, &h).await;
+    let got = api_h.get_answer(scope, &host_token, &h).await;
     got.assert_status(200);
     assert_eq!(got.body, answer);
-    assert_eq!(api_h.get_answer(scope, &id, &h).await.status, 404);
+    assert_eq!(api_h.get_answer(scope, &host_token, &h).await.status, 404);
     let poll_answer = format!("{path}/answer?handshake_id={h}");
-    assert_eq!(api_j.get_ok(&poll_answer).await.status, 404);
+    assert_eq!(api_j.get_ok(&poll_answer).await.status, 403);
     assert_eq!(api_j.get_ok(&poll_offer).await.status, 404);
 
     negotiate_webrtc(&mut joiner, &mut host).await;
@@ -183,11 +206,18 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
     let id = uuid();
     let reg = api_h.register(&id, Some("SMOKEP")).await;
     assert_eq!(reg["join_code"], "SMOKEP");
-
-    // Host attaches and joins on /ws/{peer session}.
-    let a = api_h.attach(&id, Some("SMOKEP"), "offerer").await;
+    // Generation 2 attaches with the id of its signaling URL: for the host, its token, which
+    // comes back as its peer session (and the real session id as host_session_id, which keys
+    // its sealing).
+    let host_token = url_id(
+        reg["transports"][0]["metadata"]["signaling_url"]
+            .as_str()
+            .unwrap(),
+    );
+    let a = api_h.attach(&host_token, Some("SMOKEP"), "offerer").await;
     a.assert_status(200);
     let pid = a.body["peer_session_id"].as_str().unwrap().to_owned();
+    assert_eq!(pid, host_token);
     assert_eq!(a.body["host_session_id"], id.as_str());
     let mut host = Ws::connect(&host_side.ws_url(&pid)).await;
     let ok = host.join_with(gen2_join_msg(&id, &pid, "offerer")).await;
@@ -205,16 +235,20 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
         .await;
     assert_eq!(join.body["success"], true, "{}", join.body);
     assert_eq!(join.body["webrtc_offer"]["label"], "probe-joiner");
+    let token = url_id(join.body["webrtc_offer"]["signaling_url"].as_str().unwrap());
     assert_eq!(api_j.attach(&id, None, "answerer").await.status, 401);
     assert_eq!(
         api_j.attach(&id, Some("WRONG1"), "answerer").await.status,
         401
     );
-    let b = api_j.attach(&id, Some("SMOKEP"), "answerer").await;
+    // The joiner attaches with its own token: that is its peer session.
+    let b = api_j.attach(&token, Some("SMOKEP"), "answerer").await;
     b.assert_status(200);
-    assert_eq!(b.body["peer_session_id"], pid.as_str());
-    let mut joiner = Ws::connect(&joiner_side.ws_url(&pid)).await;
-    let mut msg = gen2_join_msg(&id, &pid, "answerer");
+    assert_eq!(b.body["peer_session_id"], token.as_str());
+    assert_eq!(b.body["host_session_id"], id.as_str());
+    let jpid = token;
+    let mut joiner = Ws::connect(&joiner_side.ws_url(&jpid)).await;
+    let mut msg = gen2_join_msg(&id, &jpid, "answerer");
     msg["label"] = json!("probe-joiner");
     let ok = joiner.join_with(msg).await;
     assert_eq!(ok["session_id"], id.as_str());
@@ -224,19 +258,20 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
     let host_info = find_peer(&ok, &host_id);
     assert_eq!(host_info["role"], "server");
     assert_eq!(host_info["metadata"]["role"], "offerer");
-    assert_eq!(host_info["metadata"]["peer_session_id"], pid.as_str());
+    // Tokens are capabilities: the one generation 2 copies into its metadata is not shown.
+    assert!(host_info["metadata"].get("peer_session_id").is_none());
     let joined = host.recv_type("peer_joined").await;
     let meta = &joined["peer"]["metadata"];
     assert_eq!(joined["peer"]["id"], joiner_id.as_str());
     assert_eq!(meta["role"], "answerer");
-    assert_eq!(meta["peer_session_id"], pid.as_str());
+    assert!(meta.get("peer_session_id").is_none(), "{meta}");
     assert_eq!(meta["host_session_id"], id.as_str());
     assert_eq!(meta["label"], "probe-joiner");
     ping_pong(&mut joiner).await;
 
     // Mailbox under /peer-sessions: 409 while empty, sealed payloads verbatim.
     let scope = Scope::PeerSessions;
-    assert_eq!(api_j.get_offer(scope, &pid, &joiner_id).await.status, 409);
+    assert_eq!(api_j.get_offer(scope, &jpid, &joiner_id).await.status, 409);
     let h = uuid();
     assert_eq!(api_h.get_answer(scope, &pid, &h).await.status, 409);
     let offer = sealed_sdp("offer", &h, &host_id, &joiner_id);
@@ -253,10 +288,10 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
     let got = joiner.recv_type("signal").await;
     assert_eq!(got["from_peer"], host_id.as_str());
     assert_eq!(got["signal"], sealed_ice);
-    let got = api_j.get_offer(scope, &pid, &joiner_id).await;
+    let got = api_j.get_offer(scope, &jpid, &joiner_id).await;
     got.assert_status(200);
     assert_eq!(got.body, offer);
-    assert_eq!(api_j.get_offer(scope, &pid, &joiner_id).await.status, 409);
+    assert_eq!(api_j.get_offer(scope, &jpid, &joiner_id).await.status, 409);
     joiner
         .send_json(json!({"type": "signal", "to_peer": host_id, "signal": sealed_ice}))
         .await;
@@ -265,7 +300,7 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
     assert_eq!(got["signal"], sealed_ice);
     let answer = sealed_sdp("answer", &h, &joiner_id, &host_id);
     api_j
-        .post_sdp(scope, &pid, "answer", &answer)
+        .post_sdp(scope, &jpid, "answer", &answer)
         .await
         .assert_status(204);
     let got = api_h.get_answer(scope, &pid, &h).await;
@@ -294,9 +329,12 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
     fallback.close_abruptly().await;
     leaves(joiner, &mut host).await;
 
-    // A joiner comes back on the peer session; then the host quits: the joiner hears of it, once.
-    let mut joiner = Ws::connect(&joiner_side.ws_url(&pid)).await;
-    joiner.join_with(gen2_join_msg(&id, &pid, "answerer")).await;
+    // The joiner comes back on its peer session; then the host quits: the joiner hears of it,
+    // once.
+    let mut joiner = Ws::connect(&joiner_side.ws_url(&jpid)).await;
+    joiner
+        .join_with(gen2_join_msg(&id, &jpid, "answerer"))
+        .await;
     let joiner_id = joiner.id();
     assert_eq!(
         host.recv_type("peer_joined").await["peer"]["id"],
@@ -309,10 +347,11 @@ pub async fn generation2_flow(host_side: &Server, joiner_side: &Server) {
 pub async fn browser_flow(host_side: &Server, joiner_side: &Server) {
     let (api_h, api_j) = (host_side.api(), joiner_side.api());
     let s = api_h.new_session(None).await;
-    let mut host = Ws::connect(&host_side.ws_url(&s.id)).await;
+    let mut host = Ws::connect(&host_side.ws_url(&s.host)).await;
     host.join(Some(&s.code)).await;
 
     let join = api_j.join_http(&s.id, Some(&s.code)).await;
+    let token = url_id(join["webrtc_offer"]["signaling_url"].as_str().unwrap());
     let offer_meta = &join["webrtc_offer"];
     assert_eq!(offer_meta["role"], "answerer");
     assert_eq!(offer_meta["poll_interval_ms"], 250);
@@ -335,17 +374,17 @@ pub async fn browser_flow(host_side: &Server, joiner_side: &Server) {
     let h = uuid();
     let offer = sdp("offer", &h, &host_id, &browser_id);
     api_h
-        .post_sdp(scope, &s.id, "offer", &offer)
+        .post_sdp(scope, &s.host, "offer", &offer)
         .await
         .assert_status(204);
-    let got = api_j.get_offer(scope, &s.id, &browser_id).await;
+    let got = api_j.get_offer(scope, &token, &browser_id).await;
     assert_eq!(got.body, offer);
     let answer = sdp("answer", &h, &browser_id, &host_id);
     api_j
-        .post_sdp(scope, &s.id, "answer", &answer)
+        .post_sdp(scope, &token, "answer", &answer)
         .await
         .assert_status(204);
-    assert_eq!(api_h.get_answer(scope, &s.id, &h).await.body, answer);
+    assert_eq!(api_h.get_answer(scope, &s.host, &h).await.body, answer);
     browser
         .send_json(json!({"type": "signal", "to_peer": host_id, "signal": {"candidate": "c"}}))
         .await;

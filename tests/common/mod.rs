@@ -181,39 +181,64 @@ impl Ctx {
     }
 
     /// A registered session (generated code) and its host (role `server`), joined over
-    /// `/ws/{session}`.
+    /// `/ws/{host token}` as the CLIs do (the register response's URLs carry the token).
     pub async fn hosted(&self) -> (Session, Ws) {
         let session = self.session().await;
-        let mut host = self.ws(&session.id).await;
+        let mut host = self.ws(&session.host).await;
         host.join(Some(&session.code)).await;
         (session, host)
     }
 
-    /// A registered session with its host (role `server`) and one joiner (role `client`) joined
-    /// over `/ws/{session}`; the host's `peer_joined` is consumed.
+    /// A joiner as the CLIs join: HTTP join with the code, then the socket of the token its
+    /// answer carries. Returns the joined socket and its token.
+    pub async fn joiner(&self, session: &Session) -> (Ws, String) {
+        let token = self.api().join_token(&session.id, &session.code).await;
+        let mut ws = self.ws(&token).await;
+        ws.join(Some(&session.code)).await;
+        (ws, token)
+    }
+
+    /// A registered session with its host (role `server`) and one joiner (role `client`), each
+    /// on the socket of its own token; the host's `peer_joined` is consumed.
     pub async fn room(&self) -> Room {
         let (session, mut host) = self.hosted().await;
-        let mut joiner = self.ws(&session.id).await;
-        joiner.join(Some(&session.code)).await;
+        let (joiner, joiner_token) = self.joiner(&session).await;
         let joined = host.recv_type("peer_joined").await;
         assert_eq!(joined["peer"]["id"], joiner.id());
         Room {
             session,
             host,
             joiner,
+            joiner_token,
         }
     }
 }
 
 pub struct Session {
+    /// The public session id (what a joiner is told).
     pub id: String,
     pub code: String,
+    /// The host's token: the id in the register response's URLs.
+    pub host: String,
 }
 
 pub struct Room {
     pub session: Session,
     pub host: Ws,
     pub joiner: Ws,
+    /// The joiner's token (its URLs' id: socket and mailbox).
+    pub joiner_token: String,
+}
+
+/// The id in a signaling or WebSocket URL (`…/sessions/{X}/webrtc`, `…/peer-sessions/{X}/…`,
+/// `…/ws/{X}`), as the CLIs extract it.
+pub fn url_id(url: &str) -> String {
+    let segments: Vec<&str> = url.split('/').collect();
+    let at = segments
+        .iter()
+        .position(|s| *s == "sessions" || *s == "peer-sessions" || *s == "ws")
+        .unwrap_or_else(|| panic!("no id in {url}"));
+    segments[at + 1].to_owned()
 }
 
 /// Runs each `async fn name(ctx: &Ctx) { .. }` as two tests, `memory::name` and `redis::name`,
@@ -637,10 +662,22 @@ impl Api {
         let id = uuid();
         let body = self.register(&id, passphrase).await;
         assert_eq!(body["success"], true, "register failed: {body}");
+        let signaling = body["transports"][0]["metadata"]["signaling_url"]
+            .as_str()
+            .unwrap();
         Session {
             code: body["join_code"].as_str().unwrap().to_owned(),
+            host: url_id(signaling),
             id,
         }
+    }
+
+    /// HTTP join with the code; asserts success and returns the joiner's token (the id of the
+    /// answer's signaling URL).
+    pub async fn join_token(&self, id: &str, code: &str) -> String {
+        let body = self.join_http(id, Some(code)).await;
+        assert_eq!(body["success"], true, "join failed: {body}");
+        url_id(body["webrtc_offer"]["signaling_url"].as_str().unwrap())
     }
 
     /// `GET /sessions/{id}`

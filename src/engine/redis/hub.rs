@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::EngineConfig;
-use crate::peers::{CloseReason, LocalPeers, PeerQueue};
+use crate::peers::{Class, CloseReason, LocalPeers, PeerQueue, Queued};
 use crate::protocol::{Frame, PeerInfo, Role};
 
 /// Remote owners remembered per room at most; beyond it sends fall back to a Redis lookup.
@@ -119,6 +119,8 @@ pub(crate) type Groups = Vec<(String, Vec<String>)>;
 
 pub(crate) enum Route {
     Delivered,
+    /// A local member whose queue has no room for relayed frames.
+    Full,
     Remote(String),
     Unknown,
 }
@@ -179,7 +181,7 @@ pub(crate) enum Cmd {
         room: String,
         to: String,
         frame: Frame,
-        reply: oneshot::Sender<bool>,
+        reply: oneshot::Sender<Queued>,
     },
     /// This instance was written off: close every socket, forget every membership, and
     /// continue as `new_id`.
@@ -336,8 +338,10 @@ impl Hub {
                 reply,
             } => {
                 let route = if self.joined.get(&to).is_some_and(|m| m.room == room) {
-                    self.peers.deliver(&to, &frame);
-                    Route::Delivered
+                    match self.peers.deliver(&to, &frame, Class::Relay) {
+                        Queued::Full => Route::Full,
+                        Queued::Yes | Queued::Absent => Route::Delivered,
+                    }
                 } else if let Some(owner) = self.rooms.get(&room).and_then(|r| r.remote.get(&to)) {
                     Route::Remote(owner.clone())
                 } else {
@@ -352,7 +356,7 @@ impl Hub {
                 frame,
                 reply,
             } => {
-                let _ = reply.send(self.deliver_member(&room, &to, &frame));
+                let _ = reply.send(self.deliver_member(&room, &to, &frame, Class::Relay));
             }
             Cmd::Fence { new_id, reply } => {
                 let closed = self.peers.close_all(CloseReason::Fenced);
@@ -381,7 +385,7 @@ impl Hub {
         let mut groups: HashMap<String, Vec<String>> = HashMap::new();
         for (peer, owner) in recipients {
             if owner == self.id {
-                self.deliver_member(room, &peer, frame);
+                self.deliver_member(room, &peer, frame, Class::Control);
             } else {
                 groups.entry(owner).or_default().push(peer);
             }
@@ -394,12 +398,16 @@ impl Hub {
     /// its `Joined` has not reached the hub yet, and a broadcast or signal computed from the
     /// script's member list (e.g. a concurrent joiner's `peer_joined`) can overtake it. Such a
     /// frame is queued behind nothing: the socket writes `join_success` before its queue.
-    fn deliver_member(&mut self, room: &str, peer: &str, frame: &Frame) -> bool {
+    fn deliver_member(&mut self, room: &str, peer: &str, frame: &Frame, class: Class) -> Queued {
         let ok = match self.joined.get(peer) {
             Some(m) => m.room == room,
             None => self.peers.contains(peer),
         };
-        ok && self.peers.deliver(peer, frame)
+        if ok {
+            self.peers.deliver(peer, frame, class)
+        } else {
+            Queued::Absent
+        }
     }
 
     fn learn_all(&mut self, room: &str, members: &[(String, String)]) {
@@ -467,6 +475,12 @@ impl Hub {
                 joined,
                 left,
             } => {
+                // Room events are control frames; anything else was relayed for a client.
+                let class = if joined.is_some() || left.is_some() {
+                    Class::Control
+                } else {
+                    Class::Relay
+                };
                 if let Some(left) = left {
                     self.forget_remote(&room, &left);
                 }
@@ -475,7 +489,9 @@ impl Hub {
                 }
                 let frame = Frame::from(frame);
                 for peer in to {
-                    self.deliver_member(&room, &peer, &frame);
+                    // A relayed frame refused here (full queue) cannot be reported to its
+                    // sender on the other instance yet: see docs/security.md.
+                    self.deliver_member(&room, &peer, &frame, class);
                 }
             }
         }

@@ -21,24 +21,29 @@ impl Keys {
         format!("{}:{{{s}}}:{what}", self.prefix)
     }
 
-    /// Hash: created_at, salt, hash.
+    /// Hash: created_at, hash (the code's HMAC), minted (tokens so far).
     pub(crate) fn session(&self, s: &str) -> String {
         self.session_key(s, "session")
     }
 
-    /// String: the peer-session id of host session `s`.
-    pub(crate) fn alias(&self, s: &str) -> String {
-        self.session_key(s, "alias")
+    /// Hash in the token's own slot: s (its session), g (grant), p (its peer, once bound).
+    pub(crate) fn token(&self, t: &str) -> String {
+        self.session_key(t, "token")
     }
 
-    /// String in the peer session's own slot: its host session id.
-    pub(crate) fn alias_host(&self, pid: &str) -> String {
-        self.session_key(pid, "host")
-    }
-
-    /// Sorted set of wrong-code timestamps.
+    /// Sorted set of wrong-code times of one session, from everywhere.
     pub(crate) fn code_failures(&self, s: &str) -> String {
         self.session_key(s, "codefail")
+    }
+
+    /// Sorted set of wrong-code times of one session from one client address.
+    pub(crate) fn client_code_failures(&self, s: &str, client: &str) -> String {
+        self.session_key(s, &format!("codefail@{client}"))
+    }
+
+    /// Fixed-window counter `what` (e.g. `reg@1.2.3.4`), in its own slot.
+    pub(crate) fn rate(&self, what: &str) -> String {
+        format!("{}:{{rate:{what}}}", self.prefix)
     }
 
     /// List of "<ms>|<payload>" offers for `peer`.
@@ -46,9 +51,14 @@ impl Keys {
         self.session_key(s, &format!("offers:{peer}"))
     }
 
-    /// String: the answer of one handshake.
-    pub(crate) fn answer(&self, s: &str, handshake: &str) -> String {
-        self.session_key(s, &format!("answer:{handshake}"))
+    /// String: the answer of one handshake for peer `to`.
+    pub(crate) fn answer(&self, s: &str, to: &str, handshake: &str) -> String {
+        self.session_key(s, &format!("answer:{to}:{handshake}"))
+    }
+
+    /// Sorted set: handshakes `from` has answered to `to` within the mailbox ttl (its quota).
+    pub(crate) fn answers_from(&self, s: &str, to: &str, from: &str) -> String {
+        self.session_key(s, &format!("answers:{to}:{from}"))
     }
 
     /// Hash: peer -> "seq|role|joined_at|owner|blob".

@@ -27,11 +27,12 @@ use tokio::task::JoinHandle;
 use self::hub::{parse_members, Blob, Bus, Cmd, Groups, Hub, Member, Membership, Route};
 use self::keys::Keys;
 use self::scripts::Scripts;
-use crate::code::CodeHash;
 use crate::engine::{
-    Engine, EngineConfig, EngineError, EngineResult, Joined, NewPeer, SessionRecord,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Grant,
+    JoinResult, Joined, NewPeer, SessionRecord,
 };
 use crate::peers::PeerQueue;
+use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 
 /// Redis-specific settings (see `Config`).
@@ -351,7 +352,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn join(&self, room: &str, peer: NewPeer) -> EngineResult<Joined> {
+    async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
         let inst = self.current();
         if !inst.registered {
             return Err(unavailable("instance not registered"));
@@ -372,18 +373,31 @@ impl Inner {
             metadata: peer.metadata,
         })
         .expect("blob serializes");
+        let role = match peer.role {
+            crate::protocol::Role::Server => "server",
+            crate::protocol::Role::Client => "client",
+        };
         let mut cm = self.cm();
         let mut inv = self.scripts.join.prepare_invoke();
         inv.key(k.members(room))
             .key(k.seq(room))
             .key(k.server(room))
             .key(k.session(room))
-            .key(k.alias(room))
             .arg(&peer.id)
             .arg(&inst.id)
             .arg(blob)
-            .arg(Self::ttl_ms(self.config.session_ttl));
+            .arg(Self::ttl_ms(self.config.session_ttl))
+            .arg(role)
+            .arg(max_peers);
         let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        if flat.first().map(String::as_str) == Some("full") {
+            let cmd = redis::cmd("SREM")
+                .arg(k.instance_peers(&inst.id))
+                .arg(format!("{room}|{}", peer.id))
+                .clone();
+            let _ = self.query::<i64>(&cmd).await;
+            return Ok(JoinResult::Full);
+        }
         let fresh = flat.first().map(String::as_str) == Some("1");
         let members = parse_members(flat.get(1..).unwrap_or_default());
         let Some(me) = members.iter().find(|m| m.info.id == peer.id).cloned() else {
@@ -428,11 +442,11 @@ impl Inner {
                 return Err(unavailable("instance was fenced during the join"));
             }
         }
-        Ok(Joined {
+        Ok(JoinResult::Joined(Joined {
             me: me.info,
             peers: members.into_iter().map(|m| m.info).collect(),
             fresh,
-        })
+        }))
     }
 
     async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
@@ -456,7 +470,7 @@ impl Inner {
         res
     }
 
-    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<bool> {
+    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
         // The sender may have been reaped (and the room told it left): relay nothing for it.
         if !self.alive_locally() {
             return Err(unavailable("instance may have been written off"));
@@ -470,7 +484,8 @@ impl Inner {
             })
             .await?;
         let owner = match route {
-            Route::Delivered => return Ok(true),
+            Route::Delivered => return Ok(Delivery::Sent),
+            Route::Full => return Ok(Delivery::Full),
             Route::Remote(owner) => owner,
             Route::Unknown => {
                 let cmd = redis::cmd("HGET")
@@ -478,15 +493,15 @@ impl Inner {
                     .arg(to)
                     .clone();
                 let Some(rec) = self.query::<Option<String>>(&cmd).await? else {
-                    return Ok(false);
+                    return Ok(Delivery::NotMember);
                 };
                 let Some(owner) = Member::owner_of(&rec).map(str::to_owned) else {
-                    return Ok(false);
+                    return Ok(Delivery::NotMember);
                 };
                 if owner == self.current().id {
                     // Ours by record but not (or no longer) recorded by the hub: a join in
                     // flight gets the frame, a peer on its way out does not.
-                    let _ = self
+                    let queued = self
                         .ask(|reply| Cmd::DeliverJoining {
                             room: room.to_owned(),
                             to: to.to_owned(),
@@ -494,7 +509,10 @@ impl Inner {
                             reply,
                         })
                         .await?;
-                    return Ok(true);
+                    return Ok(match queued {
+                        Queued::Full => Delivery::Full,
+                        Queued::Yes | Queued::Absent => Delivery::Sent,
+                    });
                 }
                 let _ = self.hub.try_send(Cmd::Learn {
                     room: room.to_owned(),
@@ -506,25 +524,21 @@ impl Inner {
         };
         self.publish(room, vec![(owner, vec![to.to_owned()])], &frame, None, None)
             .await;
-        Ok(true)
+        Ok(Delivery::Sent)
     }
 
     async fn load_session(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
         let cmd = redis::cmd("HMGET")
             .arg(self.keys.session(id))
             .arg("created_at")
-            .arg("salt")
             .arg("hash")
             .clone();
         let v: Vec<Option<String>> = self.query(&cmd).await?;
         match v.as_slice() {
-            [Some(created), Some(salt), Some(hash)] => Ok(Some(SessionRecord {
+            [Some(created), Some(hash)] => Ok(Some(SessionRecord {
                 id: id.to_owned(),
                 created_at: created.parse().unwrap_or(0),
-                code: CodeHash {
-                    salt: salt.clone(),
-                    hash: hash.clone(),
-                },
+                code: hash.clone(),
             })),
             _ => Ok(None),
         }
@@ -554,80 +568,129 @@ impl Engine for RedisEngine {
         &self.inner.config
     }
 
-    async fn register(&self, session: SessionRecord) -> EngineResult<bool> {
+    async fn register(&self, session: SessionRecord, host_token: &str) -> EngineResult<bool> {
         let i = &self.inner;
-        // Peer-session ids live in their own slot, so this check cannot be part of the script;
-        // they are random server-chosen ids, so only a deliberate collision reaches it.
-        let alias = redis::cmd("EXISTS")
-            .arg(i.keys.alias_host(&session.id))
-            .clone();
-        if i.query::<bool>(&alias).await? {
+        let ttl = Inner::ttl_ms(i.config.session_ttl);
+        // Tokens live in their own slots, so "the id is not a token" cannot be part of the
+        // script; tokens are random server-chosen ids, so only a deliberate collision gets here.
+        let taken = redis::cmd("EXISTS").arg(i.keys.token(&session.id)).clone();
+        if i.query::<bool>(&taken).await? {
+            return Ok(false);
+        }
+        // The host token first: a session never exists without it.
+        if !i
+            .put_token(host_token, &session.id, Grant::Host, ttl)
+            .await?
+        {
             return Ok(false);
         }
         let mut cm = i.cm();
         let mut inv = i.scripts.register.prepare_invoke();
         inv.key(i.keys.session(&session.id))
-            .arg(&session.code.salt)
-            .arg(&session.code.hash)
-            .arg(Inner::ttl_ms(i.config.session_ttl));
+            .arg(&session.code)
+            .arg(ttl);
         let created: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        if created == 0 {
+            let undo = redis::cmd("DEL").arg(i.keys.token(host_token)).clone();
+            i.query::<i64>(&undo).await?;
+        }
         Ok(created != 0)
     }
 
-    async fn resolve(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
+    async fn resolve(&self, id: &str) -> EngineResult<Option<Access>> {
         let i = &self.inner;
-        if let Some(s) = i.load_session(id).await? {
-            return Ok(Some(s));
+        if let Some(session) = i.load_session(id).await? {
+            return Ok(Some(Access {
+                session,
+                grant: Grant::Public,
+                peer: None,
+            }));
         }
-        // A peer-session id: its reverse key (own slot) names the host; using it keeps it alive.
-        let cmd = redis::cmd("GETEX")
-            .arg(i.keys.alias_host(id))
-            .arg("PX")
-            .arg(Inner::ttl_ms(i.config.session_ttl))
+        let cmd = redis::cmd("HMGET")
+            .arg(i.keys.token(id))
+            .arg("s")
+            .arg("g")
+            .arg("p")
             .clone();
-        match i.query::<Option<String>>(&cmd).await? {
-            Some(host) => i.load_session(&host).await,
-            None => Ok(None),
-        }
+        let v: Vec<Option<String>> = i.query(&cmd).await?;
+        let [Some(host), Some(grant), peer] = v.as_slice() else {
+            return Ok(None);
+        };
+        let Some(grant) = Grant::parse(grant) else {
+            return Ok(None);
+        };
+        Ok(i.load_session(host).await?.map(|session| Access {
+            session,
+            grant,
+            peer: peer.clone(),
+        }))
     }
 
-    async fn attach(&self, host: &str) -> EngineResult<Option<String>> {
+    async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
         let i = &self.inner;
         let mut cm = i.cm();
-        let mut inv = i.scripts.attach.prepare_invoke();
-        inv.key(i.keys.session(host))
-            .key(i.keys.alias(host))
+        let mut inv = i.scripts.token_quota.prepare_invoke();
+        inv.key(i.keys.session(session))
+            .arg(i.config.max_tokens_per_session);
+        let ttl: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        if ttl <= 0 {
+            return Ok(None);
+        }
+        let token = crate::protocol::new_id();
+        Ok(i.put_token(&token, session, Grant::Joiner, ttl as u64)
+            .await?
+            .then_some(token))
+    }
+
+    async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.token_bind.prepare_invoke();
+        inv.key(i.keys.token(token))
+            .arg(peer)
+            .arg(Inner::ttl_ms(i.config.session_ttl));
+        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(())
+    }
+
+    async fn check_code(
+        &self,
+        session: &str,
+        client: &str,
+        digest: &str,
+    ) -> EngineResult<CodeCheck> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.code_check.prepare_invoke();
+        inv.key(i.keys.session(session))
+            .key(i.keys.code_failures(session))
+            .key(i.keys.client_code_failures(session, client))
+            .arg(digest)
+            .arg(Inner::ttl_ms(i.config.code_failure_window))
+            .arg(i.config.max_code_failures)
+            .arg(i.config.max_session_code_failures)
             .arg(crate::protocol::new_id());
-        let (alias, ttl): (String, i64) = {
-            let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
-            match v.as_slice() {
-                [alias, ttl] => (alias.clone(), ttl.parse().unwrap_or(-1)),
-                _ => return Ok(None),
+        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(match v.first().map(String::as_str) {
+            Some("correct") => CodeCheck::Correct,
+            Some("wrong") => CodeCheck::Wrong,
+            Some("locked") => {
+                let ms = v.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
+                CodeCheck::Locked(Duration::from_millis(ms))
             }
-        };
-        // Second slot, idempotent: rewritten on every attach, so a crash before it is repaired
-        // by the client's next attach.
-        let ttl = if ttl > 0 {
-            ttl as u64
-        } else {
-            Inner::ttl_ms(i.config.session_ttl)
-        };
-        let cmd = redis::cmd("SET")
-            .arg(i.keys.alias_host(&alias))
-            .arg(host)
-            .arg("PX")
-            .arg(ttl)
-            .clone();
-        i.query::<()>(&cmd).await?;
-        Ok(Some(alias))
+            _ => CodeCheck::NotFound,
+        })
     }
 
-    async fn code_failure(&self, session: &str) -> EngineResult<u32> {
-        self.inner.code_failures_script(session, true).await
-    }
-
-    async fn code_failures(&self, session: &str) -> EngineResult<u32> {
-        self.inner.code_failures_script(session, false).await
+    async fn rate(&self, key: &str, max: u32, window: Duration) -> EngineResult<Option<Duration>> {
+        let i = &self.inner;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.rate.prepare_invoke();
+        inv.key(i.keys.rate(key))
+            .arg(max)
+            .arg(Inner::ttl_ms(window));
+        let wait: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait)))
     }
 
     async fn push_offer(&self, room: &str, to: &str, payload: String) -> EngineResult<()> {
@@ -652,22 +715,37 @@ impl Engine for RedisEngine {
         Ok(v.into_iter().next())
     }
 
-    async fn put_answer(&self, room: &str, handshake: &str, payload: String) -> EngineResult<()> {
+    async fn put_answer(
+        &self,
+        room: &str,
+        from: &str,
+        to: &str,
+        handshake: &str,
+        payload: String,
+    ) -> EngineResult<bool> {
         let i = &self.inner;
-        let cmd = redis::cmd("SET")
-            .arg(i.keys.answer(room, handshake))
+        let mut cm = i.cm();
+        let mut inv = i.scripts.answer_put.prepare_invoke();
+        inv.key(i.keys.answer(room, to, handshake))
+            .key(i.keys.answers_from(room, to, from))
             .arg(payload)
-            .arg("PX")
+            .arg(handshake)
             .arg(Inner::ttl_ms(i.config.mailbox_ttl))
-            .clone();
-        i.query::<()>(&cmd).await
+            .arg(i.config.max_queued_answers);
+        let stored: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(stored == 1)
     }
 
-    async fn take_answer(&self, room: &str, handshake: &str) -> EngineResult<Option<String>> {
+    async fn take_answer(
+        &self,
+        room: &str,
+        to: &str,
+        handshake: &str,
+    ) -> EngineResult<Option<String>> {
         let i = &self.inner;
         let mut cm = i.cm();
         let mut inv = i.scripts.answer_take.prepare_invoke();
-        inv.key(i.keys.answer(room, handshake));
+        inv.key(i.keys.answer(room, to, handshake));
         let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
         Ok(v.into_iter().next())
     }
@@ -689,8 +767,8 @@ impl Engine for RedisEngine {
         }
     }
 
-    async fn join(&self, room: &str, peer: NewPeer) -> EngineResult<Joined> {
-        self.inner.join(room, peer).await
+    async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
+        self.inner.join(room, peer, max_peers).await
     }
 
     async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
@@ -712,7 +790,7 @@ impl Engine for RedisEngine {
         i.query(&cmd).await
     }
 
-    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<bool> {
+    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
         self.inner.send(room, to, frame).await
     }
 
@@ -741,13 +819,21 @@ impl Engine for RedisEngine {
 }
 
 impl Inner {
-    async fn code_failures_script(&self, session: &str, add: bool) -> EngineResult<u32> {
+    /// Writes a token (never overwriting one); false when it existed.
+    async fn put_token(
+        &self,
+        token: &str,
+        session: &str,
+        grant: Grant,
+        ttl: u64,
+    ) -> EngineResult<bool> {
         let mut cm = self.cm();
-        let mut inv = self.scripts.code_failure.prepare_invoke();
-        inv.key(self.keys.code_failures(session))
-            .arg(Self::ttl_ms(self.config.code_failure_window))
-            .arg(if add { "1" } else { "0" })
-            .arg(crate::protocol::new_id());
-        self.redis(inv.invoke_async(&mut cm)).await
+        let mut inv = self.scripts.token_put.prepare_invoke();
+        inv.key(self.keys.token(token))
+            .arg(session)
+            .arg(grant.as_str())
+            .arg(ttl);
+        let put: i64 = self.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(put == 1)
     }
 }

@@ -6,10 +6,14 @@ use redis::Script;
 
 pub(crate) struct Scripts {
     pub register: Script,
-    pub attach: Script,
-    pub code_failure: Script,
+    pub token_quota: Script,
+    pub token_put: Script,
+    pub token_bind: Script,
+    pub code_check: Script,
+    pub rate: Script,
     pub offer_push: Script,
     pub offer_pop: Script,
+    pub answer_put: Script,
     pub answer_take: Script,
     pub join: Script,
     pub leave: Script,
@@ -24,10 +28,14 @@ impl Scripts {
     pub(crate) fn load() -> Self {
         Self {
             register: Script::new(include_str!("../../../lua/register.lua")),
-            attach: Script::new(include_str!("../../../lua/attach.lua")),
-            code_failure: Script::new(include_str!("../../../lua/code_failure.lua")),
+            token_quota: Script::new(include_str!("../../../lua/token_quota.lua")),
+            token_put: Script::new(include_str!("../../../lua/token_put.lua")),
+            token_bind: Script::new(include_str!("../../../lua/token_bind.lua")),
+            code_check: Script::new(include_str!("../../../lua/code_check.lua")),
+            rate: Script::new(include_str!("../../../lua/rate.lua")),
             offer_push: Script::new(include_str!("../../../lua/offer_push.lua")),
             offer_pop: Script::new(include_str!("../../../lua/offer_pop.lua")),
+            answer_put: Script::new(include_str!("../../../lua/answer_put.lua")),
             answer_take: Script::new(include_str!("../../../lua/answer_take.lua")),
             join: Script::new(include_str!("../../../lua/join.lua")),
             leave: Script::new(include_str!("../../../lua/leave.lua")),
