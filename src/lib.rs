@@ -17,7 +17,9 @@
 //! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
 //! | [`engine::redis`] | Redis engine: stateless instances, Lua scripts in `lua/`, pub/sub routing |
 //! | [`peers`] | this instance's sockets and their bounded outbound queues |
-//! | [`http`] | HTTP routes: sessions, peer sessions, mailbox, health, readiness |
+//! | [`http`] | HTTP plumbing (state, errors, public URLs), health and readiness |
+//! | [`sessions`] | register, status, HTTP join, attach: capabilities handed out |
+//! | [`mailbox`] | offers and answers, acting for the peer of the URL's token |
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
 //! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
@@ -40,8 +42,10 @@ pub mod health;
 pub mod http;
 pub mod listener;
 pub mod logging;
+pub mod mailbox;
 pub mod peers;
 pub mod protocol;
 pub mod server;
+pub mod sessions;
 pub mod shutdown;
 pub mod ws;

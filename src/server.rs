@@ -21,6 +21,7 @@ use crate::http::{self, App};
 use crate::listener::LimitedListener;
 use crate::shutdown::{self, Phase};
 use crate::ws;
+use crate::{mailbox, sessions};
 
 /// Descriptors kept free below the soft limit for Redis, logs and the runtime itself.
 const FD_RESERVE: u64 = 32;
@@ -129,25 +130,25 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
     Router::new()
         .route("/health", get(http::health::<E>))
         .route("/ready", get(http::ready::<E>))
-        .route("/sessions", post(http::register::<E>))
-        .route("/sessions/{id}", get(http::session_status::<E>))
-        .route("/sessions/{id}/join", post(http::join::<E>))
-        .route("/peer-sessions/attach", post(http::attach::<E>))
+        .route("/sessions", post(sessions::register::<E>))
+        .route("/sessions/{id}", get(sessions::session_status::<E>))
+        .route("/sessions/{id}/join", post(sessions::join::<E>))
+        .route("/peer-sessions/attach", post(sessions::attach::<E>))
         .route(
             "/sessions/{id}/webrtc/offer",
-            post(http::post_sdp::<E>).get(http::get_offer::<E>),
+            post(mailbox::post_sdp::<E>).get(mailbox::get_offer::<E>),
         )
         .route(
             "/sessions/{id}/webrtc/answer",
-            post(http::post_sdp::<E>).get(http::get_answer::<E>),
+            post(mailbox::post_sdp::<E>).get(mailbox::get_answer::<E>),
         )
         .route(
             "/peer-sessions/{id}/webrtc/offer",
-            post(http::post_sdp::<E>).get(http::get_offer::<E>),
+            post(mailbox::post_sdp::<E>).get(mailbox::get_offer::<E>),
         )
         .route(
             "/peer-sessions/{id}/webrtc/answer",
-            post(http::post_sdp::<E>).get(http::get_answer::<E>),
+            post(mailbox::post_sdp::<E>).get(mailbox::get_answer::<E>),
         )
         .route("/ws/{id}", get(ws::upgrade::<E>))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))

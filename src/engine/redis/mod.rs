@@ -3,8 +3,9 @@
 //! Sessions, the mailbox, room membership and instance liveness live in Redis and change only
 //! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
 //! its own sockets, in the [`hub`] task. A frame for a peer on another instance is published to
-//! that instance's channel. Liveness, fencing and reaping are in [`liveness`]. The key schema is
-//! in [`keys`] and `docs/architecture.md`.
+//! that instance's channel. Sessions, tokens, code checks and the mailbox are in [`store`];
+//! joining, leaving and delivery in [`rooms`]; liveness, fencing and reaping in [`liveness`].
+//! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
 //! carries both commands and the subscription; every call is bounded by `call_timeout`.
@@ -12,7 +13,9 @@
 mod hub;
 mod keys;
 mod liveness;
+mod rooms;
 mod scripts;
+mod store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,16 +27,15 @@ use redis::{PushInfo, RedisResult};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use self::hub::{parse_members, Blob, Bus, Cmd, Groups, Hub, Member, Membership, Route};
+use self::hub::{Cmd, Hub, Membership};
 use self::keys::Keys;
 use self::scripts::Scripts;
 use crate::engine::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Grant,
-    JoinResult, Joined, NewPeer, SessionRecord,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, JoinResult,
+    NewPeer, SessionRecord,
 };
 use crate::peers::PeerQueue;
-use crate::peers::Queued;
-use crate::protocol::{Frame, ServerMessage};
+use crate::protocol::Frame;
 
 /// Redis-specific settings (see `Config`).
 #[derive(Clone, Debug)]
@@ -272,278 +274,6 @@ impl Inner {
         (d.as_millis() as u64).max(1)
     }
 
-    /// Publishes `frame` to each remote owner's channel with the members it holds there.
-    async fn publish(
-        &self,
-        room: &str,
-        groups: Groups,
-        frame: &Frame,
-        joined: Option<(String, String)>,
-        left: Option<String>,
-    ) {
-        for (owner, to) in groups {
-            let bus = Bus::Deliver {
-                room: room.to_owned(),
-                to,
-                frame: frame.to_string(),
-                joined: joined.clone(),
-                left: left.clone(),
-            };
-            let payload = serde_json::to_string(&bus).expect("bus messages serialize");
-            let cmd = redis::cmd("PUBLISH")
-                .arg(self.keys.channel(&owner))
-                .arg(payload)
-                .clone();
-            if let Err(e) = self.query::<i64>(&cmd).await {
-                tracing::warn!(%owner, error = %e, "publish to instance failed");
-            }
-        }
-    }
-
-    /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
-    /// `srem`, also drops the owner's record of it (the reaper removes its batch at once).
-    pub(crate) async fn leave_in_redis(
-        &self,
-        room: &str,
-        peer: &str,
-        owner: &str,
-        srem: bool,
-    ) -> EngineResult<()> {
-        let k = &self.keys;
-        let mut cm = self.cm();
-        let mut inv = self.scripts.leave.prepare_invoke();
-        inv.key(k.members(room))
-            .key(k.server(room))
-            .key(k.offers(room, peer))
-            .key(k.seq(room))
-            .arg(peer)
-            .arg(owner);
-        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
-        if flat.first().map(String::as_str) == Some("1") {
-            let survivors: Vec<(String, String)> = parse_members(&flat[1..])
-                .into_iter()
-                .map(|m| (m.info.id, m.owner))
-                .collect();
-            if !survivors.is_empty() {
-                let frame = ServerMessage::PeerLeft {
-                    peer_id: peer.to_owned(),
-                }
-                .to_frame();
-                let groups = self
-                    .ask(|reply| Cmd::Fanout {
-                        room: room.to_owned(),
-                        recipients: survivors,
-                        frame: frame.clone(),
-                        left: Some(peer.to_owned()),
-                        reply,
-                    })
-                    .await?;
-                self.publish(room, groups, &frame, None, Some(peer.to_owned()))
-                    .await;
-            }
-        }
-        if srem {
-            let cmd = redis::cmd("SREM")
-                .arg(k.instance_peers(owner))
-                .arg(format!("{room}|{peer}"))
-                .clone();
-            self.query::<i64>(&cmd).await?;
-        }
-        Ok(())
-    }
-
-    async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
-        let inst = self.current();
-        if !inst.registered {
-            return Err(unavailable("instance not registered"));
-        }
-        if !self.alive_locally() {
-            return Err(unavailable("instance may have been written off"));
-        }
-        let k = &self.keys;
-        // The intent first: if we die after the join below, a reaper finds the peer here.
-        let cmd = redis::cmd("SADD")
-            .arg(k.instance_peers(&inst.id))
-            .arg(format!("{room}|{}", peer.id))
-            .clone();
-        self.query::<i64>(&cmd).await?;
-        let blob = serde_json::to_string(&Blob {
-            supported_transports: peer.supported_transports,
-            preferred_transport: peer.preferred_transport,
-            metadata: peer.metadata,
-        })
-        .expect("blob serializes");
-        let role = match peer.role {
-            crate::protocol::Role::Server => "server",
-            crate::protocol::Role::Client => "client",
-        };
-        let mut cm = self.cm();
-        let mut inv = self.scripts.join.prepare_invoke();
-        inv.key(k.members(room))
-            .key(k.seq(room))
-            .key(k.server(room))
-            .key(k.session(room))
-            .arg(&peer.id)
-            .arg(&inst.id)
-            .arg(blob)
-            .arg(Self::ttl_ms(self.config.session_ttl))
-            .arg(role)
-            .arg(max_peers);
-        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
-        if flat.first().map(String::as_str) == Some("full") {
-            let cmd = redis::cmd("SREM")
-                .arg(k.instance_peers(&inst.id))
-                .arg(format!("{room}|{}", peer.id))
-                .clone();
-            let _ = self.query::<i64>(&cmd).await;
-            return Ok(JoinResult::Full);
-        }
-        let fresh = flat.first().map(String::as_str) == Some("1");
-        let members = parse_members(flat.get(1..).unwrap_or_default());
-        let Some(me) = members.iter().find(|m| m.info.id == peer.id).cloned() else {
-            return Err(unavailable("join script returned no record for the joiner"));
-        };
-        let frame = fresh.then(|| {
-            ServerMessage::PeerJoined {
-                peer: me.info.clone(),
-            }
-            .to_frame()
-        });
-        let owners: Vec<(String, String)> = members
-            .iter()
-            .map(|m| (m.info.id.clone(), m.owner.clone()))
-            .collect();
-        // Frozen while the script ran: we may already be reaped, so the join must not stand
-        // (the hub may not have been fenced yet to refuse it below).
-        if !self.alive_locally() {
-            let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
-            return Err(unavailable("instance may have been written off"));
-        }
-        let reply = self
-            .ask(|reply| Cmd::Joined {
-                room: room.to_owned(),
-                peer: peer.id.clone(),
-                owner: me.owner.clone(),
-                members: owners,
-                frame: frame.clone(),
-                reply,
-            })
-            .await?;
-        match reply {
-            Ok(groups) => {
-                if let Some(frame) = frame {
-                    let joined = Some((peer.id.clone(), me.owner.clone()));
-                    self.publish(room, groups, &frame, joined, None).await;
-                }
-            }
-            Err(()) => {
-                // Fenced while joining: undo, since the old id's reaper may already be done.
-                let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
-                return Err(unavailable("instance was fenced during the join"));
-            }
-        }
-        Ok(JoinResult::Joined(Joined {
-            me: me.info,
-            peers: members.into_iter().map(|m| m.info).collect(),
-            fresh,
-        }))
-    }
-
-    async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
-        let Some(m) = self
-            .ask(|reply| Cmd::Leaving {
-                room: room.to_owned(),
-                peer: peer.to_owned(),
-                reply,
-            })
-            .await?
-        else {
-            return Ok(());
-        };
-        let res = self.leave_in_redis(room, peer, &m.owner, true).await;
-        if res.is_err() {
-            let _ = self.hub.try_send(Cmd::RetryLeave {
-                peer: peer.to_owned(),
-                m,
-            });
-        }
-        res
-    }
-
-    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
-        // The sender may have been reaped (and the room told it left): relay nothing for it.
-        if !self.alive_locally() {
-            return Err(unavailable("instance may have been written off"));
-        }
-        let route = self
-            .ask(|reply| Cmd::Route {
-                room: room.to_owned(),
-                to: to.to_owned(),
-                frame: frame.clone(),
-                reply,
-            })
-            .await?;
-        let owner = match route {
-            Route::Delivered => return Ok(Delivery::Sent),
-            Route::Full => return Ok(Delivery::Full),
-            Route::Remote(owner) => owner,
-            Route::Unknown => {
-                let cmd = redis::cmd("HGET")
-                    .arg(self.keys.members(room))
-                    .arg(to)
-                    .clone();
-                let Some(rec) = self.query::<Option<String>>(&cmd).await? else {
-                    return Ok(Delivery::NotMember);
-                };
-                let Some(owner) = Member::owner_of(&rec).map(str::to_owned) else {
-                    return Ok(Delivery::NotMember);
-                };
-                if owner == self.current().id {
-                    // Ours by record but not (or no longer) recorded by the hub: a join in
-                    // flight gets the frame, a peer on its way out does not.
-                    let queued = self
-                        .ask(|reply| Cmd::DeliverJoining {
-                            room: room.to_owned(),
-                            to: to.to_owned(),
-                            frame: frame.clone(),
-                            reply,
-                        })
-                        .await?;
-                    return Ok(match queued {
-                        Queued::Full => Delivery::Full,
-                        Queued::Yes | Queued::Absent => Delivery::Sent,
-                    });
-                }
-                let _ = self.hub.try_send(Cmd::Learn {
-                    room: room.to_owned(),
-                    peer: to.to_owned(),
-                    owner: owner.clone(),
-                });
-                owner
-            }
-        };
-        self.publish(room, vec![(owner, vec![to.to_owned()])], &frame, None, None)
-            .await;
-        Ok(Delivery::Sent)
-    }
-
-    async fn load_session(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
-        let cmd = redis::cmd("HMGET")
-            .arg(self.keys.session(id))
-            .arg("created_at")
-            .arg("hash")
-            .clone();
-        let v: Vec<Option<String>> = self.query(&cmd).await?;
-        match v.as_slice() {
-            [Some(created), Some(hash)] => Ok(Some(SessionRecord {
-                id: id.to_owned(),
-                created_at: created.parse().unwrap_or(0),
-                code: hash.clone(),
-            })),
-            _ => Ok(None),
-        }
-    }
-
     async fn ready(&self) -> EngineResult<()> {
         if !self.current().registered {
             return Err(unavailable("instance not registered in Redis"));
@@ -569,88 +299,19 @@ impl Engine for RedisEngine {
     }
 
     async fn register(&self, session: SessionRecord, host_token: &str) -> EngineResult<bool> {
-        let i = &self.inner;
-        let ttl = Inner::ttl_ms(i.config.session_ttl);
-        // Tokens live in their own slots, so "the id is not a token" cannot be part of the
-        // script; tokens are random server-chosen ids, so only a deliberate collision gets here.
-        let taken = redis::cmd("EXISTS").arg(i.keys.token(&session.id)).clone();
-        if i.query::<bool>(&taken).await? {
-            return Ok(false);
-        }
-        // The host token first: a session never exists without it.
-        if !i
-            .put_token(host_token, &session.id, Grant::Host, ttl)
-            .await?
-        {
-            return Ok(false);
-        }
-        let mut cm = i.cm();
-        let mut inv = i.scripts.register.prepare_invoke();
-        inv.key(i.keys.session(&session.id))
-            .arg(&session.code)
-            .arg(ttl);
-        let created: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
-        if created == 0 {
-            let undo = redis::cmd("DEL").arg(i.keys.token(host_token)).clone();
-            i.query::<i64>(&undo).await?;
-        }
-        Ok(created != 0)
+        self.inner.register(session, host_token).await
     }
 
     async fn resolve(&self, id: &str) -> EngineResult<Option<Access>> {
-        let i = &self.inner;
-        if let Some(session) = i.load_session(id).await? {
-            return Ok(Some(Access {
-                session,
-                grant: Grant::Public,
-                peer: None,
-            }));
-        }
-        let cmd = redis::cmd("HMGET")
-            .arg(i.keys.token(id))
-            .arg("s")
-            .arg("g")
-            .arg("p")
-            .clone();
-        let v: Vec<Option<String>> = i.query(&cmd).await?;
-        let [Some(host), Some(grant), peer] = v.as_slice() else {
-            return Ok(None);
-        };
-        let Some(grant) = Grant::parse(grant) else {
-            return Ok(None);
-        };
-        Ok(i.load_session(host).await?.map(|session| Access {
-            session,
-            grant,
-            peer: peer.clone(),
-        }))
+        self.inner.resolve(id).await
     }
 
     async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.token_quota.prepare_invoke();
-        inv.key(i.keys.session(session))
-            .arg(i.config.max_tokens_per_session);
-        let ttl: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
-        if ttl <= 0 {
-            return Ok(None);
-        }
-        let token = crate::protocol::new_id();
-        Ok(i.put_token(&token, session, Grant::Joiner, ttl as u64)
-            .await?
-            .then_some(token))
+        self.inner.mint_token(session).await
     }
 
     async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.token_bind.prepare_invoke();
-        inv.key(i.keys.token(token))
-            .arg(peer)
-            .arg(Inner::ttl_ms(i.config.session_ttl));
-        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(())
+        self.inner.bind_token(token, peer).await
     }
 
     async fn check_code(
@@ -659,60 +320,19 @@ impl Engine for RedisEngine {
         client: &str,
         digest: &str,
     ) -> EngineResult<CodeCheck> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.code_check.prepare_invoke();
-        inv.key(i.keys.session(session))
-            .key(i.keys.code_failures(session))
-            .key(i.keys.client_code_failures(session, client))
-            .arg(digest)
-            .arg(Inner::ttl_ms(i.config.code_failure_window))
-            .arg(i.config.max_code_failures)
-            .arg(i.config.max_session_code_failures)
-            .arg(crate::protocol::new_id());
-        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(match v.first().map(String::as_str) {
-            Some("correct") => CodeCheck::Correct,
-            Some("wrong") => CodeCheck::Wrong,
-            Some("locked") => {
-                let ms = v.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
-                CodeCheck::Locked(Duration::from_millis(ms))
-            }
-            _ => CodeCheck::NotFound,
-        })
+        self.inner.check_code(session, client, digest).await
     }
 
     async fn rate(&self, key: &str, max: u32, window: Duration) -> EngineResult<Option<Duration>> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.rate.prepare_invoke();
-        inv.key(i.keys.rate(key))
-            .arg(max)
-            .arg(Inner::ttl_ms(window));
-        let wait: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok((wait > 0).then(|| Duration::from_millis(wait)))
+        self.inner.rate(key, max, window).await
     }
 
     async fn push_offer(&self, room: &str, to: &str, payload: String) -> EngineResult<()> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.offer_push.prepare_invoke();
-        inv.key(i.keys.offers(room, to))
-            .arg(payload)
-            .arg(i.config.max_queued_offers.max(1))
-            .arg(Inner::ttl_ms(i.config.mailbox_ttl));
-        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(())
+        self.inner.push_offer(room, to, payload).await
     }
 
     async fn pop_offer(&self, room: &str, to: &str) -> EngineResult<Option<String>> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.offer_pop.prepare_invoke();
-        inv.key(i.keys.offers(room, to))
-            .arg(Inner::ttl_ms(i.config.mailbox_ttl));
-        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(v.into_iter().next())
+        self.inner.pop_offer(room, to).await
     }
 
     async fn put_answer(
@@ -723,17 +343,9 @@ impl Engine for RedisEngine {
         handshake: &str,
         payload: String,
     ) -> EngineResult<bool> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.answer_put.prepare_invoke();
-        inv.key(i.keys.answer(room, to, handshake))
-            .key(i.keys.answers_from(room, to, from))
-            .arg(payload)
-            .arg(handshake)
-            .arg(Inner::ttl_ms(i.config.mailbox_ttl))
-            .arg(i.config.max_queued_answers);
-        let stored: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(stored == 1)
+        self.inner
+            .put_answer(room, from, to, handshake, payload)
+            .await
     }
 
     async fn take_answer(
@@ -742,12 +354,7 @@ impl Engine for RedisEngine {
         to: &str,
         handshake: &str,
     ) -> EngineResult<Option<String>> {
-        let i = &self.inner;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.answer_take.prepare_invoke();
-        inv.key(i.keys.answer(room, to, handshake));
-        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(v.into_iter().next())
+        self.inner.take_answer(room, to, handshake).await
     }
 
     async fn connect(&self, peer: &str) -> EngineResult<PeerQueue> {
@@ -815,25 +422,5 @@ impl Engine for RedisEngine {
             }
         }
         liveness::deregister(&self.inner).await;
-    }
-}
-
-impl Inner {
-    /// Writes a token (never overwriting one); false when it existed.
-    async fn put_token(
-        &self,
-        token: &str,
-        session: &str,
-        grant: Grant,
-        ttl: u64,
-    ) -> EngineResult<bool> {
-        let mut cm = self.cm();
-        let mut inv = self.scripts.token_put.prepare_invoke();
-        inv.key(self.keys.token(token))
-            .arg(session)
-            .arg(grant.as_str())
-            .arg(ttl);
-        let put: i64 = self.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(put == 1)
     }
 }

@@ -1,0 +1,270 @@
+//! Rooms in Redis: joining (role and room limit in `lua/join.lua`), leaving, and delivering a
+//! frame to a member wherever its socket is (this instance's hub, or its owner's channel).
+
+use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Member, Route};
+use super::{unavailable, Inner};
+use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
+use crate::peers::Queued;
+use crate::protocol::{Frame, ServerMessage};
+
+impl Inner {
+    /// Publishes `frame` to each remote owner's channel with the members it holds there.
+    pub(super) async fn publish(
+        &self,
+        room: &str,
+        groups: Groups,
+        frame: &Frame,
+        joined: Option<(String, String)>,
+        left: Option<String>,
+    ) {
+        for (owner, to) in groups {
+            let bus = Bus::Deliver {
+                room: room.to_owned(),
+                to,
+                frame: frame.to_string(),
+                joined: joined.clone(),
+                left: left.clone(),
+            };
+            let payload = serde_json::to_string(&bus).expect("bus messages serialize");
+            let cmd = redis::cmd("PUBLISH")
+                .arg(self.keys.channel(&owner))
+                .arg(payload)
+                .clone();
+            if let Err(e) = self.query::<i64>(&cmd).await {
+                tracing::warn!(%owner, error = %e, "publish to instance failed");
+            }
+        }
+    }
+
+    /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
+    /// `srem`, also drops the owner's record of it (the reaper removes its batch at once).
+    pub(crate) async fn leave_in_redis(
+        &self,
+        room: &str,
+        peer: &str,
+        owner: &str,
+        srem: bool,
+    ) -> EngineResult<()> {
+        let k = &self.keys;
+        let mut cm = self.cm();
+        let mut inv = self.scripts.leave.prepare_invoke();
+        inv.key(k.members(room))
+            .key(k.server(room))
+            .key(k.offers(room, peer))
+            .key(k.seq(room))
+            .arg(peer)
+            .arg(owner);
+        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        if flat.first().map(String::as_str) == Some("1") {
+            let survivors: Vec<(String, String)> = parse_members(&flat[1..])
+                .into_iter()
+                .map(|m| (m.info.id, m.owner))
+                .collect();
+            if !survivors.is_empty() {
+                let frame = ServerMessage::PeerLeft {
+                    peer_id: peer.to_owned(),
+                }
+                .to_frame();
+                let groups = self
+                    .ask(|reply| Cmd::Fanout {
+                        room: room.to_owned(),
+                        recipients: survivors,
+                        frame: frame.clone(),
+                        left: Some(peer.to_owned()),
+                        reply,
+                    })
+                    .await?;
+                self.publish(room, groups, &frame, None, Some(peer.to_owned()))
+                    .await;
+            }
+        }
+        if srem {
+            let cmd = redis::cmd("SREM")
+                .arg(k.instance_peers(owner))
+                .arg(format!("{room}|{peer}"))
+                .clone();
+            self.query::<i64>(&cmd).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn join(
+        &self,
+        room: &str,
+        peer: NewPeer,
+        max_peers: usize,
+    ) -> EngineResult<JoinResult> {
+        let inst = self.current();
+        if !inst.registered {
+            return Err(unavailable("instance not registered"));
+        }
+        if !self.alive_locally() {
+            return Err(unavailable("instance may have been written off"));
+        }
+        let k = &self.keys;
+        // The intent first: if we die after the join below, a reaper finds the peer here.
+        let cmd = redis::cmd("SADD")
+            .arg(k.instance_peers(&inst.id))
+            .arg(format!("{room}|{}", peer.id))
+            .clone();
+        self.query::<i64>(&cmd).await?;
+        let blob = serde_json::to_string(&Blob {
+            supported_transports: peer.supported_transports,
+            preferred_transport: peer.preferred_transport,
+            metadata: peer.metadata,
+        })
+        .expect("blob serializes");
+        let role = match peer.role {
+            crate::protocol::Role::Server => "server",
+            crate::protocol::Role::Client => "client",
+        };
+        let mut cm = self.cm();
+        let mut inv = self.scripts.join.prepare_invoke();
+        inv.key(k.members(room))
+            .key(k.seq(room))
+            .key(k.server(room))
+            .key(k.session(room))
+            .arg(&peer.id)
+            .arg(&inst.id)
+            .arg(blob)
+            .arg(Self::ttl_ms(self.config.session_ttl))
+            .arg(role)
+            .arg(max_peers);
+        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        if flat.first().map(String::as_str) == Some("full") {
+            let cmd = redis::cmd("SREM")
+                .arg(k.instance_peers(&inst.id))
+                .arg(format!("{room}|{}", peer.id))
+                .clone();
+            let _ = self.query::<i64>(&cmd).await;
+            return Ok(JoinResult::Full);
+        }
+        let fresh = flat.first().map(String::as_str) == Some("1");
+        let members = parse_members(flat.get(1..).unwrap_or_default());
+        let Some(me) = members.iter().find(|m| m.info.id == peer.id).cloned() else {
+            return Err(unavailable("join script returned no record for the joiner"));
+        };
+        let frame = fresh.then(|| {
+            ServerMessage::PeerJoined {
+                peer: me.info.clone(),
+            }
+            .to_frame()
+        });
+        let owners: Vec<(String, String)> = members
+            .iter()
+            .map(|m| (m.info.id.clone(), m.owner.clone()))
+            .collect();
+        // Frozen while the script ran: we may already be reaped, so the join must not stand
+        // (the hub may not have been fenced yet to refuse it below).
+        if !self.alive_locally() {
+            let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
+            return Err(unavailable("instance may have been written off"));
+        }
+        let reply = self
+            .ask(|reply| Cmd::Joined {
+                room: room.to_owned(),
+                peer: peer.id.clone(),
+                owner: me.owner.clone(),
+                members: owners,
+                frame: frame.clone(),
+                reply,
+            })
+            .await?;
+        match reply {
+            Ok(groups) => {
+                if let Some(frame) = frame {
+                    let joined = Some((peer.id.clone(), me.owner.clone()));
+                    self.publish(room, groups, &frame, joined, None).await;
+                }
+            }
+            Err(()) => {
+                // Fenced while joining: undo, since the old id's reaper may already be done.
+                let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
+                return Err(unavailable("instance was fenced during the join"));
+            }
+        }
+        Ok(JoinResult::Joined(Joined {
+            me: me.info,
+            peers: members.into_iter().map(|m| m.info).collect(),
+            fresh,
+        }))
+    }
+
+    pub(super) async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
+        let Some(m) = self
+            .ask(|reply| Cmd::Leaving {
+                room: room.to_owned(),
+                peer: peer.to_owned(),
+                reply,
+            })
+            .await?
+        else {
+            return Ok(());
+        };
+        let res = self.leave_in_redis(room, peer, &m.owner, true).await;
+        if res.is_err() {
+            let _ = self.hub.try_send(Cmd::RetryLeave {
+                peer: peer.to_owned(),
+                m,
+            });
+        }
+        res
+    }
+
+    pub(super) async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
+        // The sender may have been reaped (and the room told it left): relay nothing for it.
+        if !self.alive_locally() {
+            return Err(unavailable("instance may have been written off"));
+        }
+        let route = self
+            .ask(|reply| Cmd::Route {
+                room: room.to_owned(),
+                to: to.to_owned(),
+                frame: frame.clone(),
+                reply,
+            })
+            .await?;
+        let owner = match route {
+            Route::Delivered => return Ok(Delivery::Sent),
+            Route::Full => return Ok(Delivery::Full),
+            Route::Remote(owner) => owner,
+            Route::Unknown => {
+                let cmd = redis::cmd("HGET")
+                    .arg(self.keys.members(room))
+                    .arg(to)
+                    .clone();
+                let Some(rec) = self.query::<Option<String>>(&cmd).await? else {
+                    return Ok(Delivery::NotMember);
+                };
+                let Some(owner) = Member::owner_of(&rec).map(str::to_owned) else {
+                    return Ok(Delivery::NotMember);
+                };
+                if owner == self.current().id {
+                    // Ours by record but not (or no longer) recorded by the hub: a join in
+                    // flight gets the frame, a peer on its way out does not.
+                    let queued = self
+                        .ask(|reply| Cmd::DeliverJoining {
+                            room: room.to_owned(),
+                            to: to.to_owned(),
+                            frame: frame.clone(),
+                            reply,
+                        })
+                        .await?;
+                    return Ok(match queued {
+                        Queued::Full => Delivery::Full,
+                        Queued::Yes | Queued::Absent => Delivery::Sent,
+                    });
+                }
+                let _ = self.hub.try_send(Cmd::Learn {
+                    room: room.to_owned(),
+                    peer: to.to_owned(),
+                    owner: owner.clone(),
+                });
+                owner
+            }
+        };
+        self.publish(room, vec![(owner, vec![to.to_owned()])], &frame, None, None)
+            .await;
+        Ok(Delivery::Sent)
+    }
+}

@@ -1,0 +1,240 @@
+//! Sessions, capability tokens, join-code checks, rate counters and the mailbox in Redis: each
+//! a single command or one script of `lua/` in one slot (tokens have slots of their own).
+
+use std::time::Duration;
+
+use super::Inner;
+use crate::engine::{Access, CodeCheck, EngineResult, Grant, SessionRecord};
+
+impl Inner {
+    pub(super) async fn load_session(&self, id: &str) -> EngineResult<Option<SessionRecord>> {
+        let cmd = redis::cmd("HMGET")
+            .arg(self.keys.session(id))
+            .arg("created_at")
+            .arg("hash")
+            .clone();
+        let v: Vec<Option<String>> = self.query(&cmd).await?;
+        match v.as_slice() {
+            [Some(created), Some(hash)] => Ok(Some(SessionRecord {
+                id: id.to_owned(),
+                created_at: created.parse().unwrap_or(0),
+                code: hash.clone(),
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    pub(super) async fn register(
+        &self,
+        session: SessionRecord,
+        host_token: &str,
+    ) -> EngineResult<bool> {
+        let i = self;
+        let ttl = Inner::ttl_ms(i.config.session_ttl);
+        // Tokens live in their own slots, so "the id is not a token" cannot be part of the
+        // script; tokens are random server-chosen ids, so only a deliberate collision gets here.
+        let taken = redis::cmd("EXISTS").arg(i.keys.token(&session.id)).clone();
+        if i.query::<bool>(&taken).await? {
+            return Ok(false);
+        }
+        // The host token first: a session never exists without it.
+        if !i
+            .put_token(host_token, &session.id, Grant::Host, ttl)
+            .await?
+        {
+            return Ok(false);
+        }
+        let mut cm = i.cm();
+        let mut inv = i.scripts.register.prepare_invoke();
+        inv.key(i.keys.session(&session.id))
+            .arg(&session.code)
+            .arg(ttl);
+        let created: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        if created == 0 {
+            let undo = redis::cmd("DEL").arg(i.keys.token(host_token)).clone();
+            i.query::<i64>(&undo).await?;
+        }
+        Ok(created != 0)
+    }
+
+    pub(super) async fn resolve(&self, id: &str) -> EngineResult<Option<Access>> {
+        let i = self;
+        if let Some(session) = i.load_session(id).await? {
+            return Ok(Some(Access {
+                session,
+                grant: Grant::Public,
+                peer: None,
+            }));
+        }
+        let cmd = redis::cmd("HMGET")
+            .arg(i.keys.token(id))
+            .arg("s")
+            .arg("g")
+            .arg("p")
+            .clone();
+        let v: Vec<Option<String>> = i.query(&cmd).await?;
+        let [Some(host), Some(grant), peer] = v.as_slice() else {
+            return Ok(None);
+        };
+        let Some(grant) = Grant::parse(grant) else {
+            return Ok(None);
+        };
+        Ok(i.load_session(host).await?.map(|session| Access {
+            session,
+            grant,
+            peer: peer.clone(),
+        }))
+    }
+
+    pub(super) async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.token_quota.prepare_invoke();
+        inv.key(i.keys.session(session))
+            .arg(i.config.max_tokens_per_session);
+        let ttl: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        if ttl <= 0 {
+            return Ok(None);
+        }
+        let token = crate::protocol::new_id();
+        Ok(i.put_token(&token, session, Grant::Joiner, ttl as u64)
+            .await?
+            .then_some(token))
+    }
+
+    pub(super) async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.token_bind.prepare_invoke();
+        inv.key(i.keys.token(token))
+            .arg(peer)
+            .arg(Inner::ttl_ms(i.config.session_ttl));
+        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn check_code(
+        &self,
+        session: &str,
+        client: &str,
+        digest: &str,
+    ) -> EngineResult<CodeCheck> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.code_check.prepare_invoke();
+        inv.key(i.keys.session(session))
+            .key(i.keys.code_failures(session))
+            .key(i.keys.client_code_failures(session, client))
+            .arg(digest)
+            .arg(Inner::ttl_ms(i.config.code_failure_window))
+            .arg(i.config.max_code_failures)
+            .arg(i.config.max_session_code_failures)
+            .arg(crate::protocol::new_id());
+        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(match v.first().map(String::as_str) {
+            Some("correct") => CodeCheck::Correct,
+            Some("wrong") => CodeCheck::Wrong,
+            Some("locked") => {
+                let ms = v.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
+                CodeCheck::Locked(Duration::from_millis(ms))
+            }
+            _ => CodeCheck::NotFound,
+        })
+    }
+
+    pub(super) async fn rate(
+        &self,
+        key: &str,
+        max: u32,
+        window: Duration,
+    ) -> EngineResult<Option<Duration>> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.rate.prepare_invoke();
+        inv.key(i.keys.rate(key))
+            .arg(max)
+            .arg(Inner::ttl_ms(window));
+        let wait: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait)))
+    }
+
+    pub(super) async fn push_offer(
+        &self,
+        room: &str,
+        to: &str,
+        payload: String,
+    ) -> EngineResult<()> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.offer_push.prepare_invoke();
+        inv.key(i.keys.offers(room, to))
+            .arg(payload)
+            .arg(i.config.max_queued_offers.max(1))
+            .arg(Inner::ttl_ms(i.config.mailbox_ttl));
+        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn pop_offer(&self, room: &str, to: &str) -> EngineResult<Option<String>> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.offer_pop.prepare_invoke();
+        inv.key(i.keys.offers(room, to))
+            .arg(Inner::ttl_ms(i.config.mailbox_ttl));
+        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(v.into_iter().next())
+    }
+
+    pub(super) async fn put_answer(
+        &self,
+        room: &str,
+        from: &str,
+        to: &str,
+        handshake: &str,
+        payload: String,
+    ) -> EngineResult<bool> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.answer_put.prepare_invoke();
+        inv.key(i.keys.answer(room, to, handshake))
+            .key(i.keys.answers_from(room, to, from))
+            .arg(payload)
+            .arg(handshake)
+            .arg(Inner::ttl_ms(i.config.mailbox_ttl))
+            .arg(i.config.max_queued_answers);
+        let stored: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(stored == 1)
+    }
+
+    pub(super) async fn take_answer(
+        &self,
+        room: &str,
+        to: &str,
+        handshake: &str,
+    ) -> EngineResult<Option<String>> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.answer_take.prepare_invoke();
+        inv.key(i.keys.answer(room, to, handshake));
+        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(v.into_iter().next())
+    }
+
+    /// Writes a token (never overwriting one); false when it existed.
+    pub(super) async fn put_token(
+        &self,
+        token: &str,
+        session: &str,
+        grant: Grant,
+        ttl: u64,
+    ) -> EngineResult<bool> {
+        let mut cm = self.cm();
+        let mut inv = self.scripts.token_put.prepare_invoke();
+        inv.key(self.keys.token(token))
+            .arg(session)
+            .arg(grant.as_str())
+            .arg(ttl);
+        let put: i64 = self.redis(inv.invoke_async(&mut cm)).await?;
+        Ok(put == 1)
+    }
+}
