@@ -1,0 +1,393 @@
+//! The in-process engine's state: plain data with synchronous methods, owned by the actor task
+//! of [`super::MemoryEngine`] (so each method runs to completion, alone, in arrival order: that
+//! is what makes registration, code checks, roles and mailbox takes atomic).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::code::digests_match;
+use crate::engine::{
+    Access, CodeCheck, Delivery, EngineConfig, Grant, JoinResult, Joined, NewPeer, SessionRecord,
+};
+use crate::peers::{Class, LocalPeers, PeerQueue, Queued};
+use crate::protocol::{new_id, unix_now, Frame, PeerInfo, Role, ServerMessage};
+
+struct Expiring<T> {
+    value: T,
+    until: Instant,
+}
+
+impl<T> Expiring<T> {
+    fn live(&self, now: Instant) -> bool {
+        self.until > now
+    }
+}
+
+struct SessionEntry {
+    record: SessionRecord,
+    /// Tokens minted so far (the host's included).
+    minted: u32,
+}
+
+struct Token {
+    session: String,
+    grant: Grant,
+    peer: Option<String>,
+}
+
+/// Failure times within the window, oldest first.
+type Failures = VecDeque<Instant>;
+
+/// Drops the entries older than `window` and returns how long until the oldest leaves it.
+fn trim(f: &mut Failures, now: Instant, window: Duration) -> Duration {
+    while f.front().is_some_and(|t| now.duration_since(*t) >= window) {
+        f.pop_front();
+    }
+    f.front()
+        .map(|t| window.saturating_sub(now.duration_since(*t)))
+        .unwrap_or_default()
+}
+
+pub(super) struct State {
+    config: EngineConfig,
+    sessions: HashMap<String, Expiring<SessionEntry>>,
+    /// Token → its session and grant (dropped with the session).
+    tokens: HashMap<String, Token>,
+    /// Session → wrong codes from everywhere; (session, client) → from one client.
+    failures: HashMap<String, Failures>,
+    client_failures: HashMap<(String, String), Failures>,
+    /// Fixed-window counters: key → (count, window end).
+    rates: HashMap<String, (u32, Instant)>,
+    /// (room, recipient) → queued offers.
+    offers: HashMap<(String, String), VecDeque<Expiring<String>>>,
+    /// (room, recipient, handshake) → (sender, answer).
+    answers: HashMap<(String, String, String), Expiring<(String, String)>>,
+    /// Room → members in join order.
+    rooms: HashMap<String, Vec<PeerInfo>>,
+    /// Room → its current `server` peer.
+    servers: HashMap<String, String>,
+    pub(super) local: LocalPeers,
+}
+
+impl State {
+    pub(super) fn new(config: EngineConfig) -> Self {
+        let local = LocalPeers::new(config.queue);
+        Self {
+            config,
+            sessions: HashMap::new(),
+            tokens: HashMap::new(),
+            failures: HashMap::new(),
+            client_failures: HashMap::new(),
+            rates: HashMap::new(),
+            offers: HashMap::new(),
+            answers: HashMap::new(),
+            rooms: HashMap::new(),
+            servers: HashMap::new(),
+            local,
+        }
+    }
+
+    fn session(&self, id: &str, now: Instant) -> Option<&SessionEntry> {
+        self.sessions
+            .get(id)
+            .filter(|s| s.live(now))
+            .map(|s| &s.value)
+    }
+
+    pub(super) fn is_member(&self, room: &str, peer: &str) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|m| m.iter().any(|p| p.id == peer))
+    }
+
+    /// Sends `frame` to every member of `room` but `except`.
+    fn broadcast(&mut self, room: &str, except: &str, frame: &Frame) {
+        let Some(members) = self.rooms.get(room) else {
+            return;
+        };
+        let targets: Vec<String> = members
+            .iter()
+            .filter(|p| p.id != except)
+            .map(|p| p.id.clone())
+            .collect();
+        for id in targets {
+            self.local.deliver(&id, frame, Class::Control);
+        }
+    }
+
+    pub(super) fn sweep(&mut self, now: Instant) {
+        self.sessions.retain(|_, s| s.live(now));
+        let sessions = &self.sessions;
+        self.tokens.retain(|_, t| sessions.contains_key(&t.session));
+        let window = self.config.code_failure_window;
+        for f in self.failures.values_mut() {
+            trim(f, now, window);
+        }
+        self.failures.retain(|_, f| !f.is_empty());
+        for f in self.client_failures.values_mut() {
+            trim(f, now, window);
+        }
+        self.client_failures.retain(|_, f| !f.is_empty());
+        self.rates.retain(|_, (_, until)| *until > now);
+        for queue in self.offers.values_mut() {
+            queue.retain(|o| o.live(now));
+        }
+        self.offers.retain(|_, q| !q.is_empty());
+        self.answers.retain(|_, a| a.live(now));
+    }
+
+    pub(super) fn register(&mut self, session: SessionRecord, token: String) -> bool {
+        let now = Instant::now();
+        if self.session(&session.id, now).is_some()
+            || self.tokens.contains_key(&session.id)
+            || self.tokens.contains_key(&token)
+        {
+            return false;
+        }
+        let until = now + self.config.session_ttl;
+        let host = Token {
+            session: session.id.clone(),
+            grant: Grant::Host,
+            peer: None,
+        };
+        self.tokens.insert(token, host);
+        let entry = SessionEntry {
+            record: session,
+            minted: 1,
+        };
+        let id = entry.record.id.clone();
+        self.sessions.insert(
+            id,
+            Expiring {
+                value: entry,
+                until,
+            },
+        );
+        true
+    }
+
+    pub(super) fn resolve(&self, id: &str) -> Option<Access> {
+        let now = Instant::now();
+        if let Some(e) = self.session(id, now) {
+            return Some(Access {
+                session: e.record.clone(),
+                grant: Grant::Public,
+                peer: None,
+            });
+        }
+        let t = self.tokens.get(id)?;
+        let e = self.session(&t.session, now)?;
+        Some(Access {
+            session: e.record.clone(),
+            grant: t.grant,
+            peer: t.peer.clone(),
+        })
+    }
+
+    pub(super) fn mint_token(&mut self, session: String) -> Option<String> {
+        let now = Instant::now();
+        let max = self.config.max_tokens_per_session;
+        let entry = self.sessions.get_mut(&session).filter(|e| e.live(now))?;
+        if entry.value.minted >= max {
+            return None;
+        }
+        entry.value.minted += 1;
+        let token = new_id();
+        let joiner = Token {
+            session,
+            grant: Grant::Joiner,
+            peer: None,
+        };
+        self.tokens.insert(token.clone(), joiner);
+        Some(token)
+    }
+
+    pub(super) fn bind_token(&mut self, token: &str, peer: String) {
+        if let Some(t) = self.tokens.get_mut(token) {
+            t.peer = Some(peer);
+        }
+    }
+
+    pub(super) fn check_code(
+        &mut self,
+        session: String,
+        client: String,
+        digest: &str,
+    ) -> CodeCheck {
+        let now = Instant::now();
+        let Some(entry) = self.session(&session, now) else {
+            return CodeCheck::NotFound;
+        };
+        let expected = entry.record.code.clone();
+        let window = self.config.code_failure_window;
+        let mine = self
+            .client_failures
+            .entry((session.clone(), client))
+            .or_default();
+        let mine_wait = trim(mine, now, window);
+        if mine.len() >= self.config.max_code_failures as usize {
+            return CodeCheck::Locked(mine_wait);
+        }
+        let all = self.failures.entry(session).or_default();
+        let all_wait = trim(all, now, window);
+        if all.len() >= self.config.max_session_code_failures as usize {
+            return CodeCheck::Locked(all_wait);
+        }
+        if digests_match(digest, &expected) {
+            return CodeCheck::Correct;
+        }
+        all.push_back(now);
+        mine.push_back(now);
+        CodeCheck::Wrong
+    }
+
+    pub(super) fn rate(&mut self, key: String, max: u32, window: Duration) -> Option<Duration> {
+        let now = Instant::now();
+        let entry = self.rates.entry(key).or_insert((0, now + window));
+        if entry.1 <= now {
+            *entry = (0, now + window);
+        }
+        entry.0 += 1;
+        (entry.0 > max).then(|| entry.1.duration_since(now))
+    }
+
+    pub(super) fn push_offer(&mut self, key: (String, String), payload: String) {
+        let until = Instant::now() + self.config.mailbox_ttl;
+        let max = self.config.max_queued_offers.max(1);
+        let queue = self.offers.entry(key).or_default();
+        queue.push_back(Expiring {
+            value: payload,
+            until,
+        });
+        while queue.len() > max {
+            queue.pop_front();
+        }
+    }
+
+    pub(super) fn pop_offer(&mut self, key: (String, String)) -> Option<String> {
+        let now = Instant::now();
+        let queue = self.offers.get_mut(&key)?;
+        let offer = std::iter::from_fn(|| queue.pop_front()).find(|o| o.live(now));
+        if queue.is_empty() {
+            self.offers.remove(&key);
+        }
+        offer.map(|o| o.value)
+    }
+
+    /// `key` is (room, recipient, handshake).
+    pub(super) fn put_answer(
+        &mut self,
+        key: (String, String, String),
+        from: String,
+        payload: String,
+    ) -> bool {
+        let now = Instant::now();
+        let waiting = self
+            .answers
+            .iter()
+            .filter(|((r, t, h), a)| {
+                *r == key.0 && *t == key.1 && *h != key.2 && a.value.0 == from && a.live(now)
+            })
+            .count();
+        if waiting >= self.config.max_queued_answers {
+            return false;
+        }
+        let until = now + self.config.mailbox_ttl;
+        let answer = Expiring {
+            value: (from, payload),
+            until,
+        };
+        self.answers.insert(key, answer);
+        true
+    }
+
+    pub(super) fn take_answer(&mut self, key: (String, String, String)) -> Option<String> {
+        self.answers
+            .remove(&key)
+            .filter(|a| a.live(Instant::now()))
+            .map(|a| a.value.1)
+    }
+
+    pub(super) fn join(&mut self, room: String, peer: NewPeer, max_peers: usize) -> JoinResult {
+        let now = Instant::now();
+        if let Some(entry) = self.sessions.get_mut(&room) {
+            entry.until = now + self.config.session_ttl;
+        }
+        let members = self.rooms.entry(room.clone()).or_default();
+        if let Some(me) = members.iter().find(|p| p.id == peer.id) {
+            return JoinResult::Joined(Joined {
+                me: me.clone(),
+                peers: members.clone(),
+                fresh: false,
+            });
+        }
+        if members.len() >= max_peers {
+            if members.is_empty() {
+                self.rooms.remove(&room);
+            }
+            return JoinResult::Full;
+        }
+        let me = PeerInfo {
+            id: peer.id,
+            role: peer.role,
+            joined_at: unix_now(),
+            supported_transports: peer.supported_transports,
+            preferred_transport: peer.preferred_transport,
+            metadata: peer.metadata,
+        };
+        members.push(me.clone());
+        let peers = members.clone();
+        if me.role == Role::Server {
+            self.servers.insert(room.clone(), me.id.clone());
+        }
+        let frame = ServerMessage::PeerJoined { peer: me.clone() }.to_frame();
+        self.broadcast(&room, &me.id, &frame);
+        JoinResult::Joined(Joined {
+            me,
+            peers,
+            fresh: true,
+        })
+    }
+
+    pub(super) fn leave(&mut self, room: String, peer: String) {
+        let Some(members) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let before = members.len();
+        members.retain(|p| p.id != peer);
+        if members.len() == before {
+            return;
+        }
+        if self.servers.get(&room) == Some(&peer) {
+            self.servers.remove(&room);
+        }
+        if members.is_empty() {
+            self.rooms.remove(&room);
+        } else {
+            let frame = ServerMessage::PeerLeft {
+                peer_id: peer.clone(),
+            }
+            .to_frame();
+            self.broadcast(&room, &peer, &frame);
+        }
+        self.offers.remove(&(room, peer));
+    }
+
+    pub(super) fn server_peer(&self, room: &str) -> Option<String> {
+        self.servers.get(room).cloned()
+    }
+
+    pub(super) fn send(&mut self, room: &str, to: &str, frame: &Frame) -> Delivery {
+        if !self.is_member(room, to) {
+            return Delivery::NotMember;
+        }
+        match self.local.deliver(to, frame, Class::Relay) {
+            Queued::Full => Delivery::Full,
+            Queued::Yes | Queued::Absent => Delivery::Sent,
+        }
+    }
+
+    pub(super) fn connect(&mut self, peer: &str) -> PeerQueue {
+        self.local.register(peer)
+    }
+}
