@@ -1,6 +1,7 @@
 -- token_quota: takes one token from a session's lifetime quota.
 -- KEYS[1]  session hash            {S}:session
 -- ARGV[1]  tokens a session may mint in its life
+-- ARGV[2]  session ttl (ms), for a session without one
 -- Returns the session's remaining ttl (ms, > 0) when a token may be minted, -1 when the
 -- session does not exist, -2 when its quota is spent. The caller then writes {T}:token.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -13,6 +14,6 @@ end
 redis.call('HINCRBY', KEYS[1], 'minted', 1)
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 1 then
-  ttl = 1
+  ttl = tonumber(ARGV[2])
 end
 return ttl

@@ -409,9 +409,7 @@ impl<E: Engine> Connection<E> {
         }
     }
 
-    /// PeerInfo metadata: the client's keys (bounded), then the server's, which win. A value
-    /// equal to this socket's token is dropped: generation 2 puts its "peer session id" (our
-    /// token) into its metadata, and every member would read it.
+    /// PeerInfo metadata: the client's keys (bounded), then the server's, which win.
     fn metadata(
         &self,
         client: Option<BTreeMap<String, String>>,
@@ -421,7 +419,7 @@ impl<E: Engine> Connection<E> {
         let mut meta: BTreeMap<String, String> = client
             .unwrap_or_default()
             .into_iter()
-            .filter(|(k, v)| k.len() <= 64 && v.len() <= MAX_METADATA_LEN && *v != self.path_id)
+            .filter(|(k, v)| k.len() <= 64 && v.len() <= MAX_METADATA_LEN)
             .take(MAX_METADATA_KEYS)
             .collect();
         if let Some(label) = label.filter(|l| !l.is_empty() && l.len() <= MAX_METADATA_LEN) {
@@ -458,6 +456,13 @@ impl<E: Engine> Connection<E> {
         // The `server` role is the host's: only its token grants it.
         if grant == Some(Grant::Host) {
             peer.role = Role::Server;
+        }
+        // A token is a capability, and every member reads PeerInfo: generation 2 copies its
+        // "peer session id" (our token) into its metadata, so a value equal to it is dropped.
+        if matches!(grant, Some(Grant::Host | Grant::Joiner)) {
+            if let Some(meta) = peer.metadata.as_mut() {
+                meta.retain(|_, v| *v != self.path_id);
+            }
         }
         let size = serde_json::to_string(&(
             &peer.supported_transports,

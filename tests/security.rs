@@ -635,3 +635,24 @@ both!(
         }
     }
 );
+
+both!(only_token_values_are_dropped_from_metadata, &[], |ctx| {
+    let (s, mut host) = ctx.hosted().await;
+    // Through the public id, a value equal to the session id is an ordinary value.
+    let mut public = ctx.ws(&s.id).await;
+    let mut msg = Ws::join_msg(Some(&s.code));
+    msg["metadata"] = json!({"host_session_id": s.id});
+    public.join_with(msg).await;
+    let joined = host.recv_type("peer_joined").await;
+    assert_eq!(joined["peer"]["metadata"]["host_session_id"], s.id.as_str());
+    // Through a token, the token itself is never shown to the room.
+    let token = ctx.api().join_token(&s.id, &s.code).await;
+    let mut ws = ctx.ws(&token).await;
+    let mut msg = Ws::join_msg(Some(&s.code));
+    msg["metadata"] = json!({"peer_session_id": token, "label2": "kept"});
+    ws.join_with(msg).await;
+    let joined = host.recv_type("peer_joined").await;
+    let meta = &joined["peer"]["metadata"];
+    assert!(meta.get("peer_session_id").is_none(), "{meta}");
+    assert_eq!(meta["label2"], "kept");
+});

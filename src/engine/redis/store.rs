@@ -91,7 +91,8 @@ impl Inner {
         let mut cm = i.cm();
         let mut inv = i.scripts.token_quota.prepare_invoke();
         inv.key(i.keys.session(session))
-            .arg(i.config.max_tokens_per_session);
+            .arg(i.config.max_tokens_per_session)
+            .arg(Inner::ttl_ms(i.config.session_ttl));
         let ttl: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
         if ttl <= 0 {
             return Ok(None);
