@@ -12,6 +12,7 @@
 //! | [`protocol`] | wire types and id validation |
 //! | [`code`] | join codes: generation, salted hashing, constant-time check |
 //! | [`client`] | the client's address: TCP peer or trusted proxies' `X-Forwarded-For` |
+//! | [`addr_limits`] | per-address caps (connections, WebSockets) and the upgrade rate |
 //! | [`access`] | the join-code check shared by HTTP join, attach and WebSocket join |
 //! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
 //! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
@@ -32,6 +33,7 @@
 //! call to Redis or the network has a timeout; every spawned task ends with its owner.
 
 pub mod access;
+pub mod addr_limits;
 pub mod client;
 pub mod code;
 pub mod config;
