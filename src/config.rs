@@ -20,6 +20,17 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// A duration that must not be zero (a zero timeout would close every connection at once).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    duration(s).and_then(|d| {
+        if d.is_zero() {
+            Err("must be greater than zero".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
 /// beach-road: session and signaling server for beach.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
@@ -106,6 +117,16 @@ pub struct Config {
     /// are kept for HTTP and health checks, and both caps stay below the descriptor limit.
     #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+
+    /// A new HTTP connection, or a keep-alive one from the first byte of its next request, must
+    /// send the whole request head within this; else it is closed.
+    #[arg(long, env = "BEACH_ROAD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A keep-alive HTTP connection that sends nothing this long after a response is closed.
+    /// Not applied to WebSockets (see --idle-timeout).
+    #[arg(long, env = "BEACH_ROAD_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub http_idle_timeout: Duration,
 
     /// After SIGTERM: how long to keep serving while /ready fails, so the load balancer can
     /// deregister this instance.

@@ -23,6 +23,7 @@
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
 //! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
 //! | [`listener`] | TCP accept with a connection cap and no stall on EMFILE |
+//! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
 //! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |
 //!
@@ -40,6 +41,7 @@ pub mod config;
 pub mod engine;
 pub mod health;
 pub mod http;
+pub mod http_conn;
 pub mod listener;
 pub mod logging;
 pub mod peers;

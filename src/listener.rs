@@ -59,13 +59,9 @@ impl LimitedListener {
             None => tracing::warn!("{what}"),
         }
     }
-}
 
-impl axum::serve::Listener for LimitedListener {
-    type Io = Counted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
+    /// The next connection that got a slot, with TCP_NODELAY set (signaling is small writes).
+    pub async fn accept(&mut self) -> (Counted, SocketAddr) {
         loop {
             let (stream, addr) = match self.inner.accept().await {
                 Ok(accepted) => accepted,
@@ -87,13 +83,12 @@ impl axum::serve::Listener for LimitedListener {
             };
             match slot {
                 Some(permit) => {
-                    return (
-                        Counted {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    )
+                    let _ = stream.set_nodelay(true);
+                    let counted = Counted {
+                        stream,
+                        _permit: permit,
+                    };
+                    return (counted, addr);
                 }
                 None => {
                     self.warn("connection limit reached; refusing new connections", None);
@@ -103,7 +98,7 @@ impl axum::serve::Listener for LimitedListener {
         }
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
 }
@@ -112,12 +107,6 @@ impl axum::serve::Listener for LimitedListener {
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Counted {
-    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.stream.set_nodelay(on)
-    }
 }
 
 impl AsyncRead for Counted {
