@@ -31,6 +31,13 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("not a whole number of at least 1: {s}")),
+    }
+}
+
 /// beach-road: session and signaling server for beach.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
@@ -117,6 +124,11 @@ pub struct Config {
     /// are kept for HTTP and health checks, and both caps stay below the descriptor limit.
     #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+
+    /// TCP connections per peer address at most, except from trusted proxies; more are closed
+    /// at once, so one host cannot take the connections /health needs.
+    #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256, value_parser = at_least_one)]
+    pub max_connections_per_address: usize,
 
     /// A new HTTP connection, or a keep-alive one from the first byte of its next request, must
     /// send the whole request head within this; else it is closed.

@@ -22,7 +22,7 @@
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
 //! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
-//! | [`listener`] | TCP accept with a connection cap and no stall on EMFILE |
+//! | [`listener`] | TCP accept with a connection cap, a per-address cap and no stall on EMFILE |
 //! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
 //! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |

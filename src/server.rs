@@ -160,7 +160,12 @@ async fn serve<E: Engine>(
     let watchdog = tokio::spawn(health.watchdog());
 
     let max_tcp = max_sockets + HTTP_HEADROOM;
-    let listener = LimitedListener::new(listener, max_tcp);
+    let listener = LimitedListener::new(
+        listener,
+        max_tcp,
+        config.max_connections_per_address,
+        config.trusted_proxies.clone(),
+    );
     let timeouts = Timeouts {
         header_read: config.header_read_timeout,
         idle: config.http_idle_timeout,
