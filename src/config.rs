@@ -125,6 +125,16 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
 
+    /// Open WebSockets per client address at most (the address behind trusted proxies); more
+    /// upgrades are refused with 429.
+    #[arg(long, env = "BEACH_ROAD_MAX_SOCKETS_PER_ADDRESS", default_value_t = 64, value_parser = at_least_one)]
+    pub max_sockets_per_address: usize,
+
+    /// WebSocket upgrades per client address per second (a token bucket with this burst);
+    /// more are refused with 429.
+    #[arg(long, env = "BEACH_ROAD_UPGRADES_PER_ADDRESS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub upgrades_per_address: u32,
+
     /// TCP connections per peer address at most, except from trusted proxies; more are closed
     /// at once, so one host cannot take the connections /health needs.
     #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256, value_parser = at_least_one)]

@@ -11,6 +11,7 @@ use axum::Router;
 use tower_http::cors::CorsLayer;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::addr_limits::SocketLimits;
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
@@ -156,6 +157,10 @@ async fn serve<E: Engine>(
         shutdown: shutdown.clone(),
         health: health.clone(),
         sockets: sockets.clone(),
+        per_address: Arc::new(SocketLimits::new(
+            config.max_sockets_per_address,
+            config.upgrades_per_address,
+        )),
     };
     let watchdog = tokio::spawn(health.watchdog());
 
