@@ -185,3 +185,20 @@ impl Config {
         Self::parse_from(["beach-road"])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hygiene_defaults() {
+        let c = Config::defaults();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_sockets_per_address, 64);
+        assert_eq!(c.upgrades_per_address, 20);
+        assert_eq!(c.max_connections_per_address, 256);
+        assert!(Config::try_parse_from(["beach-road", "--http-idle-timeout", "0s"]).is_err());
+        assert!(Config::try_parse_from(["beach-road", "--max-sockets-per-address", "0"]).is_err());
+    }
+}
