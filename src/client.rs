@@ -25,7 +25,8 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
+/// Whether `ip` is one of the configured proxies.
+pub fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     proxies.iter().any(|net| net.contains(&ip))
 }
 

@@ -20,6 +20,24 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// A duration that must not be zero (a zero timeout would close every connection at once).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    duration(s).and_then(|d| {
+        if d.is_zero() {
+            Err("must be greater than zero".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("not a whole number of at least 1: {s}")),
+    }
+}
+
 /// beach-road: session and signaling server for beach.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about, long_about = None)]
@@ -188,6 +206,31 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
 
+    /// Open WebSockets per client address at most (the address behind trusted proxies); more
+    /// upgrades are refused with 429.
+    #[arg(long, env = "BEACH_ROAD_MAX_SOCKETS_PER_ADDRESS", default_value_t = 64, value_parser = at_least_one)]
+    pub max_sockets_per_address: usize,
+
+    /// WebSocket upgrades per client address per second (a token bucket with this burst);
+    /// more are refused with 429.
+    #[arg(long, env = "BEACH_ROAD_UPGRADES_PER_ADDRESS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub upgrades_per_address: u32,
+
+    /// TCP connections per peer address at most, except from trusted proxies; more are closed
+    /// at once, so one host cannot take the connections /health needs.
+    #[arg(long, env = "BEACH_ROAD_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256, value_parser = at_least_one)]
+    pub max_connections_per_address: usize,
+
+    /// A new HTTP connection, or a keep-alive one from the first byte of its next request, must
+    /// send the whole request head within this; else it is closed.
+    #[arg(long, env = "BEACH_ROAD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A keep-alive HTTP connection that sends nothing this long after a response is closed.
+    /// Not applied to WebSockets (see --idle-timeout).
+    #[arg(long, env = "BEACH_ROAD_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub http_idle_timeout: Duration,
+
     /// After SIGTERM: how long to keep serving while /ready fails, so the load balancer can
     /// deregister this instance.
     #[arg(long, env = "BEACH_ROAD_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
@@ -244,5 +287,22 @@ impl Config {
     /// Defaults as if no flag and no variable were given (tests override fields).
     pub fn defaults() -> Self {
         Self::parse_from(["beach-road"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hygiene_defaults() {
+        let c = Config::defaults();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_sockets_per_address, 64);
+        assert_eq!(c.upgrades_per_address, 20);
+        assert_eq!(c.max_connections_per_address, 256);
+        assert!(Config::try_parse_from(["beach-road", "--http-idle-timeout", "0s"]).is_err());
+        assert!(Config::try_parse_from(["beach-road", "--max-sockets-per-address", "0"]).is_err());
     }
 }

@@ -35,6 +35,8 @@ pub struct App<E> {
     pub secret: Secret,
     /// One permit per open WebSocket: the connection limit, and what the drain waits for.
     pub sockets: Arc<tokio::sync::Semaphore>,
+    /// Per-client WebSocket limits (sockets and upgrade rate), checked before `sockets`.
+    pub per_address: Arc<crate::addr_limits::SocketLimits>,
 }
 
 /// An error answered as `{"error": message}` with a status.

@@ -12,6 +12,7 @@
 //! | [`protocol`] | wire types and id validation |
 //! | [`code`] | join codes: generation, salted hashing, constant-time check |
 //! | [`client`] | the client's address: TCP peer or trusted proxies' `X-Forwarded-For` |
+//! | [`addr_limits`] | per-address caps (connections, WebSockets) and the upgrade rate |
 //! | [`access`] | the join-code check shared by HTTP join, attach and WebSocket join |
 //! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
 //! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
@@ -23,7 +24,8 @@
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
 //! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
-//! | [`listener`] | TCP accept with a connection cap and no stall on EMFILE |
+//! | [`listener`] | TCP accept with a connection cap, a per-address cap and no stall on EMFILE |
+//! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
 //! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |
 //!
@@ -34,12 +36,14 @@
 //! call to Redis or the network has a timeout; every spawned task ends with its owner.
 
 pub mod access;
+pub mod addr_limits;
 pub mod client;
 pub mod code;
 pub mod config;
 pub mod engine;
 pub mod health;
 pub mod http;
+pub mod http_conn;
 pub mod listener;
 pub mod logging;
 pub mod mailbox;

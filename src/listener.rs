@@ -1,4 +1,5 @@
-//! The TCP listener: a cap on open connections, and accept errors that never stall serving.
+//! The TCP listener: a cap on open connections, a cap per peer address, and accept errors that
+//! never stall serving.
 //!
 //! The original wedged at ~1000 peers under a 1024 descriptor limit: `accept` failed with
 //! EMFILE, axum's default listener slept a full second after each failure, and `/health` timed
@@ -9,6 +10,11 @@
 //! holds slots for a few milliseconds only, and a health check arriving in that burst must be
 //! served, not dropped. A connection still without a slot after that wait is accepted and
 //! closed at once (a clean close, not a hang). An accept error backs off a few milliseconds.
+//!
+//! One directly connected host may hold at most `per_address` connections, so it cannot take
+//! every slot (those `/health` needs included); a connection past that is closed at once, before
+//! it waits for a slot. Trusted proxies are exempt: all their clients share their address, and
+//! the per-client limits (`addr_limits`) apply behind them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,9 +23,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::addr_limits::{Counter, Slot};
+use crate::client::{canonical, trusted};
 
 /// Pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS…): short, so serving resumes as soon
 /// as a descriptor frees up.
@@ -32,14 +42,23 @@ pub const SLOT_WAIT: Duration = Duration::from_millis(50);
 pub struct LimitedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
+    per_address: Counter,
+    trusted_proxies: Vec<IpNet>,
     last_warning: Option<Instant>,
 }
 
 impl LimitedListener {
-    pub fn new(inner: TcpListener, max_connections: usize) -> Self {
+    pub fn new(
+        inner: TcpListener,
+        max_connections: usize,
+        per_address: usize,
+        trusted_proxies: Vec<IpNet>,
+    ) -> Self {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(max_connections)),
+            per_address: Counter::new(per_address),
+            trusted_proxies,
             last_warning: None,
         }
     }
@@ -59,13 +78,9 @@ impl LimitedListener {
             None => tracing::warn!("{what}"),
         }
     }
-}
 
-impl axum::serve::Listener for LimitedListener {
-    type Io = Counted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
+    /// The next connection that got a slot, with TCP_NODELAY set (signaling is small writes).
+    pub async fn accept(&mut self) -> (Counted, SocketAddr) {
         loop {
             let (stream, addr) = match self.inner.accept().await {
                 Ok(accepted) => accepted,
@@ -73,6 +88,19 @@ impl axum::serve::Listener for LimitedListener {
                     self.warn("accept failed", Some(&e));
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
+                }
+            };
+            let ip = canonical(addr.ip());
+            let address_slot = if trusted(ip, &self.trusted_proxies) {
+                None
+            } else {
+                match self.per_address.try_acquire(ip) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        self.warn("per-address connection limit reached; refusing", None);
+                        drop(stream);
+                        continue;
+                    }
                 }
             };
             // All taken: wait briefly for one to free up. Only this connection holds a
@@ -87,13 +115,13 @@ impl axum::serve::Listener for LimitedListener {
             };
             match slot {
                 Some(permit) => {
-                    return (
-                        Counted {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    )
+                    let _ = stream.set_nodelay(true);
+                    let counted = Counted {
+                        stream,
+                        _permit: permit,
+                        _address_slot: address_slot,
+                    };
+                    return (counted, addr);
                 }
                 None => {
                     self.warn("connection limit reached; refusing new connections", None);
@@ -103,21 +131,17 @@ impl axum::serve::Listener for LimitedListener {
         }
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
 }
 
-/// A TCP stream that gives its connection slot back when dropped.
+/// A TCP stream that gives its connection slots back when dropped.
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Counted {
-    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.stream.set_nodelay(on)
-    }
+    /// `None` for a trusted proxy.
+    _address_slot: Option<Slot>,
 }
 
 impl AsyncRead for Counted {

@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tower_http::cors::CorsLayer;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::addr_limits::SocketLimits;
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::Engine;
 use crate::health::Health;
 use crate::http::{self, App};
+use crate::http_conn::{self, Timeouts};
 use crate::listener::LimitedListener;
 use crate::shutdown::{self, Phase};
 use crate::ws;
@@ -180,30 +181,39 @@ async fn serve<E: Engine>(
         health: health.clone(),
         secret,
         sockets: sockets.clone(),
+        per_address: Arc::new(SocketLimits::new(
+            config.max_sockets_per_address,
+            config.upgrades_per_address,
+        )),
     };
     let watchdog = tokio::spawn(health.watchdog());
 
     let max_tcp = max_sockets + HTTP_HEADROOM;
-    let listener = LimitedListener::new(listener, max_tcp).tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let until_closing = {
-        let shutdown = shutdown.clone();
-        async move { shutdown.reached(Phase::Closing).await }
-    };
-    let server = axum::serve(
+    let listener = LimitedListener::new(
         listener,
-        router(app).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(until_closing);
-    let mut server = tokio::spawn(async move { server.await });
+        max_tcp,
+        config.max_connections_per_address,
+        config.trusted_proxies.clone(),
+    );
+    let timeouts = Timeouts {
+        header_read: config.header_read_timeout,
+        idle: config.http_idle_timeout,
+    };
+    let mut server = tokio::spawn(http_conn::serve(
+        listener,
+        router(app),
+        timeouts,
+        shutdown.clone(),
+    ));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
     tokio::select! {
         _ = shutdown::signal() => {}
         result = &mut server => {
             watchdog.abort();
-            return result.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let why = result.err().map(|e| e.to_string());
+            let why = why.unwrap_or_else(|| "stopped accepting".into());
+            return Err(std::io::Error::other(format!("the HTTP server ended: {why}")));
         }
     }
     tracing::info!(delay = ?config.drain_delay, "draining: /ready fails from now on");
@@ -224,7 +234,13 @@ async fn serve<E: Engine>(
         tracing::warn!("sockets still open at the end of the drain");
     }
     engine.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    // HTTP connections close after their current request; any still open are dropped here.
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        .await
+        .is_err()
+    {
+        server.abort();
+    }
     watchdog.abort();
     tracing::info!("stopped");
     Ok(())

@@ -60,6 +60,12 @@ pub async fn upgrade<E: Engine>(
         )
             .into_response();
     }
+    // Per client before the global cap, so one address cannot take every socket.
+    let client = crate::client::client_ip(&headers, addr, &app.config.trusted_proxies);
+    let address_slot = match app.per_address.admit(client) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
     let Ok(permit) = app.sockets.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +86,7 @@ pub async fn upgrade<E: Engine>(
         .on_upgrade(move |socket| async move {
             Connection::new(app, id, client).run(socket).await;
             drop(permit);
+            drop(address_slot);
         })
 }
 

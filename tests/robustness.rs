@@ -842,6 +842,7 @@ impl LimitedServer {
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .env_remove("REDIS_URL")
             .env_remove("BEACH_ROAD_MAX_CONNECTIONS")
+            .envs(common::MANY_CLIENTS)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);

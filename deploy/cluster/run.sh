@@ -155,6 +155,7 @@ for ((i = 1; i <= instances; i++)); do
         BEACH_SESSION_SERVER="http://127.0.0.1:$lb_port" \
         BEACH_ROAD_DRAIN_DELAY="$drain_delay" \
         BEACH_ROAD_DRAIN_JITTER="$drain_jitter" \
+        BEACH_ROAD_TRUSTED_PROXIES=127.0.0.1 \
         "$bin"
     road_pids+=("$!")
 done

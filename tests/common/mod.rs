@@ -274,6 +274,15 @@ macro_rules! conformance {
 // The server process
 // ---------------------------------------------------------------------------------------------
 
+/// Every test client connects from 127.0.0.1, where the per-address limits meant for one real
+/// host would stop a test of a thousand clients; so they are raised, as environment variables
+/// that a test's own flags override (tests/hygiene.rs tests the limits themselves).
+pub const MANY_CLIENTS: [(&str, &str); 3] = [
+    ("BEACH_ROAD_MAX_SOCKETS_PER_ADDRESS", "1000000"),
+    ("BEACH_ROAD_UPGRADES_PER_ADDRESS", "1000000"),
+    ("BEACH_ROAD_MAX_CONNECTIONS_PER_ADDRESS", "1000000"),
+];
+
 /// Where the server's stdout goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stdout {
@@ -364,6 +373,7 @@ impl ServerBuilder {
             .env_remove("BEACH_SESSION_SERVER")
             .env_remove("BEACH_ROAD_PORT")
             .env_remove("BEACH_ROAD_BIND")
+            .envs(MANY_CLIENTS)
             .stdin(Stdio::null())
             .stderr(log.try_clone().unwrap());
         if let Some(url) = &self.redis_url {
