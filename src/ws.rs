@@ -61,7 +61,7 @@ pub async fn upgrade<E: Engine>(
             .into_response();
     }
     // Per client before the global cap, so one address cannot take every socket.
-    let client = crate::client::client_ip(&headers, addr, &app.config.trusted_proxies);
+    let client = client_ip(&headers, addr, &app.config.trusted_proxies);
     let address_slot = match app.per_address.admit(client) {
         Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
@@ -73,7 +73,6 @@ pub async fn upgrade<E: Engine>(
         )
             .into_response();
     };
-    let client = client_ip(&headers, addr, &app.config.trusted_proxies);
     let max = app.config.max_message_bytes;
     let write_limit = write_buffer_limit(&app.config);
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
