@@ -231,6 +231,12 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_HTTP_IDLE_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub http_idle_timeout: Duration,
 
+    /// The keep-alive idle timeout for connections from a trusted proxy: longer than the load
+    /// balancer's own (ALB: 3600 s), so that the balancer, not us, closes an idle connection and
+    /// no request races our close (AWS's advice for backends).
+    #[arg(long, env = "BEACH_ROAD_PROXY_IDLE_TIMEOUT", default_value = "3900s", value_parser = positive_duration)]
+    pub proxy_idle_timeout: Duration,
+
     /// After SIGTERM: how long to keep serving while /ready fails, so the load balancer can
     /// deregister this instance.
     #[arg(long, env = "BEACH_ROAD_DRAIN_DELAY", default_value = "0s", value_parser = duration)]

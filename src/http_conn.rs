@@ -45,6 +45,8 @@ use crate::shutdown::{Phase, Shutdown};
 pub struct Timeouts {
     pub header_read: Duration,
     pub idle: Duration,
+    /// `idle` for connections from a trusted proxy (see `--proxy-idle-timeout`).
+    pub proxy_idle: Duration,
 }
 
 /// Accepts and serves until the drain's `Closing` phase, then stops accepting, asks every
@@ -54,6 +56,7 @@ pub async fn serve(
     mut listener: LimitedListener,
     router: Router,
     timeouts: Timeouts,
+    proxies: Vec<ipnet::IpNet>,
     shutdown: Shutdown,
 ) {
     let mut conns = JoinSet::new();
@@ -66,6 +69,10 @@ pub async fn serve(
         // Reaped here, not in the select: a finished task must not cancel an accept that holds
         // a connection waiting for a slot.
         while conns.try_join_next().is_some() {}
+        let mut timeouts = timeouts;
+        if crate::client::trusted(crate::client::canonical(peer.ip()), &proxies) {
+            timeouts.idle = timeouts.proxy_idle;
+        }
         conns.spawn(connection(
             io,
             peer,

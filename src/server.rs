@@ -198,11 +198,13 @@ async fn serve<E: Engine>(
     let timeouts = Timeouts {
         header_read: config.header_read_timeout,
         idle: config.http_idle_timeout,
+        proxy_idle: config.proxy_idle_timeout,
     };
     let mut server = tokio::spawn(http_conn::serve(
         listener,
         router(app),
         timeouts,
+        config.trusted_proxies.clone(),
         shutdown.clone(),
     ));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

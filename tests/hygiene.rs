@@ -241,6 +241,32 @@ async fn idle_keep_alive_is_closed() {
     .await;
 }
 
+/// A trusted proxy (the load balancer) keeps idle backend connections for longer than our idle
+/// timeout (ALB: 3600 s); closing them ourselves would race its next request into a 502, so a
+/// proxy's connections get `--proxy-idle-timeout` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_keeps_its_idle_connections() {
+    let server = Server::builder()
+        .args(SHORT)
+        .args(["--trusted-proxies", "127.0.0.1", "--proxy-idle-timeout", "4s"])
+        .start()
+        .await;
+    bounded(async {
+        let mut proxy = connect_from("127.0.0.1", server.port()).await;
+        let mut direct = connect_from("127.0.0.2", server.port()).await;
+        assert!(get_health(&mut proxy).await.starts_with("HTTP/1.1 200"));
+        assert!(get_health(&mut direct).await.starts_with("HTTP/1.1 200"));
+        let closed = closed_within(&mut direct, Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "a direct client's idle connection is closed");
+        // Past the plain idle timeout (2 s) the proxy's connection still serves.
+        assert!(get_health(&mut proxy).await.starts_with("HTTP/1.1 200"));
+        let closed = closed_within(&mut proxy, Duration::from_secs(6)).await;
+        let t = closed.expect("closed at the proxy idle timeout");
+        assert!(t >= Duration::from_millis(3500), "closed too early: {t:?}");
+    })
+    .await;
+}
+
 /// The original failure: idle connections filled every TCP slot (the WebSocket cap plus the
 /// headroom kept for HTTP) and `/health` failed for as long as they were held. Now the
 /// timeouts free the slots while the client still holds its end.
