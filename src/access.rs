@@ -11,6 +11,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::client::limit_key;
 use crate::code::Secret;
 use crate::engine::{Access, CodeCheck, Engine, EngineError, Grant};
 
@@ -74,7 +75,7 @@ pub async fn admit<E: Engine>(
     let session = &access.session.id;
     let digest = secret.digest(session, passphrase);
     match engine
-        .check_code(session, &client.to_string(), &digest)
+        .check_code(session, &limit_key(client).to_string(), &digest)
         .await?
     {
         CodeCheck::Correct => Ok(access),

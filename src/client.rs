@@ -25,6 +25,18 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The key of per-address limits: the address itself, but an IPv6 address's /64 (one host
+/// usually holds a whole /64, so per-/128 limits would give it 2^64 budgets).
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Whether `ip` is one of the configured proxies.
 pub fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     proxies.iter().any(|net| net.contains(&ip))
@@ -98,6 +110,17 @@ mod tests {
         assert_eq!(ip, "10.0.0.7".parse::<IpAddr>().unwrap());
         let none = client_ip(&HeaderMap::new(), PEER.parse().unwrap(), &proxies);
         assert_eq!(none, "10.0.0.5".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn limits_key_ipv6_by_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(limit_key(a), limit_key(b));
+        assert_ne!(limit_key(a), limit_key(c));
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(limit_key(v4), v4);
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl LimitedListener {
             let address_slot = if trusted(ip, &self.trusted_proxies) {
                 None
             } else {
-                match self.per_address.try_acquire(ip) {
+                match self.per_address.try_acquire(crate::client::limit_key(ip)) {
                     Some(slot) => Some(slot),
                     None => {
                         self.warn("per-address connection limit reached; refusing", None);

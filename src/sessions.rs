@@ -57,7 +57,7 @@ pub async fn register<E: Engine>(
     let client = client_ip(&headers, peer, &app.config.trusted_proxies);
     let limits = [
         (
-            format!("reg@{client}"),
+            format!("reg@{}", crate::client::limit_key(client)),
             app.config.registrations_per_minute,
             "Too many sessions registered from this address; try again later",
         ),

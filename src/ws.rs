@@ -62,7 +62,7 @@ pub async fn upgrade<E: Engine>(
     }
     // Per client before the global cap, so one address cannot take every socket.
     let client = client_ip(&headers, addr, &app.config.trusted_proxies);
-    let address_slot = match app.per_address.admit(client) {
+    let address_slot = match app.per_address.admit(crate::client::limit_key(client)) {
         Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
