@@ -32,14 +32,21 @@ locals {
   # rediss:// = TLS, required because the replication group has encryption in transit on.
   redis_url = "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:${local.redis_port}"
 
-  # /etc/beach-road/env. The settings this file depends on win over var.extra_env.
+  # The ALB's nodes live in its subnets: their X-Forwarded-For is the only one to believe (the
+  # ALB appends the address it saw, the server takes the right-most hop it does not trust).
+  trusted_proxies = join(",", [for id in var.public_subnet_ids : data.aws_subnet.alb[id].cidr_block])
+
+  # /etc/beach-road/env. The settings this file depends on win over var.extra_env. No secret in
+  # it: user data is readable by anyone allowed to describe the instances (the server secret
+  # comes from Secrets Manager, see below).
   env = merge(var.extra_env, {
-    BEACH_ROAD_BIND         = "0.0.0.0"
-    BEACH_ROAD_PORT         = tostring(var.instance_port)
-    REDIS_URL               = local.redis_url
-    BEACH_SESSION_SERVER    = "https://${var.domain_name}"
-    BEACH_ROAD_DRAIN_DELAY  = "${var.drain_delay_seconds}s"
-    BEACH_ROAD_DRAIN_JITTER = "${var.drain_jitter_seconds}s"
+    BEACH_ROAD_BIND            = "0.0.0.0"
+    BEACH_ROAD_PORT            = tostring(var.instance_port)
+    REDIS_URL                  = local.redis_url
+    BEACH_SESSION_SERVER       = "https://${var.domain_name}"
+    BEACH_ROAD_TRUSTED_PROXIES = local.trusted_proxies
+    BEACH_ROAD_DRAIN_DELAY     = "${var.drain_delay_seconds}s"
+    BEACH_ROAD_DRAIN_JITTER    = "${var.drain_jitter_seconds}s"
   })
   env_file = join("", [for k, v in local.env : "${k}=${v}\n"])
 
@@ -47,13 +54,22 @@ locals {
   timeout_stop_sec = var.drain_delay_seconds + var.drain_jitter_seconds + 30
 
   user_data = templatefile("${path.module}/templates/user_data.sh.tftpl", {
-    binary_url       = var.binary_url
-    binary_sha256    = var.binary_sha256
-    binary_from_s3   = local.binary_from_s3
-    env_file         = local.env_file
-    unit             = file("${path.module}/../deploy/beach-road.service")
-    timeout_stop_sec = local.timeout_stop_sec
+    binary_url            = var.binary_url
+    binary_sha256         = var.binary_sha256
+    binary_from_s3        = local.binary_from_s3
+    env_file              = local.env_file
+    unit                  = file("${path.module}/../deploy/beach-road.service")
+    secret_dropin         = file("${path.module}/../deploy/beach-road-secret.conf")
+    timeout_stop_sec      = local.timeout_stop_sec
+    region                = var.region
+    server_secret_arn     = aws_secretsmanager_secret.server_secret.arn
+    server_secret_version = var.server_secret_version
   })
+}
+
+data "aws_subnet" "alb" {
+  for_each = toset(var.public_subnet_ids)
+  id       = each.value
 }
 
 # --- Security groups -----------------------------------------------------------------------------
@@ -141,6 +157,21 @@ resource "aws_vpc_security_group_ingress_rule" "redis_from_instances" {
 
 # --- Redis ---------------------------------------------------------------------------------------
 
+# beach-road requires noeviction: a full Redis then refuses new writes with an OOM error (new
+# sessions and joins get 503; the instances' heartbeat scripts are allowed to run at the limit, so
+# no instance is fenced) instead of evicting other users' live sessions, rooms and mailboxes.
+# ElastiCache's default.redis7 group evicts (volatile-lru).
+resource "aws_elasticache_parameter_group" "redis" {
+  name        = "${var.name}-redis7"
+  family      = "redis7"
+  description = "beach-road: refuse writes when full, never evict"
+
+  parameter {
+    name  = "maxmemory-policy"
+    value = "noeviction"
+  }
+}
+
 resource "aws_elasticache_subnet_group" "redis" {
   name       = "${var.name}-redis"
   subnet_ids = var.private_subnet_ids
@@ -156,7 +187,7 @@ resource "aws_elasticache_replication_group" "redis" {
   engine_version       = var.redis_engine_version
   node_type            = var.redis_node_type
   port                 = local.redis_port
-  parameter_group_name = "default.redis7"
+  parameter_group_name = aws_elasticache_parameter_group.redis.name
   num_cache_clusters   = var.redis_num_nodes
 
   automatic_failover_enabled = true
@@ -295,6 +326,38 @@ resource "aws_iam_role_policy" "binary" {
   policy = data.aws_iam_policy_document.binary[0].json
 }
 
+# --- Server secret -------------------------------------------------------------------------------
+
+# The HMAC-SHA-256 key of join codes, one for all instances, never stored in Redis, written to
+# Secrets Manager through a write-only argument, so that it is in no plan and no state: two
+# random UUIDs without their hyphens, 64 hex digits (uuid() formats 16 bytes from crypto/rand; it
+# changes on every run, but a write-only value is written only when server_secret_version
+# changes). Each instance reads it at boot into a root-only file that systemd hands to the
+# service (deploy/beach-road-secret.conf).
+resource "aws_secretsmanager_secret" "server_secret" {
+  name_prefix = "${var.name}-server-secret-"
+  description = "beach-road: HMAC key of join codes, shared by all instances"
+}
+
+resource "aws_secretsmanager_secret_version" "server_secret" {
+  secret_id                = aws_secretsmanager_secret.server_secret.id
+  secret_string_wo         = replace("${uuid()}${uuid()}", "-", "")
+  secret_string_wo_version = var.server_secret_version
+}
+
+data "aws_iam_policy_document" "server_secret" {
+  statement {
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = [aws_secretsmanager_secret.server_secret.arn]
+  }
+}
+
+resource "aws_iam_role_policy" "server_secret" {
+  name   = "read-beach-road-server-secret"
+  role   = aws_iam_role.instance.id
+  policy = data.aws_iam_policy_document.server_secret.json
+}
+
 resource "aws_iam_instance_profile" "instance" {
   name = "${var.name}-instance"
   role = aws_iam_role.instance.name
@@ -344,6 +407,9 @@ resource "aws_autoscaling_group" "road" {
     id      = aws_launch_template.road.id
     version = aws_launch_template.road.latest_version
   }
+
+  # Instances read the secret at boot: it and their permission to read it must exist first.
+  depends_on = [aws_secretsmanager_secret_version.server_secret, aws_iam_role_policy.server_secret]
 
   # A new launch template (new binary_url, new unit) replaces instances a few at a time.
   instance_refresh {

@@ -16,6 +16,11 @@ output "websocket_base_url" {
   value = "wss://${var.domain_name}/ws"
 }
 
+output "server_secret_arn" {
+  description = "The Secrets Manager secret the instances read their server secret from (the ARN, not the value)."
+  value       = aws_secretsmanager_secret.server_secret.arn
+}
+
 output "redis_primary_endpoint" {
   value = aws_elasticache_replication_group.redis.primary_endpoint_address
 }

@@ -150,6 +150,22 @@ variable "extra_env" {
   description = "Further variables for /etc/beach-road/env (see deploy/env.example), e.g. { BEACH_ROAD_MAX_CONNECTIONS = \"30000\" }. No secrets: user data is readable by anyone allowed to describe the instances."
   type        = map(string)
   default     = {}
+
+  validation {
+    condition     = length(setintersection(keys(var.extra_env), ["BEACH_ROAD_SECRET", "BEACH_ROAD_SECRET_FILE"])) == 0
+    error_message = "extra_env: the server secret comes from Secrets Manager (server_secret_version rotates it); never put it in user data."
+  }
+}
+
+variable "server_secret_version" {
+  description = "Generation of the server secret (the HMAC key of join codes). Raising it writes a new random value to Secrets Manager and, through the user data, replaces the instances so that they read it. Codes of sessions registered before then stop matching, and during the instance refresh old and new instances disagree: rotate when few sessions are live."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.server_secret_version >= 1 && floor(var.server_secret_version) == var.server_secret_version
+    error_message = "server_secret_version: a whole number, 1 or more."
+  }
 }
 
 # --- Redis ---------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 terraform {
-  required_version = ">= 1.5.0"
+  # 1.11: write-only arguments (the server secret's secret_string_wo).
+  required_version = ">= 1.11.0"
 
   required_providers {
     aws = {
-      source  = "hashicorp/aws"
-      version = ">= 5.30, < 6.0"
+      source = "hashicorp/aws"
+      # aws_secretsmanager_secret_version.secret_string_wo; checked with 5.100.
+      version = ">= 5.90, < 6.0"
     }
   }
 }

@@ -10,7 +10,8 @@
 #
 # Environment: LB_PORT (fixed load balancer port), CLUSTER_DIR (work dir for configs and logs,
 # default a new mktemp dir), CLUSTER_DRAIN_DELAY / CLUSTER_DRAIN_JITTER (default 3s / 1s),
-# CARGO_TARGET_DIR (where the build puts the binary), BEACH_ROAD_BIN.
+# CLUSTER_REDIS_MAXMEMORY (default 256mb), CARGO_TARGET_DIR (where the build puts the binary),
+# BEACH_ROAD_BIN.
 # Requires: cargo (unless a binary is given), redis-server, haproxy, curl.
 set -euo pipefail
 
@@ -25,7 +26,7 @@ while (($#)); do
         -n) instances=${2:?-n needs a number}; shift 2 ;;
         --no-build) build=0; shift ;;
         --smoke) smoke=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^# Requires/p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -138,12 +139,19 @@ else
 fi
 redis_port=$(free_port)
 redis_ping() { (exec 3<>"/dev/tcp/127.0.0.1/$redis_port" && printf 'PING\r\n' >&3 && read -r -t 1 reply <&3 && [[ $reply == +PONG* ]]); }
+# noeviction, as beach-road requires: a full Redis refuses new writes (new sessions get 503)
+# instead of evicting other users' sessions and rooms.
 spawn "$workdir/redis.log" redis-server --bind 127.0.0.1 --port "$redis_port" \
-    --save '' --appendonly no --dir "$workdir"
+    --save '' --appendonly no --dir "$workdir" \
+    --maxmemory "${CLUSTER_REDIS_MAXMEMORY:-256mb}" --maxmemory-policy noeviction
 redis_pid=$!
 wait_for 10 redis_ping || { echo "run.sh: redis did not start, see $workdir/redis.log" >&2; exit 1; }
 
 # --- (c) beach-road instances -----------------------------------------------------------------
+# One server secret for all instances (HMAC key of join codes): with one each, a code registered
+# through one instance would fail on the others. A file, so that it shows in no process listing.
+secret_file=$workdir/secret
+(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret_file")
 ports=()
 for ((i = 1; i <= instances; i++)); do
     port=$(free_port)
@@ -153,6 +161,8 @@ for ((i = 1; i <= instances; i++)); do
         BEACH_ROAD_PORT="$port" \
         REDIS_URL="redis://127.0.0.1:$redis_port" \
         BEACH_SESSION_SERVER="http://127.0.0.1:$lb_port" \
+        BEACH_ROAD_SECRET_FILE="$secret_file" \
+        BEACH_ROAD_TRUSTED_PROXIES=127.0.0.1 \
         BEACH_ROAD_DRAIN_DELAY="$drain_delay" \
         BEACH_ROAD_DRAIN_JITTER="$drain_jitter" \
         BEACH_ROAD_TRUSTED_PROXIES=127.0.0.1 \

@@ -27,6 +27,19 @@ mock_provider "aws" {
   mock_resource "aws_iam_instance_profile" {
     defaults = { arn = "arn:aws:iam::123456789012:instance-profile/beach-road-instance" }
   }
+  mock_resource "aws_secretsmanager_secret" {
+    defaults = { arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:beach-road-server-secret-AbCdEf" }
+  }
+}
+
+# The ALB's subnets, and so the trusted proxies.
+override_data {
+  target = data.aws_subnet.alb["subnet-0000000000000000a"]
+  values = { cidr_block = "10.20.0.0/24" }
+}
+override_data {
+  target = data.aws_subnet.alb["subnet-0000000000000000b"]
+  values = { cidr_block = "10.20.1.0/24" }
 }
 
 variables {
@@ -86,6 +99,52 @@ run "s3_binary" {
     condition     = aws_autoscaling_group.road.health_check_type == "EC2"
     error_message = "the ASG must not replace instances for failing /ready"
   }
+
+  # Redis: noeviction (a full Redis refuses writes instead of evicting live sessions).
+  assert {
+    condition     = aws_elasticache_parameter_group.redis.family == "redis7" && anytrue([for p in aws_elasticache_parameter_group.redis.parameter : p.name == "maxmemory-policy" && p.value == "noeviction"])
+    error_message = "the Redis parameter group must set maxmemory-policy noeviction"
+  }
+  assert {
+    condition     = aws_elasticache_replication_group.redis.parameter_group_name == aws_elasticache_parameter_group.redis.name
+    error_message = "the replication group must use the noeviction parameter group"
+  }
+
+  # Trusted proxies: the ALB's subnets.
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.road.user_data), "BEACH_ROAD_TRUSTED_PROXIES=10.20.0.0/24,10.20.1.0/24\n")
+    error_message = "the instances must believe X-Forwarded-For from the ALB's subnets only"
+  }
+
+  # Server secret: from Secrets Manager into a root-only file handed over by the drop-in.
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.road.user_data), "aws secretsmanager get-secret-value --region 'us-east-1' \\\n      --secret-id 'arn:aws:secretsmanager:us-east-1:123456789012:secret:beach-road-server-secret-AbCdEf'")
+    error_message = "user data must fetch the server secret from Secrets Manager"
+  }
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.road.user_data), "install -m 0600 /dev/null /etc/beach-road/secret\n")
+    error_message = "the secret file must be root-only before the secret is written into it"
+  }
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.road.user_data), file("${path.module}/../deploy/beach-road-secret.conf"))
+    error_message = "the secret drop-in from deploy/ must be installed verbatim"
+  }
+  assert {
+    condition     = !strcontains(base64decode(aws_launch_template.road.user_data), "BEACH_ROAD_SECRET=")
+    error_message = "no secret value in user data"
+  }
+  assert {
+    condition     = contains(data.aws_iam_policy_document.server_secret.statement[0].actions, "secretsmanager:GetSecretValue") && contains(data.aws_iam_policy_document.server_secret.statement[0].resources, aws_secretsmanager_secret.server_secret.arn)
+    error_message = "the instance role may read the server secret, and only it"
+  }
+  assert {
+    condition     = aws_secretsmanager_secret_version.server_secret.secret_string == null && aws_secretsmanager_secret_version.server_secret.secret_string_wo_version == 1
+    error_message = "the secret value goes through the write-only argument, never into the state"
+  }
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.road.user_data), "# 3. The server secret (generation 1)")
+    error_message = "the secret's generation must be part of the user data, so that rotating it replaces the instances"
+  }
 }
 
 run "https_binary_custom_drain" {
@@ -95,7 +154,9 @@ run "https_binary_custom_drain" {
     binary_url          = "https://artifacts.example.com/beach-road"
     binary_sha256       = ""
     drain_delay_seconds = 45
-    extra_env           = { BEACH_ROAD_MAX_CONNECTIONS = "30000", REDIS_URL = "redis://ignored" }
+    extra_env = { BEACH_ROAD_MAX_CONNECTIONS = "30000", REDIS_URL = "redis://ignored",
+    BEACH_ROAD_TRUSTED_PROXIES = "0.0.0.0/0" }
+    server_secret_version = 2
   }
 
   assert {
@@ -111,8 +172,12 @@ run "https_binary_custom_drain" {
     error_message = "no S3 policy for https:// binaries"
   }
   assert {
-    condition     = strcontains(base64decode(aws_launch_template.road.user_data), "BEACH_ROAD_MAX_CONNECTIONS=30000\n") && !strcontains(base64decode(aws_launch_template.road.user_data), "redis://ignored")
+    condition     = strcontains(base64decode(aws_launch_template.road.user_data), "BEACH_ROAD_MAX_CONNECTIONS=30000\n") && !strcontains(base64decode(aws_launch_template.road.user_data), "redis://ignored") && !strcontains(base64decode(aws_launch_template.road.user_data), "0.0.0.0/0")
     error_message = "extra_env is added but cannot override the wired settings"
+  }
+  assert {
+    condition     = aws_secretsmanager_secret_version.server_secret.secret_string_wo_version == 2 && strcontains(base64decode(aws_launch_template.road.user_data), "# 3. The server secret (generation 2)")
+    error_message = "server_secret_version rotates the secret and changes the user data"
   }
   assert {
     condition     = aws_lb_target_group.road.deregistration_delay == "45" && strcontains(base64decode(aws_launch_template.road.user_data), "TimeoutStopSec=80s")
@@ -128,4 +193,14 @@ run "rejects_short_drain" {
   }
 
   expect_failures = [var.drain_delay_seconds]
+}
+
+run "rejects_secret_in_extra_env" {
+  command = plan
+
+  variables {
+    extra_env = { BEACH_ROAD_SECRET = "0123456789abcdef0123456789abcdef" }
+  }
+
+  expect_failures = [var.extra_env]
 }
