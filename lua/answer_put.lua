@@ -4,7 +4,9 @@
 -- ARGV[1]  payload
 -- ARGV[2]  handshake id
 -- ARGV[3]  mailbox ttl (ms)
--- ARGV[4]  answers one sender may have posted to one recipient within the ttl
+-- ARGV[4]  answers one sender may have waiting for one recipient
+-- ARGV[5]  sender id: stored as "<from>|<payload>", so that whoever takes it can give the
+--          sender's quota back
 -- Returns 1 when stored, 0 when the sender's quota is spent (nothing stored).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -16,5 +18,5 @@ if not redis.call('ZSCORE', KEYS[2], ARGV[2]) and
 end
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('SET', KEYS[1], ARGV[5] .. '|' .. ARGV[1], 'PX', ttl)
 return 1

@@ -5,6 +5,7 @@
 -- KEYS[2]  join counter            {S}:seq     (orders members by join)
 -- KEYS[3]  server peer string      {S}:server
 -- KEYS[4]  session hash            {S}:session (ttl refreshed)
+-- KEYS[5]  the session's tokens    {S}:tokens  (ttl refreshed; the caller refreshes each token)
 -- ARGV[1]  peer id
 -- ARGV[2]  owner instance id
 -- ARGV[3]  blob: JSON of the peer's transports and metadata, opaque here
@@ -28,7 +29,7 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   redis.call('HSET', KEYS[1], ARGV[1],
     seq .. '|' .. role .. '|' .. now .. '|' .. ARGV[2] .. '|' .. ARGV[3])
 end
-for i = 1, 4 do
+for i = 1, 5 do
   redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
 local out = {tostring(fresh)}

@@ -34,6 +34,9 @@ use crate::shutdown::Phase;
 const MAX_TRANSPORTS: usize = 16;
 const MAX_METADATA_KEYS: usize = 32;
 const MAX_METADATA_LEN: usize = 1024;
+/// Members a room may have beyond `--max-room-peers` when they join through the host token (a
+/// host reconnecting while its old sockets linger).
+pub const HOST_SLOTS: usize = 4;
 /// A member's PeerInfo, serialized, at most: a room's member list (`join_success`) is then at
 /// most `max_room_peers` times this, whatever its members sent.
 pub const MAX_PEER_INFO_BYTES: usize = 4096;
@@ -92,7 +95,7 @@ pub async fn upgrade<E: Engine>(
 /// The write buffer must hold the largest frame we ever write whole: a member list at the room
 /// limit, or a client's largest relayed message (our own queue bounds the rest).
 fn write_buffer_limit(config: &crate::config::Config) -> usize {
-    let member_list = config.max_room_peers * (MAX_PEER_INFO_BYTES + 256);
+    let member_list = (config.max_room_peers + HOST_SLOTS) * (MAX_PEER_INFO_BYTES + 256);
     member_list.max(2 * config.max_message_bytes) + 64 * 1024
 }
 
@@ -101,6 +104,9 @@ struct End {
     close: Option<(u16, &'static str)>,
     /// Drain: leave at once, close after a random delay within the jitter window.
     jitter: bool,
+    /// The client sent a close frame: flush the reply tungstenite queued (its code echoed, or
+    /// 1002 for an invalid one, RFC 6455 §5.5.1).
+    echo: bool,
 }
 
 impl End {
@@ -108,13 +114,21 @@ impl End {
         End {
             close: None,
             jitter: false,
+            echo: false,
         }
     }
 
     fn close(code: u16, reason: &'static str) -> Self {
         End {
             close: Some((code, reason)),
-            jitter: false,
+            ..End::silent()
+        }
+    }
+
+    fn echo() -> Self {
+        End {
+            echo: true,
+            ..End::silent()
         }
     }
 
@@ -221,6 +235,9 @@ impl<E: Engine> Connection<E> {
             let delay = rand::rng().random_range(Duration::ZERO..=window);
             tokio::time::sleep(delay).await;
         }
+        if end.echo {
+            let _ = tokio::time::timeout(self.app.config.write_timeout, sink.flush()).await;
+        }
         if let Some((code, reason)) = end.close {
             let frame = Message::Close(Some(CloseFrame {
                 code,
@@ -288,7 +305,7 @@ impl<E: Engine> Connection<E> {
                             self.pace(bytes.len()).await;
                             self.handle(sink, &bytes).await
                         }
-                        Message::Close(_) => return End::silent(),
+                        Message::Close(_) => return End::echo(),
                         Message::Ping(_) | Message::Pong(_) => true,
                     };
                     if !ok {
@@ -480,7 +497,11 @@ impl<E: Engine> Connection<E> {
             let reason = format!("join carries too much: at most {MAX_PEER_INFO_BYTES} bytes of transports and metadata");
             return self.reply(sink, &ServerMessage::JoinError { reason }).await;
         }
-        let max_peers = self.app.config.max_room_peers;
+        // Code holders cannot fill the room against its host: host joins have slots of their own.
+        let mut max_peers = self.app.config.max_room_peers;
+        if peer.role == Role::Server {
+            max_peers += HOST_SLOTS;
+        }
         let joined = match self.app.engine.join(&room, peer.clone(), max_peers).await {
             Ok(JoinResult::Joined(joined)) => joined,
             Ok(JoinResult::Full) => {
@@ -556,8 +577,8 @@ impl<E: Engine> Connection<E> {
             return self.error(sink, "debug request needs a type".into()).await;
         }
         let server = match self.app.engine.server_peer(&room).await {
-            Ok(Some(server)) if server != self.peer_id => server,
-            Ok(_) => {
+            Ok(Some(server)) => server,
+            Ok(None) => {
                 return self
                     .error(sink, "no server peer in this session".into())
                     .await

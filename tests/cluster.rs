@@ -2,8 +2,17 @@
 //! `beach-road` processes on one real `redis-server` that each test starts on a free port.
 //!
 //! Instances run with short liveness intervals (`--heartbeat-interval 250ms`,
-//! `--instance-timeout 1500ms`) so that kill, freeze and outage scenarios finish quickly. Every
-//! test body is bounded; processes are killed when the [`Cluster`] is dropped (Server and
+//! `--instance-timeout 1500ms`) so that kill, freeze and outage scenarios finish quickly, and
+//! all with the same `--secret` (a fresh one per cluster): join codes are stored as an HMAC under
+//! it, so a code registered through one instance is checked by another only with the same
+//! secret ([`instances_without_a_shared_secret_refuse_each_others_codes`] shows the failure).
+//!
+//! Members join as the clients do (`docs/protocol.md`): the host through the token of its
+//! register answer (role `server`), joiners with an HTTP join and then the socket of the token
+//! its answer carries (role `client`); [`Cluster::public`] joins through the session id and the
+//! code, which is `client` too.
+//!
+//! Every test body is bounded; processes are killed when the [`Cluster`] is dropped (Server and
 //! RedisServer handles kill on drop, also on panic). Observed timings are printed with
 //! `eprintln!` (run with `--nocapture` to see them); only the bounds the issues state are
 //! asserted.
@@ -18,7 +27,7 @@ use serde_json::{json, Value};
 
 use common::{
     bounded_for, find_peer, flows, sdp, uuid, Api, RedisServer, Scope, Server, ServerBuilder,
-    Session, Ws,
+    Session, Ws, WAIT,
 };
 
 const HEARTBEAT: &str = "250ms";
@@ -36,13 +45,31 @@ struct Cluster {
     redis: RedisServer,
 }
 
+/// A fresh secret for one cluster (at least 32 bytes, as the server requires).
+fn cluster_secret() -> String {
+    format!("cluster-{}-{}", uuid(), uuid())
+}
+
 impl Cluster {
     async fn start(n: usize) -> Cluster {
         Self::start_with(n, |_| Vec::new()).await
     }
 
-    /// Starts `n` instances; `extra(i)` adds flags to instance `i`. Waits until all are ready.
+    /// Starts `n` instances sharing one secret; `extra(i)` adds flags to instance `i`. Waits
+    /// until all are ready.
     async fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+        let secret = cluster_secret();
+        Self::start_with_secrets(n, |i| {
+            let mut args = vec!["--secret".to_owned(), secret.clone()];
+            args.extend(extra(i));
+            args
+        })
+        .await
+    }
+
+    /// Starts `n` instances with exactly the flags of `extra(i)` (which must give the secret)
+    /// besides Redis and the liveness intervals.
+    async fn start_with_secrets(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let redis = RedisServer::start();
         let starts = (0..n).map(|i| {
             let builder = ServerBuilder::new()
@@ -102,10 +129,31 @@ impl Cluster {
         self.api(i).new_session(None).await
     }
 
-    /// Opens `/ws/{session}` on instance `i` and joins; returns the socket and `join_success`.
-    async fn join(&self, i: usize, session: &Session) -> (Ws, Value) {
+    /// The host joins on instance `i` through its token; asserts role `server`. Returns the
+    /// socket and `join_success`.
+    async fn host(&self, i: usize, session: &Session) -> (Ws, Value) {
+        let mut ws = Ws::connect(&self.s(i).ws_url(&session.host)).await;
+        let ok = ws.join(Some(&session.code)).await;
+        assert_eq!(find_peer(&ok, &ws.id())["role"], "server", "{ok}");
+        (ws, ok)
+    }
+
+    /// A joiner as the CLIs join, all on instance `i`: HTTP join with the code, then the socket
+    /// of the token the answer carries; asserts role `client`.
+    async fn joiner(&self, i: usize, session: &Session) -> (Ws, Value) {
+        let token = self.api(i).join_token(&session.id, &session.code).await;
+        let mut ws = Ws::connect(&self.s(i).ws_url(&token)).await;
+        let ok = ws.join(Some(&session.code)).await;
+        assert_eq!(find_peer(&ok, &ws.id())["role"], "client", "{ok}");
+        (ws, ok)
+    }
+
+    /// A WebSocket join on instance `i` through the public session id and the code (no token):
+    /// role `client`.
+    async fn public(&self, i: usize, session: &Session) -> (Ws, Value) {
         let mut ws = Ws::connect(&self.s(i).ws_url(&session.id)).await;
         let ok = ws.join(Some(&session.code)).await;
+        assert_eq!(find_peer(&ok, &ws.id())["role"], "client", "{ok}");
         (ws, ok)
     }
 }
@@ -131,13 +179,16 @@ fn peer_ids(join_success: &Value) -> Vec<String> {
 }
 
 /// A session registered on `a`, its host joined on `a` and a joiner on `b`: signals both ways
-/// and an offer posted via `a` and fetched via `b`. Proves the cluster routes a fresh room.
+/// and an offer posted via `a` (host token) and fetched via `b` (the joiner's token). Proves the
+/// cluster routes a fresh room.
 async fn assert_cross_instance_room(c: &Cluster, a: usize, b: usize) -> (Ws, Ws, Session) {
     let s = c.session(a).await;
-    let (mut host, ok) = c.join(a, &s).await;
-    assert_eq!(ok["peers"][0]["role"], "server", "{ok}");
-    let (mut joiner, ok) = c.join(b, &s).await;
+    let (mut host, _) = c.host(a, &s).await;
+    let token = c.api(b).join_token(&s.id, &s.code).await;
+    let mut joiner = Ws::connect(&c.s(b).ws_url(&token)).await;
+    let ok = joiner.join(Some(&s.code)).await;
     assert_eq!(find_peer(&ok, &joiner.id())["role"], "client");
+    assert_eq!(find_peer(&ok, &host.id())["role"], "server");
     let joined = host.recv_type("peer_joined").await;
     assert_eq!(joined["peer"]["id"], joiner.id());
     host.send_json(json!({"type": "signal", "to_peer": joiner.id(), "signal": {"n": 1}}))
@@ -153,12 +204,12 @@ async fn assert_cross_instance_room(c: &Cluster, a: usize, b: usize) -> (Ws, Ws,
     let h = uuid();
     let offer = sdp("offer", &h, &host.id(), &joiner.id());
     c.api(a)
-        .post_sdp(Scope::Sessions, &s.id, "offer", &offer)
+        .post_sdp(Scope::Sessions, &s.host, "offer", &offer)
         .await
         .assert_status(204);
     let got = c
         .api(b)
-        .get_offer(Scope::Sessions, &s.id, &joiner.id())
+        .get_offer(Scope::Sessions, &token, &joiner.id())
         .await;
     got.assert_status(200);
     assert_eq!(got.body, offer);
@@ -200,17 +251,20 @@ async fn browser_flow_across_instances() {
 // 2. 1000 signals across instances, both directions interleaved
 // ---------------------------------------------------------------------------------------------
 
+/// With the default sender budget (50 signals/s after a burst of 200) each side's 1000 signals
+/// take ~16 s: pacing must slow a sender down without losing, duplicating or reordering any.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_signals_across_instances_in_order() {
     const N: usize = 1000;
-    /// Signals in flight per direction before the receivers drain: well below the per-peer
-    /// queue bound (256), so the slow-consumer rule never applies.
+    /// Signals in flight per direction before the receivers drain: well below the share of the
+    /// per-peer queue relayed frames may fill (3/4 of 256), so none is refused as "not keeping
+    /// up" (the test fails on any `error`).
     const WINDOW: usize = 50;
     let c = Cluster::start(2).await;
     bounded_for(Duration::from_secs(60), async {
         let s = c.session(0).await;
-        let (mut a, _) = c.join(0, &s).await;
-        let (mut b, _) = c.join(1, &s).await;
+        let (mut a, _) = c.host(0, &s).await;
+        let (mut b, _) = c.joiner(1, &s).await;
         a.recv_type("peer_joined").await;
         let (a_id, b_id) = (a.id(), b.id());
         let started = Instant::now();
@@ -254,54 +308,181 @@ async fn thousand_signals_across_instances_in_order() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. Concurrent first joins through two instances: exactly one server
+// 3. Concurrent joins through two instances: roles by token, one consistent room
 // ---------------------------------------------------------------------------------------------
 
+/// The host (through its token), a joiner (through its token) and a client through the public
+/// id and the code join one fresh room at the same time, spread over both instances, 20 times.
+/// Whatever order the joins take in Redis, the host's join is `server` and both others are
+/// `client`, in every member's view (the original made whoever came first `server`). And the
+/// room is consistent: of every two members exactly one lists the other in its `join_success`
+/// (the joins are ordered), and the earlier one hears exactly one `peer_joined` for the later
+/// one. Each member signals every member it lists at once, possibly before that one's join has
+/// fully completed on its instance: every signal arrives, after its sender's `peer_joined`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_first_joins_through_two_instances_one_server() {
+async fn concurrent_joins_through_two_instances_roles_by_token_one_room() {
     const ROOMS: usize = 20;
-    let c = Cluster::start(2).await;
+    // Every client is 127.0.0.1, which registers more sessions than the default allows one
+    // address per minute (20, counted cluster-wide).
+    let c = Cluster::start_with(2, |_| {
+        vec!["--registrations-per-minute".into(), "1000".into()]
+    })
+    .await;
     bounded_for(Duration::from_secs(60), async {
-        let mut first_was = [0usize; 2];
+        // How often the host's join came first, second, third.
+        let mut host_position = [0usize; 3];
         for k in 0..ROOMS {
-            // x on instance k % 2, y on the other: neither instance always goes first.
-            let s = c.session(k % 2).await;
-            let mut x = Ws::connect(&c.s(k % 2).ws_url(&s.id)).await;
-            let mut y = Ws::connect(&c.s(1 - k % 2).ws_url(&s.id)).await;
-            let (ok_x, ok_y) = tokio::join!(x.join(Some(&s.code)), y.join(Some(&s.code)));
-            let role_x = find_peer(&ok_x, &x.id())["role"].clone();
-            let role_y = find_peer(&ok_y, &y.id())["role"].clone();
-            let servers = [&role_x, &role_y]
-                .iter()
-                .filter(|r| r.as_str() == Some("server"))
-                .count();
-            assert_eq!(servers, 1, "roles {role_x} and {role_y}");
-            // The later joiner sees both, with the same roles; the earlier one is told.
-            let (early, late, late_ok, idx) = if peer_ids(&ok_x).len() == 1 {
-                (&mut x, &mut y, &ok_y, k % 2)
-            } else {
-                (&mut y, &mut x, &ok_x, 1 - k % 2)
-            };
-            first_was[idx] += 1;
-            assert_eq!(peer_ids(late_ok).len(), 2, "{late_ok}");
-            assert_eq!(find_peer(late_ok, &early.id())["role"], "server");
-            assert_eq!(find_peer(late_ok, &late.id())["role"], "client");
-            // The later joiner signals at once, possibly before the earlier one's join has
-            // fully completed on its instance: both the broadcast and the signal arrive.
-            late.send_json(json!({"type": "signal", "to_peer": early.id(), "signal": k}))
-                .await;
-            let joined = early.recv_type("peer_joined").await;
-            assert_eq!(joined["peer"]["id"], late.id());
-            assert_eq!(joined["peer"]["role"], "client");
-            let got = early.recv_type("signal").await;
-            assert_eq!(got["from_peer"], late.id());
-            assert_eq!(got["signal"], k);
-            late.expect_silence(Duration::from_millis(50)).await;
+            // Neither instance always has the host; the public join moves between them too.
+            let (a, b, p) = (k % 2, 1 - k % 2, (k / 2) % 2);
+            let s = c.session(a).await;
+            let token = c.api(b).join_token(&s.id, &s.code).await;
+            let mut ws = [
+                Ws::connect(&c.s(a).ws_url(&s.host)).await,
+                Ws::connect(&c.s(b).ws_url(&token)).await,
+                Ws::connect(&c.s(p).ws_url(&s.id)).await,
+            ];
+            let [h, j, q] = &mut ws;
+            let (ok_h, ok_j, ok_q) = tokio::join!(
+                h.join(Some(&s.code)),
+                j.join(Some(&s.code)),
+                q.join(Some(&s.code))
+            );
+            let oks = [ok_h, ok_j, ok_q];
+            let ids: Vec<String> = ws.iter().map(Ws::id).collect();
+            let role = |id: &str| if id == ids[0] { "server" } else { "client" };
+            for ok in &oks {
+                for peer in ok["peers"].as_array().unwrap() {
+                    let id = peer["id"].as_str().unwrap();
+                    assert_eq!(peer["role"], role(id), "room {k}: {ok}");
+                }
+            }
+            let lists = |x: usize, y: usize| peer_ids(&oks[x]).contains(&ids[y]);
+            for x in 0..3 {
+                assert!(lists(x, x), "room {k}: {} lists not itself", oks[x]);
+                for y in x + 1..3 {
+                    assert!(
+                        lists(x, y) != lists(y, x),
+                        "room {k}: members {x} and {y}: exactly one must list the other\n\
+                         {}\n{}",
+                        oks[x],
+                        oks[y]
+                    );
+                }
+            }
+            host_position[peer_ids(&oks[0]).len() - 1] += 1;
+            // The later members signal the earlier ones at once.
+            for (x, w) in ws.iter_mut().enumerate() {
+                for y in (0..3).filter(|&y| y != x && lists(x, y)) {
+                    w.send_json(json!({"type": "signal", "to_peer": ids[y],
+                                       "signal": {"room": k, "from": x}}))
+                        .await;
+                }
+            }
+            // Each earlier member hears of each later one: `peer_joined` (its role as everyone
+            // sees it), then its signal; nothing else.
+            for (x, w) in ws.iter_mut().enumerate() {
+                let later: Vec<usize> = (0..3).filter(|&y| y != x && !lists(x, y)).collect();
+                let mut got = Vec::new();
+                for _ in 0..2 * later.len() {
+                    got.push(recv_within(w, WAIT, "peer_joined or signal").await);
+                }
+                for &y in &later {
+                    let joined = got.iter().position(|v| {
+                        v["type"] == "peer_joined" && v["peer"]["id"] == ids[y].as_str()
+                    });
+                    let signal = got
+                        .iter()
+                        .position(|v| v["type"] == "signal" && v["from_peer"] == ids[y].as_str());
+                    let (Some(joined), Some(signal)) = (joined, signal) else {
+                        panic!("room {k}: member {x} missed member {y}'s join or signal: {got:?}");
+                    };
+                    assert!(
+                        joined < signal,
+                        "room {k}: member {y}'s signal reached {x} before its peer_joined: {got:?}"
+                    );
+                    assert_eq!(got[joined]["peer"]["role"], role(&ids[y]), "{got:?}");
+                    assert_eq!(got[signal]["signal"], json!({"room": k, "from": y}));
+                }
+            }
+            for w in ws.iter_mut() {
+                w.expect_silence(Duration::from_millis(50)).await;
+            }
         }
         eprintln!(
-            "cluster: {ROOMS} concurrent first joins: the server was on A {} times, on B {}",
-            first_was[0], first_was[1]
+            "cluster: {ROOMS} rooms of concurrent joins: the host's join was first {} times, \
+             second {}, third {}",
+            host_position[0], host_position[1], host_position[2]
         );
+    })
+    .await;
+}
+
+/// The `server` role follows the host's token, never the order, across instances: a joiner
+/// alone in the room (through B) is `client`, and the host joining after it (through A) is
+/// `server`; once the host has left, a client coming (through B, with the public id) into a room
+/// without a host is `client`, and the host coming back through B is `server` again while both
+/// stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_role_follows_the_host_token_across_instances() {
+    let c = Cluster::start(2).await;
+    bounded_for(Duration::from_secs(30), async {
+        let s = c.session(0).await;
+        let (mut j1, ok) = c.joiner(1, &s).await;
+        assert_eq!(peer_ids(&ok), vec![j1.id()], "{ok}");
+        let (host, ok) = c.host(0, &s).await;
+        assert_eq!(find_peer(&ok, &j1.id())["role"], "client");
+        let joined = j1.recv_type("peer_joined").await;
+        assert_eq!(joined["peer"]["id"], host.id());
+        assert_eq!(joined["peer"]["role"], "server");
+
+        let host_id = host.id();
+        host.close_abruptly().await;
+        assert_eq!(
+            j1.recv_type("peer_left").await,
+            json!({"type": "peer_left", "peer_id": host_id})
+        );
+        let (mut j2, ok) = c.public(1, &s).await;
+        assert_eq!(find_peer(&ok, &j1.id())["role"], "client");
+        assert_eq!(peer_ids(&ok).len(), 2, "{ok}");
+        let joined = j1.recv_type("peer_joined").await;
+        assert_eq!(joined["peer"]["role"], "client");
+
+        let (back, ok) = c.host(1, &s).await;
+        assert_eq!(peer_ids(&ok).len(), 3, "{ok}");
+        for ws in [&mut j1, &mut j2] {
+            let joined = ws.recv_type("peer_joined").await;
+            assert_eq!(joined["peer"]["id"], back.id());
+            assert_eq!(joined["peer"]["role"], "server");
+            ws.expect_silence(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+/// Instances started with different secrets: a join code registered through A is refused by B
+/// (its digest is keyed by A's secret, which is not in Redis), while tokens, which need no code,
+/// work through either. This is why every instance needs the same `--secret`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_without_a_shared_secret_refuse_each_others_codes() {
+    let secrets = [cluster_secret(), cluster_secret()];
+    let c = Cluster::start_with_secrets(2, |i| vec!["--secret".into(), secrets[i].clone()]).await;
+    bounded_for(Duration::from_secs(30), async {
+        let s = c.session(0).await;
+        let refused = c.api(1).join_http(&s.id, Some(&s.code)).await;
+        assert_eq!(refused["success"], false, "{refused}");
+        let mut ws = Ws::connect(&c.s(1).ws_url(&s.id)).await;
+        let reason = ws.join_refused(Some(&s.code)).await;
+        eprintln!("cluster: different secrets: B refuses A's code: {refused} / {reason:?}");
+        // A checks its own code; the token it hands out works through B, and so does the host's.
+        let (mut joiner, _) = c.joiner(0, &s).await;
+        let (host, _) = c.host(1, &s).await;
+        assert_eq!(
+            joiner.recv_type("peer_joined").await["peer"]["id"],
+            host.id()
+        );
+        let token = c.api(0).join_token(&s.id, &s.code).await;
+        let mut other = Ws::connect(&c.s(1).ws_url(&token)).await;
+        other.join(None).await;
     })
     .await;
 }
@@ -316,18 +497,18 @@ async fn kill_9_survivors_get_peer_left_within_5s() {
     bounded_for(Duration::from_secs(30), async {
         // Room 1: host on A, victim joiner on B, joiner on C.
         let r1 = c.session(0).await;
-        let (mut h1, _) = c.join(0, &r1).await;
-        let (_v1, _) = c.join(1, &r1).await;
-        let (mut j1, _) = c.join(2, &r1).await;
+        let (mut h1, _) = c.host(0, &r1).await;
+        let (_v1, _) = c.joiner(1, &r1).await;
+        let (mut j1, _) = c.joiner(2, &r1).await;
         let v1_id = _v1.id();
         h1.recv_type("peer_joined").await;
         h1.recv_type("peer_joined").await;
         j1.expect_silence(Duration::from_millis(50)).await;
         // Room 2: the host (role server) is on B, a joiner on A.
         let r2 = c.session(1).await;
-        let (v2, _) = c.join(1, &r2).await;
+        let (v2, _) = c.host(1, &r2).await;
         let v2_id = v2.id();
-        let (mut j2, _) = c.join(0, &r2).await;
+        let (mut j2, _) = c.joiner(0, &r2).await;
 
         let t0 = Instant::now();
         c.servers[1].signal(libc::SIGKILL);
@@ -349,11 +530,11 @@ async fn kill_9_survivors_get_peer_left_within_5s() {
         eprintln!("cluster: kill -9 → peer_left latency (T = {INSTANCE_TIMEOUT:?}, H = {HEARTBEAT}): {latencies:?}");
 
         // The dead peers are gone from Redis: a fresh joiner (through C) sees only survivors.
-        let (mut fresh, ok) = c.join(2, &r1).await;
+        let (mut fresh, ok) = c.joiner(2, &r1).await;
         let mut want = vec![h1.id(), j1.id(), fresh.id()];
         want.sort();
         assert_eq!(peer_ids(&ok), want);
-        let (_, ok) = c.join(2, &r2).await;
+        let (_, ok) = c.joiner(2, &r2).await;
         assert_eq!(peer_ids(&ok).len(), 2, "{ok}");
         assert!(!peer_ids(&ok).contains(&v2_id));
         // And the room still relays across the surviving instances.
@@ -376,10 +557,10 @@ async fn sigstop_then_sigcont_fences_without_ghosts() {
     bounded_for(Duration::from_secs(40), async {
         // One room: host on A, two peers on B (to be frozen), a joiner on C.
         let s = c.session(0).await;
-        let (mut host, _) = c.join(0, &s).await;
-        let (mut g1, _) = c.join(1, &s).await;
-        let (mut g2, _) = c.join(1, &s).await;
-        let (mut j, _) = c.join(2, &s).await;
+        let (mut host, _) = c.host(0, &s).await;
+        let (mut g1, _) = c.joiner(1, &s).await;
+        let (mut g2, _) = c.joiner(1, &s).await;
+        let (mut j, _) = c.joiner(2, &s).await;
         for _ in 0..3 {
             host.recv_type("peer_joined").await;
         }
@@ -438,7 +619,7 @@ async fn sigstop_then_sigcont_fences_without_ghosts() {
         eprintln!("cluster: SIGCONT → ready again (new instance id) after {ready_after:?}");
 
         // A fresh peer elsewhere sees only the survivors.
-        let (mut fresh_c, ok) = c.join(2, &s).await;
+        let (mut fresh_c, ok) = c.joiner(2, &s).await;
         let mut want = vec![host.id(), j.id(), fresh_c.id()];
         want.sort();
         assert_eq!(peer_ids(&ok), want, "ghosts listed: {ok}");
@@ -446,7 +627,7 @@ async fn sigstop_then_sigcont_fences_without_ghosts() {
         j.recv_type("peer_joined").await;
 
         // Fresh peers can join through the resumed instance (it re-registered).
-        let (mut fresh_b, ok) = c.join(1, &s).await;
+        let (mut fresh_b, ok) = c.joiner(1, &s).await;
         let mut want = vec![host.id(), j.id(), fresh_c.id(), fresh_b.id()];
         want.sort();
         assert_eq!(peer_ids(&ok), want, "ghosts listed: {ok}");
@@ -527,7 +708,7 @@ async fn redis_restarted_empty_ready_flips_and_new_sessions_work() {
 
         // A new session works across instances, no instance restarted.
         let (mut h, _j, s) = assert_cross_instance_room(&c, 1, 2).await;
-        let (mut third, ok) = c.join(0, &s).await;
+        let (mut third, ok) = c.public(0, &s).await;
         assert_eq!(peer_ids(&ok).len(), 3, "{ok}");
         third
             .send_json(json!({"type": "signal", "to_peer": h.id(), "signal": "via A"}))
@@ -563,9 +744,9 @@ async fn sigterm_drain_across_instances() {
     bounded_for(Duration::from_secs(30), async {
         // Host and a second peer on A; a joiner on B.
         let s = c.session(0).await;
-        let (mut host, _) = c.join(0, &s).await;
-        let (mut a2, _) = c.join(0, &s).await;
-        let (mut b, _) = c.join(1, &s).await;
+        let (mut host, _) = c.host(0, &s).await;
+        let (mut a2, _) = c.joiner(0, &s).await;
+        let (mut b, _) = c.joiner(1, &s).await;
         host.recv_type("peer_joined").await;
         host.recv_type("peer_joined").await;
         a2.recv_type("peer_joined").await;
@@ -651,9 +832,9 @@ async fn sigstop_frames_queued_during_the_freeze_do_not_resurrect_ghosts() {
     let c = Cluster::start(2).await;
     bounded_for(Duration::from_secs(40), async {
         let s = c.session(0).await;
-        let (mut host, _) = c.join(0, &s).await;
-        let (mut g1, _) = c.join(1, &s).await;
-        let (mut g2, _) = c.join(1, &s).await;
+        let (mut host, _) = c.host(0, &s).await;
+        let (mut g1, _) = c.joiner(1, &s).await;
+        let (mut g2, _) = c.joiner(1, &s).await;
         host.recv_type("peer_joined").await;
         host.recv_type("peer_joined").await;
         g1.recv_type("peer_joined").await;
@@ -703,7 +884,7 @@ async fn sigstop_frames_queued_during_the_freeze_do_not_resurrect_ghosts() {
         }
         // The late client is either a proper member (joined under the new id: the host saw it
         // join, and it stays) or not at all.
-        let (_, ok) = c.join(0, &s).await;
+        let (_, ok) = c.joiner(0, &s).await;
         let members = peer_ids(&ok);
         for g in &ghosts {
             assert!(!members.contains(g), "ghost {g} is a member again: {ok}");

@@ -248,7 +248,12 @@ async fn idle_keep_alive_is_closed() {
 async fn a_proxy_keeps_its_idle_connections() {
     let server = Server::builder()
         .args(SHORT)
-        .args(["--trusted-proxies", "127.0.0.1", "--proxy-idle-timeout", "4s"])
+        .args([
+            "--trusted-proxies",
+            "127.0.0.1",
+            "--proxy-idle-timeout",
+            "4s",
+        ])
         .start()
         .await;
     bounded(async {
@@ -257,7 +262,10 @@ async fn a_proxy_keeps_its_idle_connections() {
         assert!(get_health(&mut proxy).await.starts_with("HTTP/1.1 200"));
         assert!(get_health(&mut direct).await.starts_with("HTTP/1.1 200"));
         let closed = closed_within(&mut direct, Duration::from_secs(5)).await;
-        assert!(closed.is_some(), "a direct client's idle connection is closed");
+        assert!(
+            closed.is_some(),
+            "a direct client's idle connection is closed"
+        );
         // Past the plain idle timeout (2 s) the proxy's connection still serves.
         assert!(get_health(&mut proxy).await.starts_with("HTTP/1.1 200"));
         let closed = closed_within(&mut proxy, Duration::from_secs(6)).await;

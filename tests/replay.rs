@@ -5,16 +5,54 @@
 //! What is compared: per connection, the order of replies; for HTTP the status, the JSON body's
 //! shape (same keys recursively, same JSON value types) and the headers the clients may rely on;
 //! for WebSocket frames the same for each JSON message. Strings must be equal once the values
-//! that naturally differ are substituted: the session id (a fresh one), the peer-session id and
-//! the server-assigned peer ids (learned from our replies), the generated join code, and the
-//! host:port of the base URL. Times, `remote_addr` and ports differ freely.
+//! that naturally differ are substituted (below). Times, `remote_addr` (ours: an IP address
+//! without port) and ports differ freely.
 //!
-//! Timing: the recorded gaps (30 s between pings, ...) are not slept; only the order is kept.
+//! # Substitutions
+//!
+//! The same for every connection: the host:port of the base URL, the session id `S` (a fresh
+//! one), the server-assigned peer ids (learned from our `join_success` / `peer_joined`), and the
+//! generated join code (only in `passphrase` and `join_code` fields).
+//!
+//! The ids of URLs are substituted *by role*, the way the real clients derive them from our
+//! answers (`docs/protocol.md`). The recorded server put `S` into every URL and answered both
+//! attaches with one shared peer session `P`; ours hands each client its own token. Every
+//! connection belongs to one client (`host-*` or `join-*`), and a client uses, for a recorded
+//! id, what the latest answer *it* got gave it in place of that id:
+//!
+//! - Host. The register answer carries its token `H` in `signaling_url`, the `web_socket` URL
+//!   and `websocket_url`: from then on the recorded `S` is `H` in the host's requests
+//!   (generation 1: `/ws/H`, `/sessions/H/webrtc/...`; generation 2: attach with
+//!   `host_session_id = H`, taken from the signaling URL). Generation 2's attach answers
+//!   `peer_session_id = H` (recorded: `P`) and `host_session_id = S`: from then on the host's `P`
+//!   is `H` (`/ws/H`, `/peer-sessions/H/...`, `join.metadata.peer_session_id`) and its `S` is `S`
+//!   again (`join.metadata.host_session_id`).
+//! - Joiner. Its HTTP join goes to `/sessions/S/join` (the id it was told). The answer carries its
+//!   own token `T` in the same URLs, and everything after follows as for the host, with `T`
+//!   (generation 1: `/ws/T`, `/sessions/T/webrtc/...`; generation 2: attach with `T`, then
+//!   `/ws/T`, `/peer-sessions/T/...`). Generation 2's fallback socket (`join-ws-2`) opens
+//!   `/ws/S`: after the attach the recorded `S` is the attach answer's `host_session_id`.
+//!
+//! The same rule gives what our replies must say: a client's own token in the URLs of its
+//! register / join answer (learned there from the `web_rtc` transport's `signaling_url`, then
+//! required in every other URL field) and as its attach answer's `peer_session_id` (required to
+//! be the token it attached with, not learned); the public `S` in `session_id`, `session_url`,
+//! `host_session_id` and `join_success.session_id`, whoever asks. Every token must be fresh (a
+//! UUID, neither `S` nor another client's token), must never appear in a WebSocket frame (all
+//! members read those: generation 2's `join.metadata.peer_session_id` is absent from our
+//! PeerInfo, which the recording had) nor in an answer to the other client.
+//!
+//! # Order and timing
+//!
+//! The recorded gaps (30 s between pings, ...) are not slept; only the order is kept.
 //! HTTP requests are played at the position of their recorded *response*: that is the order
 //! in which the original server handled them, so poll loops (404/409, then 200) come out the
 //! same (in gen 1 a `GET answer` was answered 404 before the concurrent `POST answer` was).
 //! HTTP goes over raw TCP with exactly the recorded request line and headers, on the same
-//! keep-alive connections as recorded.
+//! keep-alive connections as recorded. The replay takes a few seconds, well within the join
+//! timeout (10 s) that now closes generation 2's never-joining fallback socket; what that
+//! socket gets from start to close is checked on its own, with a 1 s join timeout
+//! ([`generation2_fallback_socket`]).
 //!
 //! Where the recorded server did something protocol.md §7 calls a bug, the expectation is
 //! corrected before the replay (see [`correct_recorded_bugs`]) and our correct behaviour is
@@ -29,7 +67,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use common::{uuid, Ctx, Ws, WAIT};
+use common::{hex_bytes, url_id, uuid, Ctx, Engine, ServerBuilder, Ws, WAIT};
 
 const GEN1: &str = include_str!("transcripts/gen1-host-join.jsonl");
 const GEN2: &str = include_str!("transcripts/gen2-host-join.jsonl");
@@ -139,52 +177,149 @@ fn correct_recorded_bugs(events: &mut Vec<Value>) -> Vec<String> {
     fixes
 }
 
-/// Recorded → ours.
+/// The two clients of a transcript; every connection belongs to one (`host-*`, `join-*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    Host,
+    Joiner,
+}
+
+impl Client {
+    fn of(conn: &str) -> Client {
+        if conn.starts_with("host-") {
+            Client::Host
+        } else if conn.starts_with("join-") {
+            Client::Joiner
+        } else {
+            panic!("connection {conn} belongs to no known client")
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Keys of our replies that carry the public session id, whoever asks.
+const PUBLIC_ID_KEYS: &[&str] = &["session_id", "session_url", "host_session_id"];
+
+/// Recorded → ours (see the module docs).
 #[derive(Default)]
 struct Subst {
-    ids: Vec<(String, String)>,
+    /// The same for every connection: host:port, the session id, the peer ids.
+    common: Vec<(String, String)>,
+    /// Per client: the ids it took from the answers it got; a later answer overrides.
+    own: [Vec<(String, String)>; 2],
     /// The join code, substituted only in `passphrase` and `join_code` fields.
     code: Option<(String, String)>,
+    /// Our session id.
+    session: String,
+    /// The tokens our server issued, and to whom.
+    tokens: Vec<(Client, String)>,
 }
 
 impl Subst {
+    /// A value the same for every client (peer ids): the first mapping wins.
     fn learn(&mut self, recorded: &Value, ours: &Value) {
         if let (Some(r), Some(o)) = (recorded.as_str(), ours.as_str()) {
-            if !self.ids.iter().any(|(from, _)| from == r) {
-                self.ids.push((r.to_owned(), o.to_owned()));
+            if !self.common.iter().any(|(from, _)| from == r) {
+                self.common.push((r.to_owned(), o.to_owned()));
             }
         }
     }
 
-    fn str(&self, s: &str) -> String {
+    /// What `client` uses for `recorded` from now on (it got `ours` in an answer).
+    fn learn_own(&mut self, client: Client, recorded: &str, ours: &str) {
+        let own = &mut self.own[client.index()];
+        own.retain(|(from, _)| from != recorded);
+        own.push((recorded.to_owned(), ours.to_owned()));
+    }
+
+    /// A token our server gave `client` where the recording has `recorded`: it must be fresh.
+    fn issue_token(&mut self, what: &str, client: Client, recorded: &str, ours: &str) {
+        assert!(
+            uuid::Uuid::parse_str(ours).is_ok(),
+            "{what}: the URL's id {ours:?} is not a token (a UUID)"
+        );
+        assert_ne!(
+            ours, self.session,
+            "{what}: the URLs carry the public session id, not a token"
+        );
+        assert!(
+            !self.tokens.iter().any(|(_, t)| t == ours),
+            "{what}: token {ours} was issued before: {:?}",
+            self.tokens
+        );
+        self.tokens.push((client, ours.to_owned()));
+        self.learn_own(client, recorded, ours);
+    }
+
+    /// The mappings in force for `client` (`None`: only the common ones), its own first.
+    fn pairs(&self, client: Option<Client>) -> Vec<(&str, &str)> {
+        let own: &[(String, String)] = client.map_or(&[], |c| &self.own[c.index()]);
+        let shadowed = |from: &str| own.iter().any(|(o, _)| o == from);
+        own.iter()
+            .chain(self.common.iter().filter(|(from, _)| !shadowed(from)))
+            .map(|(from, to)| (from.as_str(), to.as_str()))
+            .collect()
+    }
+
+    fn str(&self, client: Option<Client>, s: &str) -> String {
         let mut s = s.to_owned();
-        for (from, to) in &self.ids {
-            if s.contains(from.as_str()) {
-                s = s.replace(from.as_str(), to);
+        for (from, to) in self.pairs(client) {
+            if s.contains(from) {
+                s = s.replace(from, to);
             }
         }
         s
     }
 
-    fn value(&self, v: &Value) -> Value {
-        self.value_at(v, "")
+    /// A recorded request of `client` (target, body, WebSocket payload), as it sends it to us.
+    fn request(&self, client: Client, v: &Value) -> Value {
+        self.value_at(v, "", Some(client), false)
     }
 
-    fn value_at(&self, v: &Value, key: &str) -> Value {
+    /// A recorded reply to `client`, as ours must be: as [`Subst::request`], except that
+    /// [`PUBLIC_ID_KEYS`] hold the public session id.
+    fn expected(&self, client: Client, v: &Value) -> Value {
+        self.value_at(v, "", Some(client), true)
+    }
+
+    fn value_at(&self, v: &Value, key: &str, client: Option<Client>, reply: bool) -> Value {
         match v {
             Value::String(s) => match &self.code {
                 Some((from, to)) if (key == "passphrase" || key == "join_code") && s == from => {
                     Value::String(to.clone())
                 }
-                _ => Value::String(self.str(s)),
+                _ if reply && PUBLIC_ID_KEYS.contains(&key) => Value::String(self.str(None, s)),
+                _ => Value::String(self.str(client, s)),
             },
-            Value::Array(a) => Value::Array(a.iter().map(|x| self.value_at(x, key)).collect()),
+            Value::Array(a) => Value::Array(
+                a.iter()
+                    .map(|x| self.value_at(x, key, client, reply))
+                    .collect(),
+            ),
             Value::Object(m) => Value::Object(
                 m.iter()
-                    .map(|(k, x)| (self.str(k), self.value_at(x, k)))
+                    .map(|(k, x)| (self.str(client, k), self.value_at(x, k, client, reply)))
                     .collect(),
             ),
             other => other.clone(),
+        }
+    }
+
+    /// Tokens reach their holders only: none in a WebSocket frame (`to: None`, every member
+    /// reads them), none of the other client's in an HTTP answer to `to`.
+    #[track_caller]
+    fn assert_no_foreign_token(&self, what: &str, to: Option<Client>, text: &str) {
+        for (holder, token) in &self.tokens {
+            if Some(*holder) != to {
+                assert!(
+                    !text.contains(token.as_str()),
+                    "{what}: the {holder:?}'s token {token} shown to {}: {text}",
+                    to.map_or("every member".to_owned(), |c| format!("the {c:?}"))
+                );
+            }
         }
     }
 }
@@ -261,7 +396,9 @@ fn compare(path: &str, rec: &Value, ours: &Value, errs: &mut Vec<String>) {
 /// PeerInfo `metadata` is a string map whose keys legitimately differ (protocol.md §4.2: it
 /// "may carry" label, remote_addr, mcp and the generation-2 client's keys; the original
 /// added `role`/`session_id` of its own and dropped the client's keys in `join_success`).
-/// Ours must be a string map with `remote_addr`, and keep a recorded `label`.
+/// Ours must be a string map with `remote_addr` (an IP address, no port: the recorded one had
+/// one), keep a recorded `label`, and show no `peer_session_id`: generation 2 copies its token
+/// there, and a metadata value equal to the socket's token is dropped (the recording has it).
 fn compare_peer_metadata(path: &str, rec: &Value, ours: &Value, errs: &mut Vec<String>) {
     let Some(o) = ours.as_object() else {
         errs.push(format!("{path}: not an object: {ours}"));
@@ -270,8 +407,15 @@ fn compare_peer_metadata(path: &str, rec: &Value, ours: &Value, errs: &mut Vec<S
     if o.values().any(|v| !v.is_string()) {
         errs.push(format!("{path}: non-string value: {ours}"));
     }
-    if !o.contains_key("remote_addr") {
-        errs.push(format!("{path}: no remote_addr"));
+    match o.get("remote_addr").and_then(Value::as_str) {
+        None => errs.push(format!("{path}: no remote_addr")),
+        Some(addr) if addr.parse::<std::net::IpAddr>().is_err() => {
+            errs.push(format!("{path}.remote_addr: {addr:?} is not an IP address"))
+        }
+        Some(_) => {}
+    }
+    if rec.get("peer_session_id").is_some() && o.contains_key("peer_session_id") {
+        errs.push(format!("{path}: peer_session_id (a token) shown: {ours}"));
     }
     if let Some(label) = rec.get("label") {
         if o.get("label") != Some(label) {
@@ -321,14 +465,22 @@ impl HttpConn {
         }
     }
 
-    /// Sends the recorded request (target, headers and body substituted) and reads the answer.
-    async fn exchange(&mut self, req: &Value, subst: &Subst, host: &str) -> RawResponse {
+    /// Sends `client`'s recorded request (target, headers and body substituted for it) and our answer.
+    async fn exchange(
+        &mut self,
+        req: &Value,
+        subst: &Subst,
+        client: Client,
+        host: &str,
+    ) -> RawResponse {
         let body = match req["body_format"].as_str() {
-            Some("json") => subst.value(&req["body"]).to_string().into_bytes(),
-            Some("text") => subst.str(req["body"].as_str().unwrap()).into_bytes(),
+            Some("json") => subst.request(client, &req["body"]).to_string().into_bytes(),
+            Some("text") => subst
+                .str(Some(client), req["body"].as_str().unwrap())
+                .into_bytes(),
             _ => Vec::new(),
         };
-        let target = subst.str(req["target"].as_str().unwrap());
+        let target = subst.str(Some(client), req["target"].as_str().unwrap());
         let mut head = format!("{} {target} HTTP/1.1\r\n", req["method"].as_str().unwrap());
         for (name, value) in req["headers"].as_object().unwrap() {
             let value = match name.to_ascii_lowercase().as_str() {
@@ -443,8 +595,11 @@ async fn replay(ctx: &Ctx, transcript: &str, expected_fixes: &[&str]) {
 
     let port = ctx.server.port();
     let host = format!("127.0.0.1:{port}");
-    let mut subst = Subst::default();
-    subst.ids.push((RECORDED_HOST.to_owned(), host.clone()));
+    let mut subst = Subst {
+        session: uuid(),
+        ..Subst::default()
+    };
+    subst.common.push((RECORDED_HOST.to_owned(), host.clone()));
     let recorded_session = events
         .iter()
         .find(|e| is(e, None, C2S, "http_request") && e["path"] == "/sessions")
@@ -452,11 +607,12 @@ async fn replay(ctx: &Ctx, transcript: &str, expected_fixes: &[&str]) {
         .as_str()
         .unwrap()
         .to_owned();
-    subst.ids.push((recorded_session, uuid()));
+    subst.common.push((recorded_session, subst.session.clone()));
 
     let mut conns: HashMap<String, Conn> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
         let name = e["conn"].as_str().unwrap().to_owned();
+        let client = Client::of(&name);
         let at = format!("event {i} ({name}, t={})", e["t"]);
         let is_ws_conn = name.contains("-ws");
         match (e["dir"].as_str().unwrap(), e["kind"].as_str().unwrap()) {
@@ -475,12 +631,12 @@ async fn replay(ctx: &Ctx, transcript: &str, expected_fixes: &[&str]) {
             (S2C, "http_response") => match conns.get_mut(&name) {
                 Some(Conn::Http(h)) => {
                     let req = h.pending.pop_front().expect("a request to answer");
-                    let resp = h.exchange(&req, &subst, &host).await;
-                    check_http(&at, &req, e, &resp, &mut subst);
+                    let resp = h.exchange(&req, &subst, client, &host).await;
+                    check_http(&at, client, &req, e, &resp, &mut subst);
                 }
                 Some(Conn::WsPending(req)) => {
                     assert_eq!(e["status"], 101, "{at}");
-                    let path = subst.str(req["path"].as_str().unwrap());
+                    let path = subst.str(Some(client), req["path"].as_str().unwrap());
                     let url = format!("ws://{host}{path}");
                     let ws = match Ws::try_connect(&url).await {
                         Ok(ws) => ws,
@@ -494,19 +650,15 @@ async fn replay(ctx: &Ctx, transcript: &str, expected_fixes: &[&str]) {
                 let Some(Conn::Ws(c)) = conns.get_mut(&name) else {
                     panic!("{at}: no socket")
                 };
-                let payload = subst.value(&e["payload"]);
+                let payload = subst.request(client, &e["payload"]);
                 c.ws.send_json(payload).await;
             }
             (C2S, "ws_binary") => {
                 let Some(Conn::Ws(c)) = conns.get_mut(&name) else {
                     panic!("{at}: no socket")
                 };
-                let hex = e["payload"].as_str().unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect();
-                c.ws.send_binary(bytes).await;
+                c.ws.send_binary(hex_bytes(e["payload"].as_str().unwrap()))
+                    .await;
                 c.binary_sent += 1;
             }
             (S2C, "ws_text") => {
@@ -520,7 +672,8 @@ async fn replay(ctx: &Ctx, transcript: &str, expected_fixes: &[&str]) {
                     Err(closed) => panic!("{at}: expected {rec}, socket closed: {closed:?}"),
                 };
                 learn_ws(rec, &ours, &mut subst);
-                assert_same(&at, &subst.value(rec), &ours);
+                subst.assert_no_foreign_token(&at, None, &ours.to_string());
+                assert_same(&at, &subst.expected(client, rec), &ours);
             }
             (C2S, "tcp_fin") | (C2S, "tcp_rst") => match conns.insert(name.clone(), Conn::Closed) {
                 Some(Conn::Ws(mut c)) => {
@@ -571,7 +724,14 @@ fn learn_ws(rec: &Value, ours: &Value, subst: &mut Subst) {
     }
 }
 
-fn check_http(at: &str, req: &Value, rec: &Value, ours: &RawResponse, subst: &mut Subst) {
+fn check_http(
+    at: &str,
+    client: Client,
+    req: &Value,
+    rec: &Value,
+    ours: &RawResponse,
+    subst: &mut Subst,
+) {
     let what = format!("{at}: {} {}", req["method"], req["target"]);
     assert_eq!(
         ours.status,
@@ -579,6 +739,7 @@ fn check_http(at: &str, req: &Value, rec: &Value, ours: &RawResponse, subst: &mu
         "{what}: status (body {:?})",
         String::from_utf8_lossy(&ours.body)
     );
+    subst.assert_no_foreign_token(&what, Some(client), &String::from_utf8_lossy(&ours.body));
     let rec_headers = rec["headers"].as_object().unwrap();
     // The browser client needs CORS on every answer.
     if rec_headers.contains_key("access-control-allow-origin") {
@@ -605,11 +766,11 @@ fn check_http(at: &str, req: &Value, rec: &Value, ours: &RawResponse, subst: &mu
                 .unwrap_or_else(|e| panic!("{what}: body is not JSON: {e}"));
             let rb = &rec["body"];
             // Values the server chooses: learn them first.
-            subst.learn(&rb["peer_session_id"], &body["peer_session_id"]);
+            learn_http(&what, client, req, rb, &body, subst);
             if let (Some(r), Some(o)) = (rb["join_code"].as_str(), body["join_code"].as_str()) {
                 subst.code = Some((r.to_owned(), o.to_owned()));
             }
-            assert_same(&what, &subst.value(rb), &body);
+            assert_same(&what, &subst.expected(client, rb), &body);
         }
         Some("empty") if ours.status < 300 => {
             assert!(
@@ -628,6 +789,46 @@ fn check_http(at: &str, req: &Value, rec: &Value, ours: &RawResponse, subst: &mu
             }
         }
         other => panic!("{what}: unexpected recorded body format {other:?}"),
+    }
+}
+
+/// Learns the ids an HTTP answer gives `client`, before it is compared (see the module docs):
+/// the token of a register / join answer's URLs, and what an attach answer makes of the
+/// recorded peer session and session ids.
+fn learn_http(
+    what: &str,
+    client: Client,
+    req: &Value,
+    rec: &Value,
+    ours: &Value,
+    subst: &mut Subst,
+) {
+    let path = req["path"].as_str().unwrap();
+    let post = req["method"] == "POST";
+    if post && (path == "/sessions" || path.ends_with("/join")) && rec["success"] == true {
+        // The web_rtc transport's signaling URL; the comparison then requires the same id in
+        // every other URL of the answer.
+        let url = |body: &Value| {
+            body["transports"][0]["metadata"]["signaling_url"]
+                .as_str()
+                .map(url_id)
+                .unwrap_or_else(|| panic!("{what}: no signaling_url in {body}"))
+        };
+        subst.issue_token(what, client, &url(rec), &url(ours));
+    } else if post && path == "/peer-sessions/attach" && rec["peer_session_id"].is_string() {
+        // Attached with the token of its signaling URL: that is its peer session (required, not
+        // learned), and the recorded session id is the public one again.
+        let sent = subst.str(
+            Some(client),
+            req["body"]["host_session_id"].as_str().unwrap(),
+        );
+        assert!(
+            subst.tokens.contains(&(client, sent.clone())),
+            "{what}: the {client:?} attached with {sent}, not with its own token"
+        );
+        subst.learn_own(client, rec["peer_session_id"].as_str().unwrap(), &sent);
+        let session = subst.session.clone();
+        subst.learn_own(client, rec["host_session_id"].as_str().unwrap(), &session);
     }
 }
 
@@ -653,6 +854,85 @@ async fn generation2_host_joiner_and_fallback_socket(ctx: &Ctx) {
     .await;
 }
 
+}
+
+/// Generation 2's fallback socket as recorded (`join-ws-2`): it opens `/ws/S` (the public id,
+/// see the module docs) and sends only binary frames, never a `join`. The replay ends long
+/// before the join timeout; here, with `--join-timeout 1s`, the socket gets at most one `error`
+/// per frame, is closed with 1008 once the timeout has passed (not before), and the room never
+/// hears of it.
+async fn generation2_fallback_socket(engine: Engine) {
+    const JOIN_TIMEOUT: Duration = Duration::from_secs(1);
+    let events = parse(GEN2);
+    let recorded_session = events
+        .iter()
+        .find(|e| is(e, None, C2S, "http_request") && e["path"] == "/sessions")
+        .expect("a registration")["body"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let upgrade = events
+        .iter()
+        .find(|e| is(e, Some("join-ws-2"), C2S, "http_request"))
+        .expect("the fallback socket's upgrade");
+    assert_eq!(upgrade["path"], format!("/ws/{recorded_session}"));
+    let frames: Vec<Vec<u8>> = events
+        .iter()
+        .filter(|e| is(e, Some("join-ws-2"), C2S, "ws_binary"))
+        .map(|e| hex_bytes(e["payload"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        frames.len(),
+        2,
+        "the recorded fallback socket sends two frames"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| is(e, Some("join-ws-2"), C2S, "ws_text")),
+        "the recorded fallback socket never sends text"
+    );
+
+    let builder = ServerBuilder::new().args(["--join-timeout", "1s"]);
+    let ctx = Ctx::start_with(engine, builder).await;
+    common::bounded(async {
+        let (session, mut host) = ctx.hosted().await;
+        let opened = tokio::time::Instant::now();
+        let mut fallback = ctx.ws(&session.id).await;
+        for frame in &frames {
+            fallback.send_binary(frame.clone()).await;
+        }
+        let (before, closed) = fallback.expect_close().await;
+        let after = opened.elapsed();
+        assert!(
+            before.len() <= frames.len() && before.iter().all(|v| v["type"] == "error"),
+            "the fallback socket got {before:?}"
+        );
+        assert_eq!(closed.code(), Some(1008), "{closed:?}");
+        assert!(
+            after >= JOIN_TIMEOUT - Duration::from_millis(100),
+            "closed after {after:?}, before the join timeout"
+        );
+        assert!(
+            after < JOIN_TIMEOUT + Duration::from_millis(1500),
+            "closed only after {after:?}"
+        );
+        // The host hears nothing of it, and is still served.
+        host.expect_silence(QUIET).await;
+        host.send_json(json!({"type": "ping"})).await;
+        host.recv_type("pong").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation2_fallback_socket_closed_after_the_join_timeout_memory() {
+    generation2_fallback_socket(Engine::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation2_fallback_socket_closed_after_the_join_timeout_redis() {
+    generation2_fallback_socket(Engine::Redis).await;
 }
 
 #[test]

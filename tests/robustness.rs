@@ -5,7 +5,10 @@
 //!   room's server peer and vanish with a TCP reset, while `/health` is probed every 200 ms with a
 //!   2 s timeout; `_unread_stdout`: the same with stdout a pipe nobody reads and debug logging
 //!   (plus the WebSocket library traced, so the log writer's 16 Ki-line buffer overflows too).
-//! - `slow_consumer`: a peer that stops reading is flooded with 1 KiB signals.
+//! - `slow_consumer_relayed_flood`: a host that stops reading is flooded with 1 KiB signals by a
+//!   joiner: the flood is refused to the sender, the host is not cut off.
+//! - `slow_consumer_control_frames`: a peer that stops reading while members come and go falls
+//!   behind on the server's own room events: it is disconnected (1008), the room is told.
 //! - `idle_peers_vanish`: joined peers that stop answering anything (no FIN) are reaped.
 //! - `fd_limit`: the server under `prlimit --nofile=1024:1024` and more clients than that.
 //! - `redis_slow_and_unreachable`: Redis stalled (`CLIENT PAUSE ALL`), then killed.
@@ -68,7 +71,8 @@ macro_rules! on_both_engines {
 on_both_engines! {
     hang_reproduction => 60 s;
     hang_reproduction_unread_stdout => 60 s;
-    slow_consumer => 60 s;
+    slow_consumer_relayed_flood => 60 s;
+    slow_consumer_control_frames => 60 s;
     idle_peers_vanish => 30 s;
     fd_limit => 60 s;
 }
@@ -493,6 +497,9 @@ async fn hang(engine: Engine, stdout: Stdout) {
             .stdout(Stdout::UnreadPipe)
             .env("RUST_LOG", "debug,tokio_tungstenite=trace"),
     };
+    // A wave is one room of PER_WAVE members at once (and the last wave's stragglers): above
+    // the default room limit (32), which `security.rs` tests; here it would refuse the load.
+    let builder = builder.args(["--max-room-peers", &(3 * PER_WAVE).to_string()]);
     let ctx = Ctx::start_with(engine, builder).await;
     let api = ctx.api();
     let (session, host) = ctx.hosted().await;
@@ -575,32 +582,53 @@ async fn hang(engine: Engine, stdout: Stdout) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. Slow consumer
+// 2. Slow consumers
 // ---------------------------------------------------------------------------------------------
 
-/// Signals sent to the peer that stopped reading, each with a 1 KiB payload: ~25 MiB in all,
+/// Signals sent to the host while it does not read, each with a 1 KiB payload: ~25 MiB in all,
 /// so buffering them would blow [`RSS_BOUND_MIB`] three times over.
 const FLOOD: usize = 24_000;
-/// Bound of the server's memory growth (peak RSS minus RSS before the flood). Derivation: the
-/// per-peer queue holds at most 1 MiB (and 256 frames, ~300 KiB of these signals), tungstenite's
-/// write buffer at most 2 × 64 KiB + 4 KiB, the sender's read buffer one message (64 KiB);
-/// socket buffers are kernel memory, not RSS. Add allocator slack (per-thread arenas and
-/// fragmentation, a few MiB): 8 MiB, a third of what an unbounded queue would take.
+/// Bound of the server's memory growth (peak RSS minus RSS before the flood). Derivation: relayed
+/// frames may fill 3/4 of the per-peer queue (192 frames, ~200 KiB of these signals; at most
+/// 768 KiB), tungstenite's write buffer holds at most 2 × 64 KiB + 4 KiB plus a member list, the
+/// sender's read buffer one message (64 KiB); socket buffers are kernel memory, not RSS. Add
+/// allocator slack (per-thread arenas and fragmentation, a few MiB): 8 MiB, a third of what an
+/// unbounded queue would take.
 const RSS_BOUND_MIB: u64 = 8;
+/// Sender budgets high enough that one client floods unpaced (the defaults allow 50 frames/s
+/// after a burst of 200): the flood then tests the receiver's queue, not the sender's budget
+/// (which `security.rs` tests).
+const UNPACED: [&str; 8] = [
+    "--peer-messages-per-second",
+    "1000000",
+    "--peer-message-burst",
+    "1000000",
+    "--peer-bytes-per-second",
+    "2000000000",
+    "--peer-byte-burst",
+    "2000000000",
+];
+/// The write timeout ends a socket that takes no bytes at all for that long (silently). The slow
+/// peers below stop reading for a few seconds; a longer timeout makes sure that only the queue
+/// rules under test decide what happens to them.
+const SLOW_WRITE_TIMEOUT: [&str; 2] = ["--write-timeout", "30s"];
 
-async fn slow_consumer(engine: Engine) {
-    let ctx = Ctx::start(engine).await;
+/// A joiner floods the host, which has stopped reading (a 4 KiB receive buffer, not read during
+/// the flood), with 1 KiB signals, unpaced. What the host's queue cannot take is refused to the
+/// sender (`error`: not keeping up), never buffered without bound, and the host is not
+/// disconnected (another client must not be able to get a peer cut off): when it reads again it
+/// gets what was queued, in order, and then new traffic, as before. The sender stays served.
+async fn slow_consumer_relayed_flood(engine: Engine) {
+    let builder = Server::builder().args(UNPACED).args(SLOW_WRITE_TIMEOUT);
+    let ctx = Ctx::start_with(engine, builder).await;
     let api = ctx.api();
     let pid = ctx.server.pid();
     let session = ctx.session().await;
-    let url = ctx.ws_url(&session.id);
-    let mut sender = raw_ws(&url, None).await;
-    raw_join(&mut sender, &session.code).await;
-    // A 4 KiB receive buffer, and not read after the join until it has been disconnected.
-    let mut slow = raw_ws(&url, Some(4096)).await;
+    let mut slow = raw_ws(&ctx.ws_url(&session.host), Some(4096)).await;
     let slow_id = raw_join(&mut slow, &session.code).await;
-    let joined = raw_expect(&mut sender, "peer_joined", WAIT).await;
-    assert_eq!(joined["peer"]["id"], slow_id);
+    let token = api.join_token(&session.id, &session.code).await;
+    let mut sender = raw_ws(&ctx.ws_url(&token), None).await;
+    let sender_id = raw_join(&mut sender, &session.code).await;
 
     let rss_before = proc_kib(pid, "VmRSS");
     let (mut tx, mut rx) = sender.split();
@@ -619,10 +647,11 @@ async fn slow_consumer(engine: Engine) {
 
     let payload = "x".repeat(1024);
     let t0 = Instant::now();
+    let to = slow_id.clone();
     let flood = tokio::spawn(async move {
         for i in 0..FLOOD {
             let msg = format!(
-                r#"{{"type":"signal","to_peer":"{slow_id}","signal":{{"seq":{i},"data":"{payload}"}}}}"#
+                r#"{{"type":"signal","to_peer":"{to}","signal":{{"seq":{i},"data":"{payload}"}}}}"#
             );
             tx.feed(Message::text(msg)).await?;
             if i % 64 == 63 {
@@ -632,74 +661,195 @@ async fn slow_consumer(engine: Engine) {
         tx.flush().await?;
         Ok::<_, tokio_tungstenite::tungstenite::Error>((tx, t0.elapsed()))
     });
-
-    // The slow peer's room sees it leave, while the flood goes on.
-    let mut errors = 0;
-    let left_after = loop {
-        match tokio::time::timeout(Duration::from_secs(30), seen.recv()).await {
-            Ok(Some(Got::Msg(v))) if v["type"] == "peer_left" => {
-                assert_eq!(v["peer_id"], joined["peer"]["id"]);
-                break t0.elapsed();
-            }
-            Ok(Some(Got::Msg(v))) if v["type"] == "error" => errors += 1,
-            Ok(Some(Got::Msg(v))) => panic!("unexpected message to the sender: {v}"),
-            Ok(Some(other)) => panic!("the sender was disconnected: {other:?}"),
-            Ok(None) | Err(_) => panic!("no peer_left for the slow peer"),
-        }
-    };
-
-    // The slow peer reads again: what was already in flight, then the server's close.
-    let mut backlog = 0;
-    let closed = loop {
-        match raw_next(&mut slow, Duration::from_secs(10)).await {
-            Got::Msg(v) if v["type"] == "signal" => backlog += 1,
-            Got::Msg(v) => panic!("unexpected message to the slow peer: {v}"),
-            Got::Closed(how) => break how,
-            Got::Nothing => panic!("the slow peer's socket was not closed"),
-        }
-    };
-
     let (mut tx, flood_took) = tokio::time::timeout(Duration::from_secs(40), flood)
         .await
         .expect("the server stopped reading the sender")
         .expect("flood task")
         .expect("the sender's socket failed");
-    let rss_peak = proc_kib(pid, "VmHWM");
-    let rss_after = proc_kib(pid, "VmRSS");
-
-    // The sender is still served.
+    // Everything sent was handled: the sender's ping is answered after the whole flood.
     tx.send(Message::text(json!({ "type": "ping" }).to_string()))
         .await
         .expect("the sender can still send");
+    let mut refusals = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, seen.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
             Ok(Some(Got::Msg(v))) if v["type"] == "pong" => break,
-            Ok(Some(Got::Msg(v))) if v["type"] == "error" => errors += 1,
+            Ok(Some(Got::Msg(v))) if v["type"] == "error" => refusals.push(v),
+            Ok(Some(Got::Msg(v))) if v["type"] == "peer_left" => {
+                panic!("the flooded host was disconnected: {v}")
+            }
+            Ok(Some(Got::Msg(v))) => panic!("unexpected message to the sender: {v}"),
             other => panic!("the sender is no longer served: {other:?}"),
         }
     }
-    wait_local_peers(&api, 1, Duration::from_secs(5)).await;
+    let handled_after = t0.elapsed();
+    let rss_peak = proc_kib(pid, "VmHWM");
+    assert_eq!(
+        local_peers(&api).await,
+        2,
+        "both sockets are still there after the flood"
+    );
+
+    // The host reads again: the backlog, in order, and not a close.
+    let mut seqs = Vec::new();
+    loop {
+        match raw_next(&mut slow, Duration::from_secs(1)).await {
+            Got::Msg(v) if v["type"] == "peer_joined" && seqs.is_empty() => {
+                assert_eq!(v["peer"]["id"], sender_id);
+            }
+            Got::Msg(v) if v["type"] == "signal" => {
+                assert_eq!(v["from_peer"], sender_id);
+                seqs.push(v["signal"]["seq"].as_u64().unwrap() as usize);
+            }
+            Got::Msg(v) => panic!("unexpected message to the flooded host: {v}"),
+            Got::Closed(how) => panic!("the flooded host was disconnected: {how:?}"),
+            Got::Nothing => break,
+        }
+    }
+    let backlog = seqs.len();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "the backlog is out of order or duplicated"
+    );
+    // And it is served as before: new traffic from the sender, and its own ping.
+    tx.send(Message::text(
+        json!({ "type": "signal", "to_peer": slow_id, "signal": { "after": "flood" } }).to_string(),
+    ))
+    .await
+    .unwrap();
+    let v = raw_expect(&mut slow, "signal", WAIT).await;
+    assert_eq!(v["signal"]["after"], "flood", "{v}");
+    slow.send(Message::text(json!({ "type": "ping" }).to_string()))
+        .await
+        .unwrap();
+    raw_expect(&mut slow, "pong", WAIT).await;
+    match tokio::time::timeout(QUIET_MS, seen.recv()).await {
+        Err(_) => {}
+        Ok(other) => panic!("unexpected after the flood, to the sender: {other:?}"),
+    }
     drop(tx);
     reader.abort();
 
     let growth_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
     eprintln!(
-        "[{engine:?}] slow consumer: {FLOOD} signals of 1 KiB sent in {flood_took:?}; peer_left \
-         for the slow peer after {left_after:?}; server RSS {} MiB before, peak {} MiB, {} MiB \
-         after: growth {growth_mib:.1} MiB (bound {RSS_BOUND_MIB} MiB); the slow peer got \
-         {backlog} signals, then {closed:?}; {errors} error replies to the sender",
+        "[{engine:?}] relayed flood: {FLOOD} signals of 1 KiB sent unpaced in {flood_took:?}, \
+         all handled after {handled_after:?}; server RSS {} MiB before, peak {} MiB: growth \
+         {growth_mib:.1} MiB (bound {RSS_BOUND_MIB} MiB); {} `error` replies to the sender \
+         (first: {}); the host, reading again, got {backlog} signals (seq {:?}..{:?}) and stayed",
         rss_before / 1024,
         rss_peak / 1024,
-        rss_after / 1024,
+        refusals.len(),
+        refusals
+            .first()
+            .map_or(Value::Null, |v| v["message"].clone()),
+        seqs.first(),
+        seqs.last(),
     );
     assert!(
         growth_mib < RSS_BOUND_MIB as f64,
         "server memory grew by {growth_mib:.1} MiB"
     );
+    assert!(backlog > 0, "the host got none of the flood");
     assert!(
         backlog < FLOOD,
-        "the slow peer was never disconnected: it got every signal"
+        "the host got every signal: the flood was buffered for it"
     );
+    assert!(!refusals.is_empty(), "the sender was never told");
+    for v in &refusals {
+        let message = v["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("not keeping up"),
+            "unexpected refusal: {v}"
+        );
+    }
+}
+
+/// How long the sender must stay quiet after the flood.
+const QUIET_MS: Duration = Duration::from_millis(300);
+/// Members that come and go per batch (a room holds 32), and the most batches tried.
+const CHURN_BATCH: usize = 20;
+const CHURN_MAX_BATCHES: usize = 150;
+
+/// A joiner stops reading (a 4 KiB receive buffer) while members come and go: each brings the
+/// server's own room events into its queue (`peer_joined` with ~3 KiB of metadata, then
+/// `peer_left`), which are never refused like relayed traffic. Once they no longer fit, the peer
+/// is disconnected (the room must not go on with a member whose view of it is wrong): close
+/// 1008, and the room hears `peer_left`, while the host and the churning members are served as
+/// usual. Its backlog is dropped, not written out: reading again, it gets part of it, then the
+/// close.
+async fn slow_consumer_control_frames(engine: Engine) {
+    let ctx = Ctx::start_with(engine, Server::builder().args(SLOW_WRITE_TIMEOUT)).await;
+    let api = ctx.api();
+    let pid = ctx.server.pid();
+    let (session, mut host) = ctx.hosted().await;
+    let token = api.join_token(&session.id, &session.code).await;
+    let mut slow = raw_ws(&ctx.ws_url(&token), Some(4096)).await;
+    let slow_id = raw_join(&mut slow, &session.code).await;
+    assert_eq!(host.recv_type("peer_joined").await["peer"]["id"], slow_id);
+
+    let rss_before = proc_kib(pid, "VmRSS");
+    let big = "m".repeat(1000);
+    let t0 = Instant::now();
+    let (mut events, mut slow_left_after) = (0, None);
+    for batch in 0..CHURN_MAX_BATCHES {
+        let joins = (0..CHURN_BATCH).map(|_| async {
+            let mut ws = ctx.ws(&session.id).await;
+            let mut msg = Ws::join_msg(Some(&session.code));
+            msg["metadata"] = json!({ "a": big, "b": big, "c": big });
+            ws.join_with(msg).await;
+            ws
+        });
+        let members = join_all(joins).await;
+        let ids: HashSet<String> = members.iter().map(Ws::id).collect();
+        for ws in members {
+            ws.reset().await;
+        }
+        events += 2 * CHURN_BATCH;
+        // The host hears every one of them come and go (and maybe the slow peer leave).
+        let (mut joined, mut left) = (HashSet::new(), HashSet::new());
+        while joined.len() < ids.len() || left.len() < ids.len() {
+            let v = host.recv_json().await;
+            match v["type"].as_str() {
+                Some("peer_joined") => joined.insert(v["peer"]["id"].as_str().unwrap().to_owned()),
+                Some("peer_left") if v["peer_id"] == slow_id.as_str() => {
+                    slow_left_after = Some((batch + 1, events, t0.elapsed()));
+                    true
+                }
+                Some("peer_left") => left.insert(v["peer_id"].as_str().unwrap().to_owned()),
+                _ => panic!("unexpected message to the host: {v}"),
+            };
+        }
+        assert_eq!(joined, ids, "batch {batch}");
+        assert_eq!(left, ids, "batch {batch}");
+        if slow_left_after.is_some() {
+            break;
+        }
+    }
+    let rss_peak = proc_kib(pid, "VmHWM");
+    let Some((batches, sent, after)) = slow_left_after else {
+        panic!("the peer that stopped reading was never disconnected, after {events} room events");
+    };
+    // The slow peer reads again: part of its backlog (room events only), then the close.
+    let mut backlog = 0;
+    let closed = loop {
+        match raw_next(&mut slow, Duration::from_secs(10)).await {
+            Got::Msg(v) if v["type"] == "peer_joined" || v["type"] == "peer_left" => backlog += 1,
+            Got::Msg(v) => panic!("unexpected message to the slow peer: {v}"),
+            Got::Closed(how) => break how,
+            Got::Nothing => panic!("the slow peer's socket was not closed"),
+        }
+    };
+    wait_local_peers(&api, 1, Duration::from_secs(5)).await;
+    still_served(&mut host).await;
+    host.expect_silence(Duration::from_millis(300)).await;
+    let growth_mib = rss_peak.saturating_sub(rss_before) as f64 / 1024.0;
+    eprintln!(
+        "[{engine:?}] control frames: the peer that stopped reading was disconnected after \
+         {batches} batches of {CHURN_BATCH} members ({sent} room events, {after:?}); it got \
+         {backlog} of them, then {closed:?}; server RSS growth {growth_mib:.1} MiB; the host \
+         heard every member come and go"
+    );
+    assert!(backlog < sent, "the whole backlog was written out");
     assert_eq!(
         closed,
         Ok(1008),
@@ -820,7 +970,10 @@ fn raise_own_nofile(want: u64) {
     );
 }
 
-/// The server started under `prlimit --nofile=N:N` (soft and hard, so it cannot raise it).
+/// The server started under `prlimit --nofile=N:N` (soft and hard, so it cannot raise it), with
+/// `--join-timeout 60s`: the test holds hundreds of sockets that never join for longer than the
+/// default 10 s could allow on a loaded machine, and counts them (the join timeout itself, which
+/// frees such descriptors, is tested in `security.rs`).
 struct LimitedServer {
     child: Child,
     port: u16,
@@ -840,9 +993,11 @@ impl LimitedServer {
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_beach-road"))
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--join-timeout", "60s"])
             .env_remove("REDIS_URL")
             .env_remove("BEACH_ROAD_MAX_CONNECTIONS")
             .envs(common::MANY_CLIENTS)
+            .env_remove("BEACH_ROAD_JOIN_TIMEOUT")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
@@ -916,14 +1071,18 @@ async fn fd_limit(engine: Engine) {
         "the server runs with soft limit {FD_LIMIT}: {nofile}"
     );
     let api = server.api();
-    let session = {
+    let (session, host_token) = {
         let id = common::uuid();
         let body = api.register(&id, Some("fd-limit")).await;
         assert_eq!(body["success"], true);
-        id
+        let signaling = body["transports"][0]["metadata"]["signaling_url"]
+            .as_str()
+            .unwrap();
+        (id, common::url_id(signaling))
     };
+    // The host on its token; everybody else through the public id (and the code).
     let url = server.ws_url(&session);
-    let mut host = Ws::connect(&url).await;
+    let mut host = Ws::connect(&server.ws_url(&host_token)).await;
     host.join(Some("fd-limit")).await;
     let host_id = host.id();
     let prober = Prober::start(&server.base(), PROBE_EVERY);

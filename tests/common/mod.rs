@@ -275,12 +275,13 @@ macro_rules! conformance {
 // ---------------------------------------------------------------------------------------------
 
 /// Every test client connects from 127.0.0.1, where the per-address limits meant for one real
-/// host would stop a test of a thousand clients; so they are raised, as environment variables
+/// host would stop a test of a thousand clients (or sessions); so they are raised, as environment variables
 /// that a test's own flags override (tests/hygiene.rs tests the limits themselves).
-pub const MANY_CLIENTS: [(&str, &str); 3] = [
+pub const MANY_CLIENTS: [(&str, &str); 4] = [
     ("BEACH_ROAD_MAX_SOCKETS_PER_ADDRESS", "1000000"),
     ("BEACH_ROAD_UPGRADES_PER_ADDRESS", "1000000"),
     ("BEACH_ROAD_MAX_CONNECTIONS_PER_ADDRESS", "1000000"),
+    ("BEACH_ROAD_REGISTRATIONS_PER_MINUTE", "1000000"),
 ];
 
 /// Where the server's stdout goes.

@@ -31,6 +31,11 @@ impl Keys {
         self.session_key(t, "token")
     }
 
+    /// Set of the session's tokens, so a refresh of the session refreshes them too.
+    pub(crate) fn tokens(&self, s: &str) -> String {
+        self.session_key(s, "tokens")
+    }
+
     /// Sorted set of wrong-code times of one session, from everywhere.
     pub(crate) fn code_failures(&self, s: &str) -> String {
         self.session_key(s, "codefail")

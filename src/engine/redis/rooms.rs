@@ -124,6 +124,7 @@ impl Inner {
             .key(k.seq(room))
             .key(k.server(room))
             .key(k.session(room))
+            .key(k.tokens(room))
             .arg(&peer.id)
             .arg(&inst.id)
             .arg(blob)
@@ -140,6 +141,13 @@ impl Inner {
             return Ok(JoinResult::Full);
         }
         let fresh = flat.first().map(String::as_str) == Some("1");
+        if fresh {
+            // The script refreshed the session; its tokens (other slots) follow. A failure only
+            // shortens their life to what it was: not worth failing the join for.
+            if let Err(e) = self.refresh_tokens(room).await {
+                tracing::warn!(session = %room, error = %e, "token refresh failed");
+            }
+        }
         let members = parse_members(flat.get(1..).unwrap_or_default());
         let Some(me) = members.iter().find(|m| m.info.id == peer.id).cloned() else {
             return Err(unavailable("join script returned no record for the joiner"));

@@ -47,8 +47,10 @@ impl Inner {
         let mut cm = i.cm();
         let mut inv = i.scripts.register.prepare_invoke();
         inv.key(i.keys.session(&session.id))
+            .key(i.keys.tokens(&session.id))
             .arg(&session.code)
-            .arg(ttl);
+            .arg(ttl)
+            .arg(host_token);
         let created: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
         if created == 0 {
             let undo = redis::cmd("DEL").arg(i.keys.token(host_token)).clone();
@@ -89,15 +91,17 @@ impl Inner {
     pub(super) async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
         let i = self;
         let mut cm = i.cm();
+        let token = crate::protocol::new_id();
         let mut inv = i.scripts.token_quota.prepare_invoke();
         inv.key(i.keys.session(session))
+            .key(i.keys.tokens(session))
             .arg(i.config.max_tokens_per_session)
-            .arg(Inner::ttl_ms(i.config.session_ttl));
+            .arg(Inner::ttl_ms(i.config.session_ttl))
+            .arg(&token);
         let ttl: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
         if ttl <= 0 {
             return Ok(None);
         }
-        let token = crate::protocol::new_id();
         Ok(i.put_token(&token, session, Grant::Joiner, ttl as u64)
             .await?
             .then_some(token))
@@ -202,7 +206,8 @@ impl Inner {
             .arg(payload)
             .arg(handshake)
             .arg(Inner::ttl_ms(i.config.mailbox_ttl))
-            .arg(i.config.max_queued_answers);
+            .arg(i.config.max_queued_answers)
+            .arg(from);
         let stored: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
         Ok(stored == 1)
     }
@@ -218,10 +223,45 @@ impl Inner {
         let mut inv = i.scripts.answer_take.prepare_invoke();
         inv.key(i.keys.answer(room, to, handshake));
         let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
-        Ok(v.into_iter().next())
+        let Some((from, answer)) = v.into_iter().next().and_then(|stored| {
+            let (from, answer) = stored.split_once('|')?;
+            Some((from.to_owned(), answer.to_owned()))
+        }) else {
+            return Ok(None);
+        };
+        // A taken answer no longer counts against its sender's quota (which bounds what is
+        // *waiting*); a lost ZREM only holds the quota until the mailbox ttl.
+        let cmd = redis::cmd("ZREM")
+            .arg(i.keys.answers_from(room, to, &from))
+            .arg(handshake)
+            .clone();
+        let _ = i.query::<i64>(&cmd).await;
+        Ok(Some(answer))
     }
 
     /// Writes a token (never overwriting one); false when it existed.
+    /// Gives every token of `session` the session's ttl again (the session was just refreshed):
+    /// tokens live in their own slots, so this is one pipeline after the session's script.
+    pub(super) async fn refresh_tokens(&self, session: &str) -> EngineResult<()> {
+        let members = redis::cmd("SMEMBERS")
+            .arg(self.keys.tokens(session))
+            .clone();
+        let tokens: Vec<String> = self.query(&members).await?;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let ttl = Inner::ttl_ms(self.config.session_ttl);
+        let mut pipe = redis::pipe();
+        for t in &tokens {
+            pipe.cmd("PEXPIRE")
+                .arg(self.keys.token(t))
+                .arg(ttl)
+                .ignore();
+        }
+        let mut cm = self.cm();
+        self.redis(pipe.query_async::<()>(&mut cm)).await
+    }
+
     pub(super) async fn put_token(
         &self,
         token: &str,
