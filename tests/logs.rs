@@ -55,7 +55,10 @@ async fn trace_logs_show_no_secrets(engine: Engine) {
     let log = settled_log(&ctx).await;
     // Tokens are capabilities (the host's makes its holder the host): never in the log either.
     for token in &tokens {
-        assert!(!log.contains(token.as_str()), "[{engine:?}] a token is in the log");
+        assert!(
+            !log.contains(token.as_str()),
+            "[{engine:?}] a token is in the log"
+        );
     }
 
     let leaks = secrets.leaks(&log);
