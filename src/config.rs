@@ -68,7 +68,8 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_KEY_PREFIX", default_value = "beach-road")]
     pub key_prefix: String,
 
-    /// A session lives this long after registration or its latest WebSocket join.
+    /// A session lives this long after registration or after its last member left (never while
+    /// it has a member).
     #[arg(long, env = "BEACH_ROAD_SESSION_TTL", default_value = "12h", value_parser = duration)]
     pub session_ttl: Duration,
 

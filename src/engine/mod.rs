@@ -22,7 +22,8 @@ use crate::protocol::{Frame, PeerInfo};
 /// Tunables common to both engines.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// A session lives this long after its registration or its latest WebSocket join.
+    /// A session lives this long after its registration or after its last member left; never
+    /// expires while its room has a member.
     pub session_ttl: Duration,
     /// Mailbox entries (offers, answers) expire after this.
     pub mailbox_ttl: Duration,

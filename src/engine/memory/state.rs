@@ -87,10 +87,12 @@ impl State {
         }
     }
 
+    /// A session lives while its room has members, and `session_ttl` after registration or
+    /// after its last member left (`leave` restarts the countdown).
     fn session(&self, id: &str, now: Instant) -> Option<&SessionEntry> {
         self.sessions
             .get(id)
-            .filter(|s| s.live(now))
+            .filter(|s| s.live(now) || self.rooms.contains_key(id))
             .map(|s| &s.value)
     }
 
@@ -116,7 +118,9 @@ impl State {
     }
 
     pub(super) fn sweep(&mut self, now: Instant) {
-        self.sessions.retain(|_, s| s.live(now));
+        let rooms = &self.rooms;
+        self.sessions
+            .retain(|id, s| s.live(now) || rooms.contains_key(id));
         let sessions = &self.sessions;
         self.tokens.retain(|_, t| sessions.contains_key(&t.session));
         let window = self.config.code_failure_window;
@@ -187,7 +191,11 @@ impl State {
     pub(super) fn mint_token(&mut self, session: String) -> Option<String> {
         let now = Instant::now();
         let max = self.config.max_tokens_per_session;
-        let entry = self.sessions.get_mut(&session).filter(|e| e.live(now))?;
+        let members = self.rooms.contains_key(&session);
+        let entry = self
+            .sessions
+            .get_mut(&session)
+            .filter(|e| members || e.live(now))?;
         if entry.value.minted >= max {
             return None;
         }
@@ -363,6 +371,9 @@ impl State {
         }
         if members.is_empty() {
             self.rooms.remove(&room);
+            if let Some(entry) = self.sessions.get_mut(&room) {
+                entry.until = Instant::now() + self.config.session_ttl;
+            }
         } else {
             let frame = ServerMessage::PeerLeft {
                 peer_id: peer.clone(),

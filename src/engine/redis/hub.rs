@@ -138,6 +138,10 @@ pub(crate) enum Cmd {
     Count {
         reply: oneshot::Sender<usize>,
     },
+    /// The rooms with a local member: the refresher keeps their keys alive.
+    Rooms {
+        reply: oneshot::Sender<Vec<String>>,
+    },
     /// A join script succeeded with `owner` as the peer's owner. Replies `Err(())` when this
     /// instance was fenced meanwhile (the caller undoes the join). With `frame`, tells the
     /// other local members and returns the remote ones.
@@ -273,6 +277,9 @@ impl Hub {
             }
             Cmd::Count { reply } => {
                 let _ = reply.send(self.peers.len());
+            }
+            Cmd::Rooms { reply } => {
+                let _ = reply.send(self.rooms.keys().cloned().collect());
             }
             Cmd::Joined {
                 room,

@@ -28,6 +28,13 @@ pub(crate) fn tick_interval(s: &RedisSettings) -> Duration {
     s.heartbeat_interval.min(Duration::from_secs(1))
 }
 
+/// Whether a heartbeat is due `since` the last one. The tick driving it jitters, so against
+/// the full interval a tick that fires a little early skips its beat (beats came every 2 H at
+/// H ≤ 1 s); half a tick of slack gives one beat per interval, never two.
+fn beat_due(since: Duration, s: &RedisSettings) -> bool {
+    since + tick_interval(s) / 2 >= s.heartbeat_interval
+}
+
 /// The self-message is stale (not ready, resubscribe) when older than this.
 pub(crate) fn stale_after(s: &RedisSettings) -> Duration {
     (tick_interval(s) * 3).max(Duration::from_secs(1))
@@ -151,7 +158,7 @@ impl Liveness {
             }
             let due = self
                 .last_beat
-                .is_none_or(|t| t.elapsed() >= settings.heartbeat_interval);
+                .is_none_or(|t| beat_due(t.elapsed(), &settings));
             if due && !self.paused() {
                 self.last_beat = Some(Instant::now());
                 let mut cm = self.inner.cm();

@@ -4,7 +4,8 @@
 //! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
 //! its own sockets, in the [`hub`] task. A frame for a peer on another instance is published to
 //! that instance's channel. Sessions, tokens, code checks and the mailbox are in [`store`];
-//! joining, leaving and delivery in [`rooms`]; liveness, fencing and reaping in [`liveness`].
+//! joining, leaving and delivery in [`rooms`]; liveness, fencing and reaping in [`liveness`];
+//! keeping sessions with members alive in [`refresh`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
@@ -13,6 +14,7 @@
 mod hub;
 mod keys;
 mod liveness;
+mod refresh;
 mod rooms;
 mod scripts;
 mod store;
@@ -179,12 +181,13 @@ impl RedisEngine {
         // A first attempt inline, so a healthy start is ready at once; failures are retried.
         live.try_register().await;
         let live_task = tokio::spawn(live.run(stop_rx.clone()));
+        let refresh_task = tokio::spawn(refresh::refresher(inner.clone(), stop_rx.clone()));
         let reap_task = tokio::spawn(liveness::reaper(inner.clone(), stop_rx));
         inner
             .tasks
             .lock()
             .await
-            .extend([hub_task, live_task, reap_task]);
+            .extend([hub_task, live_task, reap_task, refresh_task]);
         Ok(RedisEngine { inner })
     }
 

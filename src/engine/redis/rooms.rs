@@ -52,9 +52,15 @@ impl Inner {
             .key(k.server(room))
             .key(k.offers(room, peer))
             .key(k.seq(room))
+            .key(k.session(room))
+            .key(k.tokens(room))
             .arg(peer)
-            .arg(owner);
+            .arg(owner)
+            .arg(Self::ttl_ms(self.config.session_ttl));
         let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        if flat.as_slice() == ["1"] {
+            self.last_left(room).await;
+        }
         if flat.first().map(String::as_str) == Some("1") {
             let survivors: Vec<(String, String)> = parse_members(&flat[1..])
                 .into_iter()
