@@ -239,7 +239,6 @@ impl Inner {
         Ok(Some(answer))
     }
 
-    /// Writes a token (never overwriting one); false when it existed.
     /// Gives every token of `session` the session's ttl again (the session was just refreshed):
     /// tokens live in their own slots, so this is one pipeline after the session's script.
     pub(super) async fn refresh_tokens(&self, session: &str) -> EngineResult<()> {
@@ -262,6 +261,7 @@ impl Inner {
         self.redis(pipe.query_async::<()>(&mut cm)).await
     }
 
+    /// Writes a token (never overwriting one); false when it existed.
     pub(super) async fn put_token(
         &self,
         token: &str,
