@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, RedisResult};
+use redis::{PushInfo, RedisError, RedisResult};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -137,8 +137,14 @@ pub(crate) fn build_manager(
     ConnectionManager::new_lazy_with_config(client, cfg)
 }
 
+/// An unreachable or unusable store (see [`Inner::store_error`] for errors Redis returned).
 fn unavailable(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(e.to_string())
+    EngineError::StoreUnavailable(e.to_string())
+}
+
+/// This instance may not act for its peers (unregistered, or possibly written off).
+fn fenced(why: &str) -> EngineError {
+    EngineError::Fenced(why.to_owned())
 }
 
 impl RedisEngine {
@@ -246,8 +252,17 @@ impl Inner {
     async fn redis<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> EngineResult<T> {
         match tokio::time::timeout(self.config.call_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
+            Ok(Err(e)) => Err(self.store_error(&e)),
             Err(_) => Err(unavailable("Redis call timed out")),
+        }
+    }
+
+    /// The one place a Redis error becomes an [`EngineError`].
+    fn store_error(&self, e: &RedisError) -> EngineError {
+        match e.code() {
+            // noeviction at maxmemory: what is stored stays, new writes are refused.
+            Some("OOM") => EngineError::StoreFull(e.to_string()),
+            _ => unavailable(e),
         }
     }
 
@@ -266,7 +281,8 @@ impl Inner {
         };
         match tokio::time::timeout(self.config.call_timeout, fut).await {
             Ok(Some(v)) => Ok(v),
-            _ => Err(unavailable("engine stopped")),
+            Ok(None) => Err(EngineError::Busy("engine stopped".into())),
+            Err(_) => Err(EngineError::Busy("the hub did not answer in time".into())),
         }
     }
 
@@ -276,7 +292,7 @@ impl Inner {
 
     async fn ready(&self) -> EngineResult<()> {
         if !self.current().registered {
-            return Err(unavailable("instance not registered in Redis"));
+            return Err(fenced("instance not registered in Redis"));
         }
         let last = self.last_tick.load(Ordering::Acquire);
         let age = (self.origin.elapsed().as_millis() as u64).saturating_sub(last);
@@ -287,7 +303,7 @@ impl Inner {
         let limit = READY_PING_TIMEOUT.min(self.config.call_timeout);
         match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut cm)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(unavailable(e)),
+            Ok(Err(e)) => Err(self.store_error(&e)),
             Err(_) => Err(unavailable("Redis PING timed out")),
         }
     }
