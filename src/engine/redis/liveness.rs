@@ -94,9 +94,20 @@ impl Liveness {
             return;
         }
         let mut inv = inner.scripts.instance_register.prepare_invoke();
-        inv.key(inner.keys.alive()).arg(&id);
+        inv.key(inner.keys.alive()).key(inner.keys.dead()).arg(&id);
         let sent = Instant::now();
         match inner.redis(inv.invoke_async::<u64>(&mut cm)).await {
+            Ok(0) => {
+                // Written off already: continue under a fresh id (the hub follows it); the
+                // next tick registers that one.
+                let fresh = crate::protocol::new_id();
+                tracing::warn!(old = %id, new = %fresh, "instance id written off; taking a fresh one");
+                self.instance.send_replace(Instance {
+                    id: fresh,
+                    registered: false,
+                });
+                let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
+            }
             Ok(_) => {
                 inner.mark_alive(sent);
                 self.last_ok = Instant::now();
@@ -255,19 +266,13 @@ impl Liveness {
         let new_id = crate::protocol::new_id();
         // Nothing acts under the old id from now on (joins and relays check this).
         inner.mark_dead();
-        // The hub first, so no join completes under the old id after this point.
-        let closed = inner
-            .ask(|reply| Cmd::Fence {
-                new_id: new_id.clone(),
-                reply,
-            })
-            .await
-            .unwrap_or(0);
+        // The hub follows this id (closing every socket) before it takes another command, so
+        // no join completes under the old id after this point.
         self.instance.send_replace(Instance {
             id: new_id.clone(),
             registered: false,
         });
-        tracing::warn!(old = %old, new = %new_id, closed, why, "instance fenced");
+        tracing::warn!(old = %old, new = %new_id, why, "instance fenced");
         // Best effort: hand the old id to the reapers now rather than after the timeout.
         let mut cm = inner.cm();
         let mut inv = inner.scripts.deregister.prepare_invoke();

@@ -164,7 +164,13 @@ impl RedisEngine {
         let (stop_tx, stop_rx) = watch::channel(false);
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
-        let hub = Hub::new(&config, id, gen.clone(), last_tick.clone(), origin);
+        let hub = Hub::new(
+            &config,
+            inst_rx.clone(),
+            gen.clone(),
+            last_tick.clone(),
+            origin,
+        );
         let inner = Arc::new(Inner {
             keys: Keys::new(&settings.key_prefix),
             config,
@@ -207,6 +213,12 @@ impl RedisEngine {
         for t in tasks {
             t.abort();
         }
+    }
+
+    /// Test hook: the hub serves nothing for `d` (queues fill up behind it), as if starved.
+    #[doc(hidden)]
+    pub fn stall_hub(&self, d: Duration) {
+        let _ = self.inner.hub.try_send(Cmd::Stall(d));
     }
 
     /// Test hook: stops (or resumes) heartbeats and registration, as if this instance alone
