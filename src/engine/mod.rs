@@ -348,6 +348,12 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// Number of sockets on this instance (for `/health` and the connection limit).
     fn local_peers(&self) -> impl Future<Output = EngineResult<usize>> + Send;
 
+    /// Messages from other instances dropped because this instance fell behind (for `/health`;
+    /// only the Redis engine has such a queue).
+    fn dropped_pushes(&self) -> u64 {
+        0
+    }
+
     /// Ends the engine's background work (heartbeats, subscriptions); called once, after the
     /// sockets have left their rooms during the drain.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;

@@ -227,6 +227,7 @@ impl Liveness {
             inner.config.call_timeout,
             self.push.clone(),
             gen,
+            inner.dropped_pushes.clone(),
         ) {
             Ok(cm) => {
                 tracing::warn!(

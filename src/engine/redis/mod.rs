@@ -50,8 +50,6 @@ pub struct RedisSettings {
 
 /// Pushes (pub/sub messages) waiting for the hub at most; see `build_manager`.
 const PUSH_QUEUE: usize = 64 * 1024;
-/// Pushes dropped because the hub fell `PUSH_QUEUE` behind.
-static DROPPED_PUSHES: AtomicU64 = AtomicU64::new(0);
 
 /// Readiness's PING gets at most this long, so `/ready` answers fast.
 const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
@@ -92,6 +90,8 @@ pub(crate) struct Inner {
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Test hook: stop heartbeating and registering, as if cut off from Redis.
     paused: AtomicBool,
+    /// Pushes dropped because the hub fell `PUSH_QUEUE` behind (shown by `/health`).
+    dropped_pushes: Arc<AtomicU64>,
 }
 
 /// Appends `protocol=resp3` (required for the push channel) unless the URL names a protocol.
@@ -112,20 +112,21 @@ pub(crate) fn build_manager(
     timeout: Duration,
     push: mpsc::Sender<(u64, PushInfo)>,
     gen: u64,
+    dropped: Arc<AtomicU64>,
 ) -> RedisResult<ConnectionManager> {
     let client = redis::Client::open(resp3_url(url))?;
     // Bounded, and never blocking the connection: past the bound a push is dropped and counted
     // (redis-rs ignores the error). The hub only fills it if it is starved; a lost self-tick
-    // then shows as deafness and the instance turns unready.
-    let sender = move |info: PushInfo| {
-        push.try_send((gen, info)).inspect_err(|_| {
-            if DROPPED_PUSHES
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(1000)
-            {
+    // then shows as deafness and the instance turns unready. A closed channel is no backlog:
+    // the hub has ended (shutdown), and the unsubscribe confirmations that follow go nowhere.
+    let sender = move |info: PushInfo| match push.try_send((gen, info)) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        Err(full @ mpsc::error::TrySendError::Full(_)) => {
+            if dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
                 tracing::warn!("pub/sub backlog full: dropping pushes");
             }
-        })
+            Err(full)
+        }
     };
     let cfg = ConnectionManagerConfig::new()
         .set_push_sender(sender)
@@ -153,7 +154,14 @@ impl RedisEngine {
     pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisResult<RedisEngine> {
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let gen = Arc::new(AtomicU64::new(0));
-        let cm = build_manager(&settings.url, config.call_timeout, push_tx.clone(), 0)?;
+        let dropped_pushes = Arc::new(AtomicU64::new(0));
+        let cm = build_manager(
+            &settings.url,
+            config.call_timeout,
+            push_tx.clone(),
+            0,
+            dropped_pushes.clone(),
+        )?;
         let (conn_tx, conn_rx) = watch::channel(cm);
         let id = crate::protocol::new_id();
         let (inst_tx, inst_rx) = watch::channel(Instance {
@@ -185,6 +193,7 @@ impl RedisEngine {
             stop: stop_tx,
             tasks: tokio::sync::Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
+            dropped_pushes,
         });
         let hub_task = tokio::spawn(hub.run(hub_rx, push_rx, stop_rx.clone()));
         let mut live = liveness::Liveness::new(inner.clone(), conn_tx, inst_tx, push_tx, gen);
@@ -435,6 +444,10 @@ impl Engine for RedisEngine {
 
     async fn local_peers(&self) -> EngineResult<usize> {
         self.inner.ask(|reply| Cmd::Count { reply }).await
+    }
+
+    fn dropped_pushes(&self) -> u64 {
+        self.inner.dropped_pushes.load(Ordering::Relaxed)
     }
 
     async fn shutdown(&self) {
