@@ -14,6 +14,7 @@ use redis::aio::ConnectionManager;
 use redis::PushInfo;
 use tokio::sync::{mpsc, watch};
 
+use super::conn::FAILOVER_RECONNECT_EVERY;
 use super::hub::{Bus, Cmd};
 use super::{build_manager, Inner, Instance, RedisSettings};
 
@@ -53,6 +54,7 @@ pub(crate) struct Liveness {
     last_beat: Option<Instant>,
     last_resubscribe: Option<Instant>,
     last_replace: Instant,
+    last_failover_replace: Option<Instant>,
 }
 
 impl Liveness {
@@ -73,6 +75,7 @@ impl Liveness {
             last_beat: None,
             last_resubscribe: None,
             last_replace: Instant::now(),
+            last_failover_replace: None,
         }
     }
 
@@ -138,12 +141,55 @@ impl Liveness {
     pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(tick_interval(&self.inner.settings));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let inner = self.inner.clone();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.step().await,
+                // A failover sign: reconnect now, not at the next tick.
+                _ = inner.reconnect.notified() => {}
             }
-            self.step().await;
+            self.reconnect_after_failover().await;
+        }
+    }
+
+    /// Redis refused a write as a replica (or loading): the connection may be to the old
+    /// primary of a failover, which the manager never leaves by itself. Replaced at most every
+    /// `FAILOVER_RECONNECT_EVERY` until a heartbeat succeeds again (`Inner::mark_alive`).
+    async fn reconnect_after_failover(&mut self) {
+        if self.inner.failover_at.load(Ordering::Acquire) == 0
+            || self
+                .last_failover_replace
+                .is_some_and(|t| t.elapsed() < FAILOVER_RECONNECT_EVERY)
+        {
+            return;
+        }
+        self.last_failover_replace = Some(Instant::now());
+        self.replace_connection("Redis refuses writes (failover)")
+            .await;
+    }
+
+    /// Replaces the manager by a fresh one (a new connection, the endpoint resolved anew) and
+    /// subscribes it; pushes of the old one are ignored from now on (their generation is old).
+    async fn replace_connection(&mut self, why: &str) {
+        let inner = self.inner.clone();
+        let gen = self.gen.load(Ordering::Acquire) + 1;
+        match build_manager(
+            &inner.settings.url,
+            inner.config.call_timeout,
+            self.push.clone(),
+            gen,
+            inner.dropped_pushes.clone(),
+        ) {
+            Ok(cm) => {
+                tracing::warn!(gen, why, "replacing the Redis connection");
+                self.gen.store(gen, Ordering::Release);
+                self.conn.send_replace(cm);
+                let id = inner.current().id;
+                let mut cm = inner.cm();
+                let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
         }
     }
 
@@ -221,26 +267,8 @@ impl Liveness {
             return;
         }
         self.last_replace = Instant::now();
-        let gen = self.gen.load(Ordering::Acquire) + 1;
-        match build_manager(
-            &inner.settings.url,
-            inner.config.call_timeout,
-            self.push.clone(),
-            gen,
-            inner.dropped_pushes.clone(),
-        ) {
-            Ok(cm) => {
-                tracing::warn!(
-                    gen,
-                    "pub/sub self-message missing; replacing the Redis connection"
-                );
-                self.gen.store(gen, Ordering::Release);
-                self.conn.send_replace(cm);
-                let mut cm = inner.cm();
-                let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
-        }
+        self.replace_connection("pub/sub self-message missing")
+            .await;
     }
 
     async fn retry_leaves(&self) {

@@ -10,6 +10,7 @@
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
 //! carries both commands and the subscription; every call is bounded by `call_timeout`.
 
+mod conn;
 mod hub;
 mod keys;
 mod liveness;
@@ -22,11 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, RedisError, RedisResult};
+use redis::aio::ConnectionManager;
+use redis::RedisResult;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use self::conn::build_manager;
 use self::hub::{Cmd, Hub, Membership};
 use self::keys::Keys;
 use self::scripts::Scripts;
@@ -53,11 +55,6 @@ const PUSH_QUEUE: usize = 64 * 1024;
 
 /// Readiness's PING gets at most this long, so `/ready` answers fast.
 const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
-/// Reconnect backoff cap: short enough to be ready again within ~1 s of Redis's return.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
-/// With the default 6 retries the manager gives up ~9.4 s into an outage and never resumes by
-/// itself (`shared/notes/crates.md`); this is "forever" at ≤1 s per attempt.
-const RECONNECT_RETRIES: usize = 1_000_000;
 
 /// This process's identity in Redis; replaced by a fresh one when the instance is fenced.
 #[derive(Clone, Debug)]
@@ -92,50 +89,11 @@ pub(crate) struct Inner {
     paused: AtomicBool,
     /// Pushes dropped because the hub fell `PUSH_QUEUE` behind (shown by `/health`).
     dropped_pushes: Arc<AtomicU64>,
-}
-
-/// Appends `protocol=resp3` (required for the push channel) unless the URL names a protocol.
-fn resp3_url(url: &str) -> String {
-    if url.contains("protocol=") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&protocol=resp3")
-    } else {
-        format!("{url}?protocol=resp3")
-    }
-}
-
-/// A lazily connecting manager whose pushes are tagged with `gen`, so the hub can ignore a
-/// replaced manager's late messages.
-pub(crate) fn build_manager(
-    url: &str,
-    timeout: Duration,
-    push: mpsc::Sender<(u64, PushInfo)>,
-    gen: u64,
-    dropped: Arc<AtomicU64>,
-) -> RedisResult<ConnectionManager> {
-    let client = redis::Client::open(resp3_url(url))?;
-    // Bounded, and never blocking the connection: past the bound a push is dropped and counted
-    // (redis-rs ignores the error). The hub only fills it if it is starved; a lost self-tick
-    // then shows as deafness and the instance turns unready. A closed channel is no backlog:
-    // the hub has ended (shutdown), and the unsubscribe confirmations that follow go nowhere.
-    let sender = move |info: PushInfo| match push.try_send((gen, info)) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
-        Err(full @ mpsc::error::TrySendError::Full(_)) => {
-            if dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
-                tracing::warn!("pub/sub backlog full: dropping pushes");
-            }
-            Err(full)
-        }
-    };
-    let cfg = ConnectionManagerConfig::new()
-        .set_push_sender(sender)
-        .set_automatic_resubscription()
-        .set_number_of_retries(RECONNECT_RETRIES)
-        .set_max_delay(MAX_RECONNECT_DELAY)
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
-    ConnectionManager::new_lazy_with_config(client, cfg)
+    /// When (ms since `origin`; 0: never) Redis last said it cannot take writes (a failover,
+    /// see `conn`). Not ready until a heartbeat sent after it succeeds.
+    failover_at: AtomicU64,
+    /// Wakes the liveness task at once on such an error, to replace the connection.
+    reconnect: tokio::sync::Notify,
 }
 
 /// An unreachable or unusable store (see [`Inner::store_error`] for errors Redis returned).
@@ -194,6 +152,8 @@ impl RedisEngine {
             tasks: tokio::sync::Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
             dropped_pushes,
+            failover_at: AtomicU64::new(0),
+            reconnect: tokio::sync::Notify::new(),
         });
         let hub_task = tokio::spawn(hub.run(hub_rx, push_rx, stop_rx.clone()));
         let mut live = liveness::Liveness::new(inner.clone(), conn_tx, inst_tx, push_tx, gen);
@@ -262,6 +222,13 @@ impl Inner {
         let base = sent.saturating_duration_since(self.origin);
         let until = (base + self.settings.instance_timeout).as_millis() as u64;
         self.alive_until.fetch_max(until, Ordering::AcqRel);
+        // A write went through: whatever refused writes before it was sent is past.
+        let sent_ms = base.as_millis() as u64;
+        let _ = self
+            .failover_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+                (at != 0 && at <= sent_ms).then_some(0)
+            });
     }
 
     /// Forgets the liveness deadline (fencing: nothing may act under the old id any more).
@@ -275,15 +242,6 @@ impl Inner {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.store_error(&e)),
             Err(_) => Err(unavailable("Redis call timed out")),
-        }
-    }
-
-    /// The one place a Redis error becomes an [`EngineError`].
-    fn store_error(&self, e: &RedisError) -> EngineError {
-        match e.code() {
-            // noeviction at maxmemory: what is stored stays, new writes are refused.
-            Some("OOM") => EngineError::StoreFull(e.to_string()),
-            _ => unavailable(e),
         }
     }
 
@@ -314,6 +272,9 @@ impl Inner {
     async fn ready(&self) -> EngineResult<()> {
         if !self.current().registered {
             return Err(fenced("instance not registered in Redis"));
+        }
+        if self.failover_at.load(Ordering::Acquire) != 0 {
+            return Err(unavailable("Redis refuses writes (failover); reconnecting"));
         }
         let last = self.last_tick.load(Ordering::Acquire);
         let age = (self.origin.elapsed().as_millis() as u64).saturating_sub(last);
