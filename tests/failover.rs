@@ -106,7 +106,12 @@ async fn ready(s: &Server) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_behind_a_moving_endpoint_recovers_within_seconds() {
-    let (x, y) = (RedisServer::start(), RedisServer::start());
+    // A full resync writes an RDB file into the server's directory: not into the work tree.
+    let dir = common::TempDir::new("failover");
+    let (x, y) = (
+        RedisServer::start_in(dir.path()),
+        RedisServer::start_in(dir.path()),
+    );
     let proxy = Proxy::start(x.port()).await;
     let secret = format!("failover-{}-{}", uuid(), uuid());
     let starts = (0..2).map(|_| {
