@@ -1,4 +1,5 @@
-//! Instance liveness: registration, heartbeats, the pub/sub self-check, fencing and reaping.
+//! Instance liveness: registration, heartbeats, the pub/sub self-check and fencing (reaping is
+//! in [`super::reaper`]).
 //!
 //! Timeline (see `docs/architecture.md`): an instance heartbeats every `heartbeat_interval`; a
 //! heartbeat older than `instance_timeout` lets any other instance write it off and reap its
@@ -18,12 +19,6 @@ use super::conn::FAILOVER_RECONNECT_EVERY;
 use super::hub::{Bus, Cmd};
 use super::{build_manager, Inner, Instance, RedisSettings};
 
-/// Peers reaped per batch: each batch is one SRANDMEMBER, one leave script per peer (each a
-/// short script in that peer's room slot) and one SREM, so Redis is never blocked for long.
-const REAP_BATCH: usize = 100;
-/// Batches per reaper tick, so heartbeat-sized ticks stay short even for a huge dead instance.
-const REAP_BATCHES_PER_TICK: usize = 10;
-
 /// How often the self-message is published: every heartbeat, at least once a second.
 pub(crate) fn tick_interval(s: &RedisSettings) -> Duration {
     s.heartbeat_interval.min(Duration::from_secs(1))
@@ -32,15 +27,6 @@ pub(crate) fn tick_interval(s: &RedisSettings) -> Duration {
 /// The self-message is stale (not ready, resubscribe) when older than this.
 pub(crate) fn stale_after(s: &RedisSettings) -> Duration {
     (tick_interval(s) * 3).max(Duration::from_secs(1))
-}
-
-/// How long a reaper's claim on a dead instance holds without renewal.
-fn lease(inner: &Inner) -> Duration {
-    (inner.settings.instance_timeout * 2).max(inner.config.call_timeout * 4)
-}
-
-fn ms(d: Duration) -> u64 {
-    (d.as_millis() as u64).max(1)
 }
 
 /// Owns the connection and identity senders: the only writer of both.
@@ -338,97 +324,4 @@ pub(crate) async fn deregister(inner: &Inner) {
         tracing::warn!(error = %e, "deregistration failed; other instances will reap this one");
     }
     let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
-}
-
-/// The reaper task: every heartbeat interval, write off silent instances and remove the peers
-/// of one dead instance, batch by batch, under a renewable lease (a reaper that dies mid-way
-/// loses the lease and another one resumes where it stopped).
-pub(crate) async fn reaper(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.settings.heartbeat_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut claimed: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            _ = tick.tick() => {}
-        }
-        let me = inner.current();
-        if !me.registered || inner.paused.load(Ordering::Acquire) {
-            continue;
-        }
-        if claimed.is_none() {
-            claimed = claim(&inner, &me.id).await;
-        }
-        if let Some(dead) = claimed.take() {
-            if !reap(&inner, &me.id, &dead).await {
-                claimed = Some(dead);
-            }
-        }
-    }
-}
-
-async fn claim(inner: &Inner, me: &str) -> Option<String> {
-    let mut cm = inner.cm();
-    let mut inv = inner.scripts.reap_claim.prepare_invoke();
-    inv.key(inner.keys.alive())
-        .key(inner.keys.dead())
-        .key(inner.keys.reaper())
-        .arg(me)
-        .arg(ms(inner.settings.instance_timeout))
-        .arg(ms(lease(inner)));
-    let v: Vec<String> = inner.redis(inv.invoke_async(&mut cm)).await.ok()?;
-    let dead = v.into_iter().next()?;
-    tracing::warn!(dead = %dead, "reaping the peers of a dead instance");
-    Some(dead)
-}
-
-/// Works on one claimed dead instance for up to `REAP_BATCHES_PER_TICK` batches. Returns true
-/// when the claim is finished (all peers gone, or the lease lost), false to continue next tick.
-async fn reap(inner: &Inner, me: &str, dead: &str) -> bool {
-    let set = inner.keys.instance_peers(dead);
-    for _ in 0..REAP_BATCHES_PER_TICK {
-        let cmd = redis::cmd("SRANDMEMBER").arg(&set).arg(REAP_BATCH).clone();
-        let Ok(entries) = inner.query::<Vec<String>>(&cmd).await else {
-            return false;
-        };
-        if entries.is_empty() {
-            let _ = lease_op(inner, me, dead, "done").await;
-            tracing::info!(dead = %dead, "dead instance fully reaped");
-            return true;
-        }
-        for entry in &entries {
-            let Some((room, peer)) = entry.split_once('|') else {
-                continue;
-            };
-            if inner.leave_in_redis(room, peer, dead, false).await.is_err() {
-                return false;
-            }
-        }
-        let cmd = redis::cmd("SREM").arg(&set).arg(&entries).clone();
-        if inner.query::<i64>(&cmd).await.is_err() {
-            return false;
-        }
-        match lease_op(inner, me, dead, "renew").await {
-            Some(true) => {}
-            Some(false) => return true,
-            None => return false,
-        }
-    }
-    false
-}
-
-async fn lease_op(inner: &Inner, me: &str, dead: &str, op: &str) -> Option<bool> {
-    let mut cm = inner.cm();
-    let mut inv = inner.scripts.reap_lease.prepare_invoke();
-    inv.key(inner.keys.dead())
-        .key(inner.keys.reaper())
-        .arg(dead)
-        .arg(me)
-        .arg(ms(lease(inner)))
-        .arg(op);
-    inner
-        .redis(inv.invoke_async::<i64>(&mut cm))
-        .await
-        .ok()
-        .map(|v| v == 1)
 }

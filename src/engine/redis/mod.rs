@@ -4,7 +4,8 @@
 //! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
 //! its own sockets, in the [`hub`] task. A frame for a peer on another instance is published to
 //! that instance's channel. Sessions, tokens, code checks and the mailbox are in [`store`];
-//! joining, leaving and delivery in [`rooms`]; liveness, fencing and reaping in [`liveness`].
+//! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
+//! [`reaper`]; the connection and its errors in [`conn`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
@@ -14,6 +15,7 @@ mod conn;
 mod hub;
 mod keys;
 mod liveness;
+mod reaper;
 mod rooms;
 mod scripts;
 mod store;
@@ -87,6 +89,8 @@ pub(crate) struct Inner {
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Test hook: stop heartbeating and registering, as if cut off from Redis.
     paused: AtomicBool,
+    /// Test hook: reap nothing (so a test can choose which instance reaps).
+    reaper_paused: AtomicBool,
     /// Pushes dropped because the hub fell `PUSH_QUEUE` behind (shown by `/health`).
     dropped_pushes: Arc<AtomicU64>,
     /// When (ms since `origin`; 0: never) Redis last said it cannot take writes (a failover,
@@ -151,6 +155,7 @@ impl RedisEngine {
             stop: stop_tx,
             tasks: tokio::sync::Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
+            reaper_paused: AtomicBool::new(false),
             dropped_pushes,
             failover_at: AtomicU64::new(0),
             reconnect: tokio::sync::Notify::new(),
@@ -160,7 +165,7 @@ impl RedisEngine {
         // A first attempt inline, so a healthy start is ready at once; failures are retried.
         live.try_register().await;
         let live_task = tokio::spawn(live.run(stop_rx.clone()));
-        let reap_task = tokio::spawn(liveness::reaper(inner.clone(), stop_rx));
+        let reap_task = tokio::spawn(reaper::run(inner.clone(), stop_rx));
         inner
             .tasks
             .lock()
@@ -188,6 +193,12 @@ impl RedisEngine {
     #[doc(hidden)]
     pub fn stall_hub(&self, d: Duration) {
         let _ = self.inner.hub.try_send(Cmd::Stall(d));
+    }
+
+    /// Test hook: this instance claims and reaps no dead instance (others still do).
+    #[doc(hidden)]
+    pub fn pause_reaper(&self, paused: bool) {
+        self.inner.reaper_paused.store(paused, Ordering::Release);
     }
 
     /// Test hook: stops (or resumes) heartbeats and registration, as if this instance alone
