@@ -1,5 +1,5 @@
-//! The connection to Redis: building a `ConnectionManager`, and the one place its errors become
-//! [`EngineError`]s, noting signs of a failover.
+//! The connection to Redis: building a `ConnectionManager`, readiness, and the one place its
+//! errors become [`EngineError`]s, noting signs of a failover.
 //!
 //! A failover moves the primary elsewhere (ElastiCache: the endpoint's DNS name follows the new
 //! primary), but a connection to the old node may stay open: demoted to a replica, it answers
@@ -16,8 +16,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, PushInfo, RedisError, RedisResult, ServerErrorKind};
 use tokio::sync::mpsc;
 
-use super::{unavailable, Inner};
-use crate::engine::EngineError;
+use super::{fenced, liveness, unavailable, Inner};
+use crate::engine::{EngineError, EngineResult};
 
 /// Reconnect backoff cap: short enough to be ready again within ~1 s of Redis's return.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
@@ -27,6 +27,8 @@ const RECONNECT_RETRIES: usize = 1_000_000;
 /// A failover replaces the connection at most this often (the new endpoint may take a few
 /// seconds to resolve to the new primary; each attempt costs one TCP connection).
 pub(crate) const FAILOVER_RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Readiness's PING gets at most this long, so `/ready` answers fast.
+const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Appends `protocol=resp3` (required for the push channel) unless the URL names a protocol.
 fn resp3_url(url: &str) -> String {
@@ -83,6 +85,28 @@ fn is_failover(e: &RedisError) -> bool {
 }
 
 impl Inner {
+    /// `Ok` while this instance can serve (see `docs/architecture.md`, "Readiness").
+    pub(super) async fn ready(&self) -> EngineResult<()> {
+        if !self.current().registered {
+            return Err(fenced("instance not registered in Redis"));
+        }
+        if self.failover_at.load(Ordering::Acquire) != 0 {
+            return Err(unavailable("Redis refuses writes (failover); reconnecting"));
+        }
+        let last = self.last_tick.load(Ordering::Acquire);
+        let age = (self.origin.elapsed().as_millis() as u64).saturating_sub(last);
+        if last == 0 || age > liveness::stale_after(&self.settings).as_millis() as u64 {
+            return Err(unavailable("pub/sub self-message is not arriving"));
+        }
+        let mut cm = self.cm();
+        let limit = READY_PING_TIMEOUT.min(self.config.call_timeout);
+        match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut cm)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.store_error(&e)),
+            Err(_) => Err(unavailable("Redis PING timed out")),
+        }
+    }
+
     /// The one place a Redis error becomes an [`EngineError`].
     pub(super) fn store_error(&self, e: &RedisError) -> EngineError {
         if is_failover(e) {

@@ -55,9 +55,6 @@ pub struct RedisSettings {
 /// Pushes (pub/sub messages) waiting for the hub at most; see `build_manager`.
 const PUSH_QUEUE: usize = 64 * 1024;
 
-/// Readiness's PING gets at most this long, so `/ready` answers fast.
-const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
-
 /// This process's identity in Redis; replaced by a fresh one when the instance is fenced.
 #[derive(Clone, Debug)]
 pub(crate) struct Instance {
@@ -278,27 +275,6 @@ impl Inner {
 
     fn ttl_ms(d: Duration) -> u64 {
         (d.as_millis() as u64).max(1)
-    }
-
-    async fn ready(&self) -> EngineResult<()> {
-        if !self.current().registered {
-            return Err(fenced("instance not registered in Redis"));
-        }
-        if self.failover_at.load(Ordering::Acquire) != 0 {
-            return Err(unavailable("Redis refuses writes (failover); reconnecting"));
-        }
-        let last = self.last_tick.load(Ordering::Acquire);
-        let age = (self.origin.elapsed().as_millis() as u64).saturating_sub(last);
-        if last == 0 || age > liveness::stale_after(&self.settings).as_millis() as u64 {
-            return Err(unavailable("pub/sub self-message is not arriving"));
-        }
-        let mut cm = self.cm();
-        let limit = READY_PING_TIMEOUT.min(self.config.call_timeout);
-        match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut cm)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.store_error(&e)),
-            Err(_) => Err(unavailable("Redis PING timed out")),
-        }
     }
 }
 
