@@ -34,7 +34,7 @@ impl Refusal {
             Refusal::PassphraseRequired => "Passphrase required".into(),
             Refusal::InvalidPassphrase => "Invalid passphrase".into(),
             Refusal::TooManyAttempts(_) => "Too many invalid codes; try again later".into(),
-            Refusal::Unavailable(e) => e.to_string(),
+            Refusal::Unavailable(e) => e.client_message().into(),
         }
     }
 

@@ -43,6 +43,8 @@ pub struct Report {
     pub local_peers: Option<usize>,
     pub uptime_s: u64,
     pub dropped_log_lines: u64,
+    /// Pub/sub messages (frames from other instances) the engine dropped: its hub fell behind.
+    pub dropped_pushes: u64,
 }
 
 impl Health {
@@ -85,6 +87,7 @@ impl Health {
             local_peers,
             uptime_s: self.inner.started.elapsed().as_secs(),
             dropped_log_lines: (self.inner.dropped_logs)(),
+            dropped_pushes: engine.dropped_pushes(),
         }
     }
 

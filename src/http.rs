@@ -63,9 +63,16 @@ pub fn too_many(wait: Duration, body: Value) -> Response {
         .into_response()
 }
 
+/// Where an engine failure becomes a response: the cause is logged here, the client gets 503
+/// and the fixed message of its kind.
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        tracing::warn!(
+            kind = e.kind(),
+            cause = e.cause(),
+            "request refused: engine error"
+        );
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.client_message().into())
     }
 }
 
@@ -167,8 +174,12 @@ pub async fn ready<E: Engine>(State(app): State<App<E>>) -> Response {
         .min(std::time::Duration::from_millis(500));
     let reason = match tokio::time::timeout(deadline, app.engine.ready()).await {
         Ok(Ok(())) => return Json(json!({ "ready": true })).into_response(),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "session store did not answer in time".to_owned(),
+        Ok(Err(e)) => {
+            // Polled every few seconds by the balancer: debug, not warn.
+            tracing::debug!(kind = e.kind(), cause = e.cause(), "not ready");
+            e.client_message()
+        }
+        Err(_) => "session store did not answer in time",
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::access::admit;
 use crate::client::client_ip;
-use crate::engine::{Delivery, Engine, Grant, JoinResult, NewPeer};
+use crate::engine::{Delivery, Engine, EngineError, Grant, JoinResult, NewPeer};
 use crate::http::App;
 use crate::peers::{CloseReason, PeerQueue};
 use crate::protocol::{
@@ -466,9 +466,13 @@ impl<E: Engine> Connection<E> {
                 match admit(engine, secret, &self.path_id, passphrase, self.client).await {
                     Ok(access) => (access.session.id, Some(access.grant)),
                     Err(refusal) => {
+                        let cause = match &refusal {
+                            crate::access::Refusal::Unavailable(e) => e.cause(),
+                            _ => "",
+                        };
                         tracing::info!(
                             peer = %self.peer_id, client = %self.client,
-                            reason = refusal.reason(), "join refused"
+                            reason = refusal.reason(), cause, "join refused"
                         );
                         let reason = refusal.message();
                         return self.reply(sink, &ServerMessage::JoinError { reason }).await;
@@ -509,10 +513,7 @@ impl<E: Engine> Connection<E> {
                 let reason = "Session is full".to_owned();
                 return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
-            Err(e) => {
-                let reason = e.to_string();
-                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
-            }
+            Err(e) => return self.engine_refused(sink, "join", e).await,
         };
         self.room = Some(room.clone());
         // Bound before join_success, so the mailbox acts for this peer as soon as it knows it.
@@ -523,8 +524,7 @@ impl<E: Engine> Connection<E> {
                 .bind_token(&self.path_id, &self.peer_id)
                 .await
             {
-                let reason = e.to_string();
-                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+                return self.engine_refused(sink, "token bind", e).await;
             }
         }
         if joined.fresh {
@@ -540,6 +540,15 @@ impl<E: Engine> Connection<E> {
             peers: joined.peers,
         };
         self.reply(sink, &msg).await
+    }
+
+    /// A join the engine could not complete: the cause to the log, the fixed message to the client.
+    async fn engine_refused(&self, sink: &mut Sink, what: &str, e: EngineError) -> bool {
+        tracing::warn!(
+            peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "{what} failed: engine error"
+        );
+        let reason = e.client_message().to_owned();
+        self.reply(sink, &ServerMessage::JoinError { reason }).await
     }
 
     /// Forwards a message to another member of this socket's room.
@@ -564,7 +573,10 @@ impl<E: Engine> Connection<E> {
                 )
                 .await
             }
-            Err(e) => self.error(sink, e.to_string()).await,
+            Err(e) => {
+                tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
+                self.error(sink, e.client_message().into()).await
+            }
         }
     }
 
@@ -583,7 +595,10 @@ impl<E: Engine> Connection<E> {
                     .error(sink, "no server peer in this session".into())
                     .await
             }
-            Err(e) => return self.error(sink, e.to_string()).await,
+            Err(e) => {
+                tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "debug failed");
+                return self.error(sink, e.client_message().into()).await;
+            }
         };
         let msg = ServerMessage::Signal {
             from_peer: self.peer_id.clone(),

@@ -7,8 +7,9 @@
 //! ([`redis::RedisEngine`], many stateless instances) are interchangeable and pass the same
 //! conformance tests.
 //!
-//! Every method is bounded in time: an engine that cannot answer within its timeout returns
-//! [`EngineError::Unavailable`] and the caller answers 503 (or an `error` frame) at once.
+//! Every method is bounded in time: an engine that cannot answer within its timeout returns an
+//! [`EngineError`] and the caller answers 503 (or an `error` frame) at once, with the error's
+//! fixed client message; the cause goes to the log.
 
 pub mod memory;
 pub mod redis;
@@ -167,17 +168,59 @@ pub struct Joined {
     pub fresh: bool,
 }
 
+/// Why an engine call failed. Every kind is answered with 503 (or an `error`/`join_error`
+/// frame) and its fixed [`client_message`](EngineError::client_message); the `String` is the
+/// cause, for the log only (it may name Redis errors, ids or internal states).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineError {
-    /// The store did not answer in time, is unreachable or is full; try again later (503).
-    Unavailable(String),
+    /// The store cannot be reached, did not answer within the call timeout, or cannot take
+    /// writes (a node demoted to replica during a failover, or loading its dataset).
+    StoreUnavailable(String),
+    /// The store refused a write: it is at its memory limit (`OOM` under `noeviction`).
+    StoreFull(String),
+    /// This instance may not act for its peers: not registered yet, or written off (fenced)
+    /// and registering again under a fresh id.
+    Fenced(String),
+    /// The engine's own task did not answer in time (overloaded) or has stopped.
+    Busy(String),
 }
 
+impl EngineError {
+    /// What a client is told: fixed per kind, never the cause.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            EngineError::StoreUnavailable(_) => "session store unavailable; try again later",
+            EngineError::StoreFull(_) => "session store full; try again later",
+            EngineError::Fenced(_) => "server not ready; try again shortly",
+            EngineError::Busy(_) => "server busy; try again later",
+        }
+    }
+
+    /// A short machine-readable kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::StoreUnavailable(_) => "store_unavailable",
+            EngineError::StoreFull(_) => "store_full",
+            EngineError::Fenced(_) => "fenced",
+            EngineError::Busy(_) => "busy",
+        }
+    }
+
+    /// The cause (log only).
+    pub fn cause(&self) -> &str {
+        match self {
+            EngineError::StoreUnavailable(c)
+            | EngineError::StoreFull(c)
+            | EngineError::Fenced(c)
+            | EngineError::Busy(c) => c,
+        }
+    }
+}
+
+/// For logs: kind and cause.
 impl std::fmt::Display for EngineError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EngineError::Unavailable(why) => write!(f, "session store unavailable: {why}"),
-        }
+        write!(f, "{}: {}", self.kind(), self.cause())
     }
 }
 
@@ -305,6 +348,12 @@ pub trait Engine: Clone + Send + Sync + 'static {
 
     /// Number of sockets on this instance (for `/health` and the connection limit).
     fn local_peers(&self) -> impl Future<Output = EngineResult<usize>> + Send;
+
+    /// Messages from other instances dropped because this instance fell behind (for `/health`;
+    /// only the Redis engine has such a queue).
+    fn dropped_pushes(&self) -> u64 {
+        0
+    }
 
     /// Ends the engine's background work (heartbeats, subscriptions); called once, after the
     /// sockets have left their rooms during the drain.

@@ -13,6 +13,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Its working directory (`--dir`), where a replica's full resync writes an RDB file.
+    dir: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -23,9 +25,19 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a fresh server on a free port and waits (bounded) until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with_dir(None)
+    }
+
+    /// As [`RedisServer::start`], working in `dir` (for replication, which writes files).
+    pub fn start_in(dir: &std::path::Path) -> Self {
+        Self::start_with_dir(Some(dir.to_owned()))
+    }
+
+    fn start_with_dir(dir: Option<std::path::PathBuf>) -> Self {
         let mut s = Self {
             port: free_port(),
             child: None,
+            dir,
         };
         s.spawn();
         s
@@ -42,7 +54,11 @@ impl RedisServer {
     fn spawn(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let child = Command::new(BINARY)
+            let mut cmd = Command::new(BINARY);
+            if let Some(dir) = &self.dir {
+                cmd.arg("--dir").arg(dir);
+            }
+            let child = cmd
                 .args([
                     "--port",
                     &self.port.to_string(),

@@ -2,8 +2,8 @@
 //!
 //! One actor task owns every piece of state, this node's sockets included. Callers send it a
 //! closure over a bounded queue and await the reply with a timeout, so no lock exists at all,
-//! nothing is held across an `.await`, and a stalled actor shows up as `Unavailable` instead of
-//! a hang. The closures never await: each runs one synchronous method of [`state::State`] to
+//! nothing is held across an `.await`, and a stalled actor shows up as `EngineError::Busy`
+//! instead of a hang. The closures never await: each runs one synchronous method of [`state::State`] to
 //! completion, in arrival order, which is what makes registration, code checks, role choice and
 //! mailbox takes atomic.
 
@@ -74,8 +74,8 @@ impl MemoryEngine {
         };
         match tokio::time::timeout(self.config.call_timeout, round_trip).await {
             Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(EngineError::Unavailable("engine stopped".into())),
-            Err(_) => Err(EngineError::Unavailable("engine busy".into())),
+            Ok(None) => Err(EngineError::Busy("engine stopped".into())),
+            Err(_) => Err(EngineError::Busy("engine busy".into())),
         }
     }
 }

@@ -16,6 +16,7 @@ use redis::{PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::Instance;
 use crate::engine::EngineConfig;
 use crate::peers::{Class, CloseReason, LocalPeers, PeerQueue, Queued};
 use crate::protocol::{Frame, PeerInfo, Role};
@@ -187,12 +188,8 @@ pub(crate) enum Cmd {
         frame: Frame,
         reply: oneshot::Sender<Queued>,
     },
-    /// This instance was written off: close every socket, forget every membership, and
-    /// continue as `new_id`.
-    Fence {
-        new_id: String,
-        reply: oneshot::Sender<usize>,
-    },
+    /// Test hook: the hub serves nothing for this long, as if starved.
+    Stall(std::time::Duration),
     /// A leave whose Redis part failed; the liveness task retries it.
     RetryLeave {
         peer: String,
@@ -212,6 +209,8 @@ struct RoomCache {
 }
 
 pub(crate) struct Hub {
+    /// The instance identity; a new id means fenced (see `follow_identity`).
+    instance: watch::Receiver<Instance>,
     peers: LocalPeers,
     joined: HashMap<String, Membership>,
     rooms: HashMap<String, RoomCache>,
@@ -227,12 +226,14 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(
         config: &EngineConfig,
-        id: String,
+        instance: watch::Receiver<Instance>,
         gen: Arc<AtomicU64>,
         last_tick: Arc<AtomicU64>,
         origin: Instant,
     ) -> Self {
+        let id = instance.borrow().id.clone();
         Self {
+            instance,
             peers: LocalPeers::new(config.queue),
             joined: HashMap::new(),
             rooms: HashMap::new(),
@@ -254,7 +255,12 @@ impl Hub {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                Some(cmd) = cmds.recv() => self.command(cmd),
+                // Before commands and pushes: nothing is accepted under an id once replaced.
+                Ok(()) = self.instance.changed() => self.follow_identity(),
+                Some(cmd) = cmds.recv() => match cmd {
+                    Cmd::Stall(d) => tokio::time::sleep(d).await,
+                    cmd => self.command(cmd),
+                },
                 Some((gen, push)) = pushes.recv() => {
                     if gen == self.gen.load(Ordering::Acquire) {
                         self.push(push);
@@ -365,15 +371,7 @@ impl Hub {
             } => {
                 let _ = reply.send(self.deliver_member(&room, &to, &frame, Class::Relay));
             }
-            Cmd::Fence { new_id, reply } => {
-                let closed = self.peers.close_all(CloseReason::Fenced);
-                self.joined.clear();
-                self.rooms.clear();
-                self.retries.clear();
-                self.id = new_id;
-                self.last_tick.store(0, Ordering::Release);
-                let _ = reply.send(closed.len());
-            }
+            Cmd::Stall(_) => {}
             Cmd::RetryLeave { peer, m } => {
                 if m.owner == self.id {
                     self.retries.push((peer, m));
@@ -383,6 +381,23 @@ impl Hub {
                 let _ = reply.send(std::mem::take(&mut self.retries));
             }
         }
+    }
+
+    /// The liveness task replaced the instance id (fenced, or its registration refused): close
+    /// every socket, forget every membership, and continue as the new id. A `watch` rather than
+    /// a command, so this can never be lost to a full queue or a timeout.
+    fn follow_identity(&mut self) {
+        let id = self.instance.borrow_and_update().id.clone();
+        if id == self.id {
+            return;
+        }
+        let closed = self.peers.close_all(CloseReason::Fenced).len();
+        self.joined.clear();
+        self.rooms.clear();
+        self.retries.clear();
+        tracing::warn!(old = %self.id, new = %id, closed, "hub fenced: sockets closed");
+        self.id = id;
+        self.last_tick.store(0, Ordering::Release);
     }
 
     /// Delivers to the recipients owned by this instance, caches the others' owners and

@@ -1,4 +1,5 @@
-//! Instance liveness: registration, heartbeats, the pub/sub self-check, fencing and reaping.
+//! Instance liveness: registration, heartbeats, the pub/sub self-check and fencing (reaping is
+//! in [`super::reaper`]).
 //!
 //! Timeline (see `docs/architecture.md`): an instance heartbeats every `heartbeat_interval`; a
 //! heartbeat older than `instance_timeout` lets any other instance write it off and reap its
@@ -14,14 +15,9 @@ use redis::aio::ConnectionManager;
 use redis::PushInfo;
 use tokio::sync::{mpsc, watch};
 
+use super::conn::FAILOVER_RECONNECT_EVERY;
 use super::hub::{Bus, Cmd};
 use super::{build_manager, Inner, Instance, RedisSettings};
-
-/// Peers reaped per batch: each batch is one SRANDMEMBER, one leave script per peer (each a
-/// short script in that peer's room slot) and one SREM, so Redis is never blocked for long.
-const REAP_BATCH: usize = 100;
-/// Batches per reaper tick, so heartbeat-sized ticks stay short even for a huge dead instance.
-const REAP_BATCHES_PER_TICK: usize = 10;
 
 /// How often the self-message is published: every heartbeat, at least once a second.
 pub(crate) fn tick_interval(s: &RedisSettings) -> Duration {
@@ -40,15 +36,6 @@ pub(crate) fn stale_after(s: &RedisSettings) -> Duration {
     (tick_interval(s) * 3).max(Duration::from_secs(1))
 }
 
-/// How long a reaper's claim on a dead instance holds without renewal.
-fn lease(inner: &Inner) -> Duration {
-    (inner.settings.instance_timeout * 2).max(inner.config.call_timeout * 4)
-}
-
-fn ms(d: Duration) -> u64 {
-    (d.as_millis() as u64).max(1)
-}
-
 /// Owns the connection and identity senders: the only writer of both.
 pub(crate) struct Liveness {
     inner: Arc<Inner>,
@@ -60,6 +47,7 @@ pub(crate) struct Liveness {
     last_beat: Option<Instant>,
     last_resubscribe: Option<Instant>,
     last_replace: Instant,
+    last_failover_replace: Option<Instant>,
 }
 
 impl Liveness {
@@ -80,6 +68,7 @@ impl Liveness {
             last_beat: None,
             last_resubscribe: None,
             last_replace: Instant::now(),
+            last_failover_replace: None,
         }
     }
 
@@ -101,9 +90,20 @@ impl Liveness {
             return;
         }
         let mut inv = inner.scripts.instance_register.prepare_invoke();
-        inv.key(inner.keys.alive()).arg(&id);
+        inv.key(inner.keys.alive()).key(inner.keys.dead()).arg(&id);
         let sent = Instant::now();
         match inner.redis(inv.invoke_async::<u64>(&mut cm)).await {
+            Ok(0) => {
+                // Written off already: continue under a fresh id (the hub follows it); the
+                // next tick registers that one.
+                let fresh = crate::protocol::new_id();
+                tracing::warn!(old = %id, new = %fresh, "instance id written off; taking a fresh one");
+                self.instance.send_replace(Instance {
+                    id: fresh,
+                    registered: false,
+                });
+                let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
+            }
             Ok(_) => {
                 inner.mark_alive(sent);
                 self.last_ok = Instant::now();
@@ -134,12 +134,55 @@ impl Liveness {
     pub(crate) async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(tick_interval(&self.inner.settings));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let inner = self.inner.clone();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.step().await,
+                // A failover sign: reconnect now, not at the next tick.
+                _ = inner.reconnect.notified() => {}
             }
-            self.step().await;
+            self.reconnect_after_failover().await;
+        }
+    }
+
+    /// Redis refused a write as a replica (or loading): the connection may be to the old
+    /// primary of a failover, which the manager never leaves by itself. Replaced at most every
+    /// `FAILOVER_RECONNECT_EVERY` until a heartbeat succeeds again (`Inner::mark_alive`).
+    async fn reconnect_after_failover(&mut self) {
+        if self.inner.failover_at.load(Ordering::Acquire) == 0
+            || self
+                .last_failover_replace
+                .is_some_and(|t| t.elapsed() < FAILOVER_RECONNECT_EVERY)
+        {
+            return;
+        }
+        self.last_failover_replace = Some(Instant::now());
+        self.replace_connection("Redis refuses writes (failover)")
+            .await;
+    }
+
+    /// Replaces the manager by a fresh one (a new connection, the endpoint resolved anew) and
+    /// subscribes it; pushes of the old one are ignored from now on (their generation is old).
+    async fn replace_connection(&mut self, why: &str) {
+        let inner = self.inner.clone();
+        let gen = self.gen.load(Ordering::Acquire) + 1;
+        match build_manager(
+            &inner.settings.url,
+            inner.config.call_timeout,
+            self.push.clone(),
+            gen,
+            inner.dropped_pushes.clone(),
+        ) {
+            Ok(cm) => {
+                tracing::warn!(gen, why, "replacing the Redis connection");
+                self.gen.store(gen, Ordering::Release);
+                self.conn.send_replace(cm);
+                let id = inner.current().id;
+                let mut cm = inner.cm();
+                let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
         }
     }
 
@@ -217,25 +260,8 @@ impl Liveness {
             return;
         }
         self.last_replace = Instant::now();
-        let gen = self.gen.load(Ordering::Acquire) + 1;
-        match build_manager(
-            &inner.settings.url,
-            inner.config.call_timeout,
-            self.push.clone(),
-            gen,
-        ) {
-            Ok(cm) => {
-                tracing::warn!(
-                    gen,
-                    "pub/sub self-message missing; replacing the Redis connection"
-                );
-                self.gen.store(gen, Ordering::Release);
-                self.conn.send_replace(cm);
-                let mut cm = inner.cm();
-                let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
-        }
+        self.replace_connection("pub/sub self-message missing")
+            .await;
     }
 
     async fn retry_leaves(&self) {
@@ -262,19 +288,13 @@ impl Liveness {
         let new_id = crate::protocol::new_id();
         // Nothing acts under the old id from now on (joins and relays check this).
         inner.mark_dead();
-        // The hub first, so no join completes under the old id after this point.
-        let closed = inner
-            .ask(|reply| Cmd::Fence {
-                new_id: new_id.clone(),
-                reply,
-            })
-            .await
-            .unwrap_or(0);
+        // The hub follows this id (closing every socket) before it takes another command, so
+        // no join completes under the old id after this point.
         self.instance.send_replace(Instance {
             id: new_id.clone(),
             registered: false,
         });
-        tracing::warn!(old = %old, new = %new_id, closed, why, "instance fenced");
+        tracing::warn!(old = %old, new = %new_id, why, "instance fenced");
         // Best effort: hand the old id to the reapers now rather than after the timeout.
         let mut cm = inner.cm();
         let mut inv = inner.scripts.deregister.prepare_invoke();
@@ -311,97 +331,4 @@ pub(crate) async fn deregister(inner: &Inner) {
         tracing::warn!(error = %e, "deregistration failed; other instances will reap this one");
     }
     let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
-}
-
-/// The reaper task: every heartbeat interval, write off silent instances and remove the peers
-/// of one dead instance, batch by batch, under a renewable lease (a reaper that dies mid-way
-/// loses the lease and another one resumes where it stopped).
-pub(crate) async fn reaper(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.settings.heartbeat_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut claimed: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            _ = tick.tick() => {}
-        }
-        let me = inner.current();
-        if !me.registered || inner.paused.load(Ordering::Acquire) {
-            continue;
-        }
-        if claimed.is_none() {
-            claimed = claim(&inner, &me.id).await;
-        }
-        if let Some(dead) = claimed.take() {
-            if !reap(&inner, &me.id, &dead).await {
-                claimed = Some(dead);
-            }
-        }
-    }
-}
-
-async fn claim(inner: &Inner, me: &str) -> Option<String> {
-    let mut cm = inner.cm();
-    let mut inv = inner.scripts.reap_claim.prepare_invoke();
-    inv.key(inner.keys.alive())
-        .key(inner.keys.dead())
-        .key(inner.keys.reaper())
-        .arg(me)
-        .arg(ms(inner.settings.instance_timeout))
-        .arg(ms(lease(inner)));
-    let v: Vec<String> = inner.redis(inv.invoke_async(&mut cm)).await.ok()?;
-    let dead = v.into_iter().next()?;
-    tracing::warn!(dead = %dead, "reaping the peers of a dead instance");
-    Some(dead)
-}
-
-/// Works on one claimed dead instance for up to `REAP_BATCHES_PER_TICK` batches. Returns true
-/// when the claim is finished (all peers gone, or the lease lost), false to continue next tick.
-async fn reap(inner: &Inner, me: &str, dead: &str) -> bool {
-    let set = inner.keys.instance_peers(dead);
-    for _ in 0..REAP_BATCHES_PER_TICK {
-        let cmd = redis::cmd("SRANDMEMBER").arg(&set).arg(REAP_BATCH).clone();
-        let Ok(entries) = inner.query::<Vec<String>>(&cmd).await else {
-            return false;
-        };
-        if entries.is_empty() {
-            let _ = lease_op(inner, me, dead, "done").await;
-            tracing::info!(dead = %dead, "dead instance fully reaped");
-            return true;
-        }
-        for entry in &entries {
-            let Some((room, peer)) = entry.split_once('|') else {
-                continue;
-            };
-            if inner.leave_in_redis(room, peer, dead, false).await.is_err() {
-                return false;
-            }
-        }
-        let cmd = redis::cmd("SREM").arg(&set).arg(&entries).clone();
-        if inner.query::<i64>(&cmd).await.is_err() {
-            return false;
-        }
-        match lease_op(inner, me, dead, "renew").await {
-            Some(true) => {}
-            Some(false) => return true,
-            None => return false,
-        }
-    }
-    false
-}
-
-async fn lease_op(inner: &Inner, me: &str, dead: &str, op: &str) -> Option<bool> {
-    let mut cm = inner.cm();
-    let mut inv = inner.scripts.reap_lease.prepare_invoke();
-    inv.key(inner.keys.dead())
-        .key(inner.keys.reaper())
-        .arg(dead)
-        .arg(me)
-        .arg(ms(lease(inner)))
-        .arg(op);
-    inner
-        .redis(inv.invoke_async::<i64>(&mut cm))
-        .await
-        .ok()
-        .map(|v| v == 1)
 }

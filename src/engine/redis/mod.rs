@@ -4,16 +4,19 @@
 //! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
 //! its own sockets, in the [`hub`] task. A frame for a peer on another instance is published to
 //! that instance's channel. Sessions, tokens, code checks and the mailbox are in [`store`];
-//! joining, leaving and delivery in [`rooms`]; liveness, fencing and reaping in [`liveness`];
-//! keeping sessions with members alive in [`refresh`].
+//! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
+//! [`reaper`]; keeping sessions with members alive in [`refresh`]; the connection and its errors
+//! in [`conn`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
 //! carries both commands and the subscription; every call is bounded by `call_timeout`.
 
+mod conn;
 mod hub;
 mod keys;
 mod liveness;
+mod reaper;
 mod refresh;
 mod rooms;
 mod scripts;
@@ -24,11 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{PushInfo, RedisResult};
+use redis::aio::ConnectionManager;
+use redis::RedisResult;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use self::conn::build_manager;
 use self::hub::{Cmd, Hub, Membership};
 use self::keys::Keys;
 use self::scripts::Scripts;
@@ -52,16 +56,6 @@ pub struct RedisSettings {
 
 /// Pushes (pub/sub messages) waiting for the hub at most; see `build_manager`.
 const PUSH_QUEUE: usize = 64 * 1024;
-/// Pushes dropped because the hub fell `PUSH_QUEUE` behind.
-static DROPPED_PUSHES: AtomicU64 = AtomicU64::new(0);
-
-/// Readiness's PING gets at most this long, so `/ready` answers fast.
-const READY_PING_TIMEOUT: Duration = Duration::from_millis(500);
-/// Reconnect backoff cap: short enough to be ready again within ~1 s of Redis's return.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
-/// With the default 6 retries the manager gives up ~9.4 s into an outage and never resumes by
-/// itself (`shared/notes/crates.md`); this is "forever" at ≤1 s per attempt.
-const RECONNECT_RETRIES: usize = 1_000_000;
 
 /// This process's identity in Redis; replaced by a fresh one when the instance is fenced.
 #[derive(Clone, Debug)]
@@ -94,53 +88,25 @@ pub(crate) struct Inner {
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Test hook: stop heartbeating and registering, as if cut off from Redis.
     paused: AtomicBool,
+    /// Test hook: reap nothing (so a test can choose which instance reaps).
+    reaper_paused: AtomicBool,
+    /// Pushes dropped because the hub fell `PUSH_QUEUE` behind (shown by `/health`).
+    dropped_pushes: Arc<AtomicU64>,
+    /// When (ms since `origin`; 0: never) Redis last said it cannot take writes (a failover,
+    /// see `conn`). Not ready until a heartbeat sent after it succeeds.
+    failover_at: AtomicU64,
+    /// Wakes the liveness task at once on such an error, to replace the connection.
+    reconnect: tokio::sync::Notify,
 }
 
-/// Appends `protocol=resp3` (required for the push channel) unless the URL names a protocol.
-fn resp3_url(url: &str) -> String {
-    if url.contains("protocol=") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&protocol=resp3")
-    } else {
-        format!("{url}?protocol=resp3")
-    }
-}
-
-/// A lazily connecting manager whose pushes are tagged with `gen`, so the hub can ignore a
-/// replaced manager's late messages.
-pub(crate) fn build_manager(
-    url: &str,
-    timeout: Duration,
-    push: mpsc::Sender<(u64, PushInfo)>,
-    gen: u64,
-) -> RedisResult<ConnectionManager> {
-    let client = redis::Client::open(resp3_url(url))?;
-    // Bounded, and never blocking the connection: past the bound a push is dropped and counted
-    // (redis-rs ignores the error). The hub only fills it if it is starved; a lost self-tick
-    // then shows as deafness and the instance turns unready.
-    let sender = move |info: PushInfo| {
-        push.try_send((gen, info)).inspect_err(|_| {
-            if DROPPED_PUSHES
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(1000)
-            {
-                tracing::warn!("pub/sub backlog full: dropping pushes");
-            }
-        })
-    };
-    let cfg = ConnectionManagerConfig::new()
-        .set_push_sender(sender)
-        .set_automatic_resubscription()
-        .set_number_of_retries(RECONNECT_RETRIES)
-        .set_max_delay(MAX_RECONNECT_DELAY)
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
-    ConnectionManager::new_lazy_with_config(client, cfg)
-}
-
+/// An unreachable or unusable store (see [`Inner::store_error`] for errors Redis returned).
 fn unavailable(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(e.to_string())
+    EngineError::StoreUnavailable(e.to_string())
+}
+
+/// This instance may not act for its peers (unregistered, or possibly written off).
+fn fenced(why: &str) -> EngineError {
+    EngineError::Fenced(why.to_owned())
 }
 
 impl RedisEngine {
@@ -149,7 +115,14 @@ impl RedisEngine {
     pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisResult<RedisEngine> {
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let gen = Arc::new(AtomicU64::new(0));
-        let cm = build_manager(&settings.url, config.call_timeout, push_tx.clone(), 0)?;
+        let dropped_pushes = Arc::new(AtomicU64::new(0));
+        let cm = build_manager(
+            &settings.url,
+            config.call_timeout,
+            push_tx.clone(),
+            0,
+            dropped_pushes.clone(),
+        )?;
         let (conn_tx, conn_rx) = watch::channel(cm);
         let id = crate::protocol::new_id();
         let (inst_tx, inst_rx) = watch::channel(Instance {
@@ -160,7 +133,13 @@ impl RedisEngine {
         let (stop_tx, stop_rx) = watch::channel(false);
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
-        let hub = Hub::new(&config, id, gen.clone(), last_tick.clone(), origin);
+        let hub = Hub::new(
+            &config,
+            inst_rx.clone(),
+            gen.clone(),
+            last_tick.clone(),
+            origin,
+        );
         let inner = Arc::new(Inner {
             keys: Keys::new(&settings.key_prefix),
             config,
@@ -175,6 +154,10 @@ impl RedisEngine {
             stop: stop_tx,
             tasks: tokio::sync::Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
+            reaper_paused: AtomicBool::new(false),
+            dropped_pushes,
+            failover_at: AtomicU64::new(0),
+            reconnect: tokio::sync::Notify::new(),
         });
         let hub_task = tokio::spawn(hub.run(hub_rx, push_rx, stop_rx.clone()));
         let mut live = liveness::Liveness::new(inner.clone(), conn_tx, inst_tx, push_tx, gen);
@@ -182,7 +165,7 @@ impl RedisEngine {
         live.try_register().await;
         let live_task = tokio::spawn(live.run(stop_rx.clone()));
         let refresh_task = tokio::spawn(refresh::refresher(inner.clone(), stop_rx.clone()));
-        let reap_task = tokio::spawn(liveness::reaper(inner.clone(), stop_rx));
+        let reap_task = tokio::spawn(reaper::run(inner.clone(), stop_rx));
         inner
             .tasks
             .lock()
@@ -204,6 +187,18 @@ impl RedisEngine {
         for t in tasks {
             t.abort();
         }
+    }
+
+    /// Test hook: the hub serves nothing for `d` (queues fill up behind it), as if starved.
+    #[doc(hidden)]
+    pub fn stall_hub(&self, d: Duration) {
+        let _ = self.inner.hub.try_send(Cmd::Stall(d));
+    }
+
+    /// Test hook: this instance claims and reaps no dead instance (others still do).
+    #[doc(hidden)]
+    pub fn pause_reaper(&self, paused: bool) {
+        self.inner.reaper_paused.store(paused, Ordering::Release);
     }
 
     /// Test hook: stops (or resumes) heartbeats and registration, as if this instance alone
@@ -238,6 +233,13 @@ impl Inner {
         let base = sent.saturating_duration_since(self.origin);
         let until = (base + self.settings.instance_timeout).as_millis() as u64;
         self.alive_until.fetch_max(until, Ordering::AcqRel);
+        // A write went through: whatever refused writes before it was sent is past.
+        let sent_ms = base.as_millis() as u64;
+        let _ = self
+            .failover_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+                (at != 0 && at <= sent_ms).then_some(0)
+            });
     }
 
     /// Forgets the liveness deadline (fencing: nothing may act under the old id any more).
@@ -249,7 +251,7 @@ impl Inner {
     async fn redis<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> EngineResult<T> {
         match tokio::time::timeout(self.config.call_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
+            Ok(Err(e)) => Err(self.store_error(&e)),
             Err(_) => Err(unavailable("Redis call timed out")),
         }
     }
@@ -269,30 +271,13 @@ impl Inner {
         };
         match tokio::time::timeout(self.config.call_timeout, fut).await {
             Ok(Some(v)) => Ok(v),
-            _ => Err(unavailable("engine stopped")),
+            Ok(None) => Err(EngineError::Busy("engine stopped".into())),
+            Err(_) => Err(EngineError::Busy("the hub did not answer in time".into())),
         }
     }
 
     fn ttl_ms(d: Duration) -> u64 {
         (d.as_millis() as u64).max(1)
-    }
-
-    async fn ready(&self) -> EngineResult<()> {
-        if !self.current().registered {
-            return Err(unavailable("instance not registered in Redis"));
-        }
-        let last = self.last_tick.load(Ordering::Acquire);
-        let age = (self.origin.elapsed().as_millis() as u64).saturating_sub(last);
-        if last == 0 || age > liveness::stale_after(&self.settings).as_millis() as u64 {
-            return Err(unavailable("pub/sub self-message is not arriving"));
-        }
-        let mut cm = self.cm();
-        let limit = READY_PING_TIMEOUT.min(self.config.call_timeout);
-        match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut cm)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable("Redis PING timed out")),
-        }
     }
 }
 
@@ -410,6 +395,10 @@ impl Engine for RedisEngine {
 
     async fn local_peers(&self) -> EngineResult<usize> {
         self.inner.ask(|reply| Cmd::Count { reply }).await
+    }
+
+    fn dropped_pushes(&self) -> u64 {
+        self.inner.dropped_pushes.load(Ordering::Relaxed)
     }
 
     async fn shutdown(&self) {

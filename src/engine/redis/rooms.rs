@@ -2,7 +2,7 @@
 //! frame to a member wherever its socket is (this instance's hub, or its owner's channel).
 
 use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Member, Route};
-use super::{unavailable, Inner};
+use super::{fenced, unavailable, Inner};
 use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
@@ -102,10 +102,10 @@ impl Inner {
     ) -> EngineResult<JoinResult> {
         let inst = self.current();
         if !inst.registered {
-            return Err(unavailable("instance not registered"));
+            return Err(fenced("instance not registered"));
         }
         if !self.alive_locally() {
-            return Err(unavailable("instance may have been written off"));
+            return Err(fenced("instance may have been written off"));
         }
         let k = &self.keys;
         // The intent first: if we die after the join below, a reaper finds the peer here.
@@ -172,7 +172,7 @@ impl Inner {
         // (the hub may not have been fenced yet to refuse it below).
         if !self.alive_locally() {
             let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
-            return Err(unavailable("instance may have been written off"));
+            return Err(fenced("instance may have been written off"));
         }
         let reply = self
             .ask(|reply| Cmd::Joined {
@@ -194,7 +194,7 @@ impl Inner {
             Err(()) => {
                 // Fenced while joining: undo, since the old id's reaper may already be done.
                 let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
-                return Err(unavailable("instance was fenced during the join"));
+                return Err(fenced("instance was fenced during the join"));
             }
         }
         Ok(JoinResult::Joined(Joined {
@@ -228,7 +228,7 @@ impl Inner {
     pub(super) async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
         // The sender may have been reaped (and the room told it left): relay nothing for it.
         if !self.alive_locally() {
-            return Err(unavailable("instance may have been written off"));
+            return Err(fenced("instance may have been written off"));
         }
         let route = self
             .ask(|reply| Cmd::Route {
