@@ -1,13 +1,21 @@
 //! The hub: the one task that owns this instance's sockets ([`LocalPeers`]), their room
-//! memberships and the peer→owner cache, and consumes the pub/sub push channel.
+//! memberships and what it knows of their rooms ([`view::RoomView`]: what each local member was
+//! told, the remote members' owners, who has left), and consumes the pub/sub push channel.
 //!
 //! Engine calls reach it over a bounded mpsc with oneshot replies; Redis pushes arrive on a
 //! bounded channel filled with `try_send` (the `ConnectionManager`'s sender must never block;
 //! past the bound pushes are dropped and counted, see `build_manager`). The hub
 //! never awaits anything but its two inputs and never touches Redis, so a slow client or a slow
 //! Redis cannot stall routing: delivery is `LocalPeers::deliver`, which never waits.
+//!
+//! After any gap in the subscription (a resubscription, after a reconnect or by the watchdog,
+//! also on a replaced manager; or dropped pushes) room events may have been lost: the hub marks
+//! its rooms for repair and wakes the repair task (`super::repair`), which re-reads them and
+//! hands the reads back; the hub then tells each local member what it missed.
 
 mod bus;
+mod events;
+mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,15 +23,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 pub(crate) use self::bus::{parse_members, Blob, Bus, Member};
+use self::events::InFlight;
+pub(crate) use self::view::Known;
+use self::view::{Event, RoomView};
 use crate::engine::EngineConfig;
 use crate::peers::{Class, CloseReason, LocalPeers, PeerQueue, Queued};
 use crate::protocol::Frame;
-
-/// Remote owners remembered per room at most; beyond it sends fall back to a Redis lookup.
-const MAX_CACHED_PER_ROOM: usize = 1024;
 
 /// A local socket's membership: the room and the instance id it joined under.
 #[derive(Clone, Debug)]
@@ -40,7 +48,10 @@ pub(crate) enum Route {
     /// A local member whose queue has no room for relayed frames.
     Full,
     Remote(String),
-    Unknown,
+    /// Not known here; a lookup's result is learned only into the view of this epoch.
+    Unknown {
+        epoch: u64,
+    },
 }
 
 pub(crate) enum Cmd {
@@ -56,14 +67,14 @@ pub(crate) enum Cmd {
     Count {
         reply: oneshot::Sender<usize>,
     },
-    /// A join script succeeded with `owner` as the peer's owner. Replies `Err(())` when this
-    /// instance was fenced meanwhile (the caller undoes the join). With `frame`, tells the
-    /// other local members and returns the remote ones.
+    /// A join script succeeded with `owner` as the peer's owner; `members` is its snapshot.
+    /// Replies `Err(())` when this instance was fenced meanwhile (the caller undoes the join).
+    /// With `frame`, tells the other local members and returns the remote ones.
     Joined {
         room: String,
         peer: String,
         owner: String,
-        members: Vec<(String, String)>,
+        members: Vec<Known>,
         frame: Option<Frame>,
         reply: oneshot::Sender<Result<Groups, ()>>,
     },
@@ -74,12 +85,12 @@ pub(crate) enum Cmd {
         peer: String,
         reply: oneshot::Sender<Option<Membership>>,
     },
-    /// Delivers `frame` to the local `recipients` and returns the remote ones by owner.
-    Fanout {
+    /// `peer` left: delivers `frame` to the local `recipients`, returns the remote ones by owner.
+    Left {
         room: String,
-        recipients: Vec<(String, String)>,
+        peer: String,
+        recipients: Vec<Known>,
         frame: Frame,
-        left: Option<String>,
         reply: oneshot::Sender<Groups>,
     },
     Route {
@@ -88,10 +99,11 @@ pub(crate) enum Cmd {
         frame: Frame,
         reply: oneshot::Sender<Route>,
     },
+    /// A lookup made after `Route` answered `Unknown { epoch }`.
     Learn {
         room: String,
-        peer: String,
-        owner: String,
+        epoch: u64,
+        known: Known,
     },
     /// Redis lists `to` as a member of `room` owned by this instance, but the hub has not
     /// recorded the membership yet (its join is in flight): deliver if it is a local socket.
@@ -100,6 +112,17 @@ pub(crate) enum Cmd {
         to: String,
         frame: Frame,
         reply: oneshot::Sender<Queued>,
+    },
+    /// The rooms marked for repair (with their view's epoch); clears the marks.
+    TakeRepairs {
+        reply: oneshot::Sender<Vec<(String, u64)>>,
+    },
+    /// A repair read of `room`, made for the view of `epoch` (see `RoomView::repair`).
+    Repair {
+        room: String,
+        epoch: u64,
+        counter: Option<u64>,
+        members: Vec<Member>,
     },
     /// This instance was written off: close every socket, forget every membership, and
     /// continue as `new_id`.
@@ -117,18 +140,18 @@ pub(crate) enum Cmd {
     },
 }
 
-#[derive(Default)]
-struct RoomCache {
-    local: HashSet<String>,
-    /// Remote member → owner. Trusted only while `local` is non-empty: that is exactly when
-    /// this instance receives the room's peer_joined/peer_left broadcasts.
-    remote: HashMap<String, String>,
-}
-
 pub(crate) struct Hub {
     peers: LocalPeers,
     joined: HashMap<String, Membership>,
-    rooms: HashMap<String, RoomCache>,
+    rooms: HashMap<String, RoomView>,
+    /// Local sockets sent room events before their joins were recorded.
+    inflight: HashMap<String, InFlight>,
+    epochs: u64,
+    /// Rooms to re-read, and the repair task's wake-up.
+    pending: HashSet<String>,
+    wake: Arc<Notify>,
+    /// `DROPPED_PUSHES` as last seen: a change means lost pushes.
+    dropped: u64,
     id: String,
     retries: Vec<(String, Membership)>,
     /// Generation of the current `ConnectionManager`; pushes of older ones are ignored.
@@ -150,12 +173,22 @@ impl Hub {
             peers: LocalPeers::new(config.queue),
             joined: HashMap::new(),
             rooms: HashMap::new(),
+            inflight: HashMap::new(),
+            epochs: 0,
+            pending: HashSet::new(),
+            wake: Arc::new(Notify::new()),
+            dropped: super::DROPPED_PUSHES.load(Ordering::Relaxed),
             id,
             retries: Vec::new(),
             gen,
             last_tick,
             origin,
         }
+    }
+
+    /// Notified whenever rooms are marked for repair (see `super::repair`).
+    pub(crate) fn repair_wake(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     pub(crate) async fn run(
@@ -173,6 +206,11 @@ impl Hub {
                     if gen == self.gen.load(Ordering::Acquire) {
                         self.push(push);
                     }
+                    let dropped = super::DROPPED_PUSHES.load(Ordering::Relaxed);
+                    if dropped != self.dropped {
+                        self.dropped = dropped;
+                        self.want_repair_all();
+                    }
                 }
                 else => break,
             }
@@ -187,6 +225,7 @@ impl Hub {
             }
             Cmd::Disconnect { peer, reply } => {
                 self.peers.remove(&peer);
+                self.inflight.remove(&peer);
                 let _ = reply.send(self.joined.get(&peer).cloned());
             }
             Cmd::Count { reply } => {
@@ -204,28 +243,7 @@ impl Hub {
                     let _ = reply.send(Err(()));
                     return;
                 }
-                self.joined.insert(
-                    peer.clone(),
-                    Membership {
-                        room: room.clone(),
-                        owner,
-                    },
-                );
-                self.rooms
-                    .entry(room.clone())
-                    .or_default()
-                    .local
-                    .insert(peer.clone());
-                let others: Vec<(String, String)> =
-                    members.into_iter().filter(|(id, _)| *id != peer).collect();
-                let groups = match frame {
-                    Some(frame) => self.fanout(&room, others, &frame),
-                    None => {
-                        self.learn_all(&room, &others);
-                        Vec::new()
-                    }
-                };
-                let _ = reply.send(Ok(groups));
+                let _ = reply.send(Ok(self.joined(&room, &peer, owner, members, frame)));
             }
             Cmd::Leaving { room, peer, reply } => {
                 let m = match self.joined.get(&peer) {
@@ -237,17 +255,18 @@ impl Hub {
                 }
                 let _ = reply.send(m);
             }
-            Cmd::Fanout {
+            Cmd::Left {
                 room,
+                peer,
                 recipients,
                 frame,
-                left,
                 reply,
             } => {
-                if let Some(left) = left {
-                    self.forget_remote(&room, &left);
+                if let Some(view) = self.rooms.get_mut(&room) {
+                    view.depart(&peer);
                 }
-                let _ = reply.send(self.fanout(&room, recipients, &frame));
+                let groups = self.fanout(&room, recipients, &Event::Left(peer), &frame);
+                let _ = reply.send(groups);
             }
             Cmd::Route {
                 room,
@@ -260,14 +279,22 @@ impl Hub {
                         Queued::Full => Route::Full,
                         Queued::Yes | Queued::Absent => Route::Delivered,
                     }
-                } else if let Some(owner) = self.rooms.get(&room).and_then(|r| r.remote.get(&to)) {
-                    Route::Remote(owner.clone())
                 } else {
-                    Route::Unknown
+                    match self.rooms.get(&room) {
+                        Some(view) => match view.route(&to) {
+                            Some(owner) => Route::Remote(owner.to_owned()),
+                            None => Route::Unknown { epoch: view.epoch },
+                        },
+                        None => Route::Unknown { epoch: 0 },
+                    }
                 };
                 let _ = reply.send(route);
             }
-            Cmd::Learn { room, peer, owner } => self.learn_all(&room, &[(peer, owner)]),
+            Cmd::Learn { room, epoch, known } => {
+                if let Some(view) = self.rooms.get_mut(&room).filter(|v| v.epoch == epoch) {
+                    view.learn(&self.id, &known);
+                }
+            }
             Cmd::DeliverJoining {
                 room,
                 to,
@@ -276,10 +303,27 @@ impl Hub {
             } => {
                 let _ = reply.send(self.deliver_member(&room, &to, &frame, Class::Relay));
             }
+            Cmd::TakeRepairs { reply } => {
+                let rooms = &self.rooms;
+                let due = self
+                    .pending
+                    .drain()
+                    .filter_map(|r| rooms.get(&r).map(|v| (r, v.epoch)))
+                    .collect();
+                let _ = reply.send(due);
+            }
+            Cmd::Repair {
+                room,
+                epoch,
+                counter,
+                members,
+            } => self.repair(&room, epoch, counter, &members),
             Cmd::Fence { new_id, reply } => {
                 let closed = self.peers.close_all(CloseReason::Fenced);
                 self.joined.clear();
                 self.rooms.clear();
+                self.inflight.clear();
+                self.pending.clear();
                 self.retries.clear();
                 self.id = new_id;
                 self.last_tick.store(0, Ordering::Release);
@@ -296,67 +340,6 @@ impl Hub {
         }
     }
 
-    /// Delivers to the recipients owned by this instance, caches the others' owners and
-    /// returns them grouped by owner.
-    fn fanout(&mut self, room: &str, recipients: Vec<(String, String)>, frame: &Frame) -> Groups {
-        self.learn_all(room, &recipients);
-        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
-        for (peer, owner) in recipients {
-            if owner == self.id {
-                self.deliver_member(room, &peer, frame, Class::Control);
-            } else {
-                groups.entry(owner).or_default().push(peer);
-            }
-        }
-        groups.into_iter().collect()
-    }
-
-    /// Delivers to a local socket that Redis lists as a member of `room` owned by this
-    /// instance. That is a recorded membership, or a join in flight: its script has run, but
-    /// its `Joined` has not reached the hub yet, and a broadcast or signal computed from the
-    /// script's member list (e.g. a concurrent joiner's `peer_joined`) can overtake it. Such a
-    /// frame is queued behind nothing: the socket writes `join_success` before its queue.
-    fn deliver_member(&mut self, room: &str, peer: &str, frame: &Frame, class: Class) -> Queued {
-        let ok = match self.joined.get(peer) {
-            Some(m) => m.room == room,
-            None => self.peers.contains(peer),
-        };
-        if ok {
-            self.peers.deliver(peer, frame, class)
-        } else {
-            Queued::Absent
-        }
-    }
-
-    fn learn_all(&mut self, room: &str, members: &[(String, String)]) {
-        let id = &self.id;
-        if let Some(cache) = self.rooms.get_mut(room) {
-            for (peer, owner) in members {
-                if owner != id
-                    && (cache.remote.len() < MAX_CACHED_PER_ROOM || cache.remote.contains_key(peer))
-                {
-                    cache.remote.insert(peer.clone(), owner.clone());
-                }
-            }
-        }
-    }
-
-    fn forget_remote(&mut self, room: &str, peer: &str) {
-        if let Some(cache) = self.rooms.get_mut(room) {
-            cache.remote.remove(peer);
-        }
-    }
-
-    fn forget_local(&mut self, room: &str, peer: &str) {
-        if let Some(cache) = self.rooms.get_mut(room) {
-            cache.local.remove(peer);
-            if cache.local.is_empty() {
-                // No more broadcasts for this room reach us: the cache would go stale.
-                self.rooms.remove(room);
-            }
-        }
-    }
-
     fn push(&mut self, push: PushInfo) {
         match push.kind {
             PushKind::Message => {
@@ -368,50 +351,21 @@ impl Hub {
                     Err(e) => tracing::warn!(error = %e, "unparsable bus message ignored"),
                 }
             }
-            PushKind::Disconnection | PushKind::Subscribe => {
-                // Broadcasts may have been missed during the gap: owner caches are suspect.
-                for cache in self.rooms.values_mut() {
-                    cache.remote.clear();
+            PushKind::Disconnection => {
+                // Broadcasts may be missed until the subscription is back: routes are suspect.
+                for view in self.rooms.values_mut() {
+                    view.clear_routes();
                 }
+            }
+            PushKind::Subscribe => {
+                // Subscribed (again): whatever was published in the gap is lost, so the rooms
+                // are re-read now, after the subscription took effect.
+                for view in self.rooms.values_mut() {
+                    view.clear_routes();
+                }
+                self.want_repair_all();
             }
             _ => {}
-        }
-    }
-
-    fn bus(&mut self, bus: Bus) {
-        match bus {
-            Bus::Tick { id } => {
-                if id == self.id {
-                    let ms = self.origin.elapsed().as_millis() as u64;
-                    self.last_tick.store(ms.max(1), Ordering::Release);
-                }
-            }
-            Bus::Deliver {
-                room,
-                to,
-                frame,
-                joined,
-                left,
-            } => {
-                // Room events are control frames; anything else was relayed for a client.
-                let class = if joined.is_some() || left.is_some() {
-                    Class::Control
-                } else {
-                    Class::Relay
-                };
-                if let Some(left) = left {
-                    self.forget_remote(&room, &left);
-                }
-                if let Some(j) = joined {
-                    self.learn_all(&room, &[j]);
-                }
-                let frame = Frame::from(frame);
-                for peer in to {
-                    // A relayed frame refused here (full queue) cannot be reported to its
-                    // sender on the other instance yet: see docs/security.md.
-                    self.deliver_member(&room, &peer, &frame, class);
-                }
-            }
         }
     }
 }

@@ -13,6 +13,7 @@
 mod hub;
 mod keys;
 mod liveness;
+mod repair;
 mod rooms;
 mod scripts;
 mod store;
@@ -159,6 +160,7 @@ impl RedisEngine {
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
         let hub = Hub::new(&config, id, gen.clone(), last_tick.clone(), origin);
+        let repair_wake = hub.repair_wake();
         let inner = Arc::new(Inner {
             keys: Keys::new(&settings.key_prefix),
             config,
@@ -179,12 +181,13 @@ impl RedisEngine {
         // A first attempt inline, so a healthy start is ready at once; failures are retried.
         live.try_register().await;
         let live_task = tokio::spawn(live.run(stop_rx.clone()));
-        let reap_task = tokio::spawn(liveness::reaper(inner.clone(), stop_rx));
+        let reap_task = tokio::spawn(liveness::reaper(inner.clone(), stop_rx.clone()));
+        let repair_task = tokio::spawn(repair::run(inner.clone(), repair_wake, stop_rx));
         inner
             .tasks
             .lock()
             .await
-            .extend([hub_task, live_task, reap_task]);
+            .extend([hub_task, live_task, reap_task, repair_task]);
         Ok(RedisEngine { inner })
     }
 

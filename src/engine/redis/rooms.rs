@@ -1,39 +1,56 @@
 //! Rooms in Redis: joining (role and room limit in `lua/join.lua`), leaving, and delivering a
 //! frame to a member wherever its socket is (this instance's hub, or its owner's channel).
 
-use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Member, Route};
+use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Known, Member, Route};
 use super::{unavailable, Inner};
 use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 
 impl Inner {
-    /// Publishes `frame` to each remote owner's channel with the members it holds there.
-    pub(super) async fn publish(
+    /// Publishes one bus message to an instance's channel; returns how many subscribers got it.
+    async fn publish_to(&self, owner: &str, bus: &Bus) -> EngineResult<i64> {
+        let payload = serde_json::to_string(bus).expect("bus messages serialize");
+        let cmd = redis::cmd("PUBLISH")
+            .arg(self.keys.channel(owner))
+            .arg(payload)
+            .clone();
+        self.query::<i64>(&cmd).await
+    }
+
+    /// Publishes a room event to each remote owner's channel with the members it holds there.
+    /// A failure is only logged: the room event has happened in Redis either way.
+    async fn broadcast(
         &self,
         room: &str,
         groups: Groups,
         frame: &Frame,
-        joined: Option<(String, String)>,
-        left: Option<String>,
+        joined: Option<&Known>,
+        left: Option<&str>,
     ) {
         for (owner, to) in groups {
             let bus = Bus::Deliver {
                 room: room.to_owned(),
                 to,
                 frame: frame.to_string(),
-                joined: joined.clone(),
-                left: left.clone(),
+                joined: joined.map(|k| (k.id.clone(), k.owner.clone())),
+                joined_seq: joined.map(|k| k.seq),
+                left: left.map(str::to_owned),
             };
-            let payload = serde_json::to_string(&bus).expect("bus messages serialize");
-            let cmd = redis::cmd("PUBLISH")
-                .arg(self.keys.channel(&owner))
-                .arg(payload)
-                .clone();
-            if let Err(e) = self.query::<i64>(&cmd).await {
+            if let Err(e) = self.publish_to(&owner, &bus).await {
                 tracing::warn!(%owner, error = %e, "publish to instance failed");
             }
         }
+    }
+
+    /// `to`'s member record in `room`: its owner and seq.
+    async fn lookup(&self, room: &str, to: &str) -> EngineResult<Option<Known>> {
+        let cmd = redis::cmd("HGET")
+            .arg(self.keys.members(room))
+            .arg(to)
+            .clone();
+        let rec = self.query::<Option<String>>(&cmd).await?;
+        Ok(rec.and_then(|rec| Member::known(to, &rec)))
     }
 
     /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
@@ -56,9 +73,9 @@ impl Inner {
             .arg(owner);
         let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
         if flat.first().map(String::as_str) == Some("1") {
-            let survivors: Vec<(String, String)> = parse_members(&flat[1..])
-                .into_iter()
-                .map(|m| (m.info.id, m.owner))
+            let survivors: Vec<Known> = parse_members(&flat[1..])
+                .iter()
+                .map(Member::to_known)
                 .collect();
             if !survivors.is_empty() {
                 let frame = ServerMessage::PeerLeft {
@@ -66,16 +83,15 @@ impl Inner {
                 }
                 .to_frame();
                 let groups = self
-                    .ask(|reply| Cmd::Fanout {
+                    .ask(|reply| Cmd::Left {
                         room: room.to_owned(),
+                        peer: peer.to_owned(),
                         recipients: survivors,
                         frame: frame.clone(),
-                        left: Some(peer.to_owned()),
                         reply,
                     })
                     .await?;
-                self.publish(room, groups, &frame, None, Some(peer.to_owned()))
-                    .await;
+                self.broadcast(room, groups, &frame, None, Some(peer)).await;
             }
         }
         if srem {
@@ -158,10 +174,7 @@ impl Inner {
             }
             .to_frame()
         });
-        let owners: Vec<(String, String)> = members
-            .iter()
-            .map(|m| (m.info.id.clone(), m.owner.clone()))
-            .collect();
+        let owners: Vec<Known> = members.iter().map(Member::to_known).collect();
         // Frozen while the script ran: we may already be reaped, so the join must not stand
         // (the hub may not have been fenced yet to refuse it below).
         if !self.alive_locally() {
@@ -181,8 +194,8 @@ impl Inner {
         match reply {
             Ok(groups) => {
                 if let Some(frame) = frame {
-                    let joined = Some((peer.id.clone(), me.owner.clone()));
-                    self.publish(room, groups, &frame, joined, None).await;
+                    let me = me.to_known();
+                    self.broadcast(room, groups, &frame, Some(&me), None).await;
                 }
             }
             Err(()) => {
@@ -236,18 +249,11 @@ impl Inner {
             Route::Delivered => return Ok(Delivery::Sent),
             Route::Full => return Ok(Delivery::Full),
             Route::Remote(owner) => owner,
-            Route::Unknown => {
-                let cmd = redis::cmd("HGET")
-                    .arg(self.keys.members(room))
-                    .arg(to)
-                    .clone();
-                let Some(rec) = self.query::<Option<String>>(&cmd).await? else {
+            Route::Unknown { epoch } => {
+                let Some(known) = self.lookup(room, to).await? else {
                     return Ok(Delivery::NotMember);
                 };
-                let Some(owner) = Member::owner_of(&rec).map(str::to_owned) else {
-                    return Ok(Delivery::NotMember);
-                };
-                if owner == self.current().id {
+                if known.owner == self.current().id {
                     // Ours by record but not (or no longer) recorded by the hub: a join in
                     // flight gets the frame, a peer on its way out does not.
                     let queued = self
@@ -265,14 +271,23 @@ impl Inner {
                 }
                 let _ = self.hub.try_send(Cmd::Learn {
                     room: room.to_owned(),
-                    peer: to.to_owned(),
-                    owner: owner.clone(),
+                    epoch,
+                    known: known.clone(),
                 });
-                owner
+                known.owner
             }
         };
-        self.publish(room, vec![(owner, vec![to.to_owned()])], &frame, None, None)
-            .await;
+        let bus = Bus::Deliver {
+            room: room.to_owned(),
+            to: vec![to.to_owned()],
+            frame: frame.to_string(),
+            joined: None,
+            joined_seq: None,
+            left: None,
+        };
+        if let Err(e) = self.publish_to(&owner, &bus).await {
+            tracing::warn!(%owner, error = %e, "publish to instance failed");
+        }
         Ok(Delivery::Sent)
     }
 }

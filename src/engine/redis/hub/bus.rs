@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::view::Known;
 use crate::protocol::{PeerInfo, Role};
 
 /// What instances publish to each other's channels.
@@ -20,6 +21,9 @@ pub(crate) enum Bus {
         /// (peer, owner) that just joined: the receiver may cache its owner.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         joined: Option<(String, String)>,
+        /// The join's `seq` (absent from older instances), so late news is recognised as such.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined_seq: Option<u64>,
         /// Peer that just left: the receiver forgets its owner.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         left: Option<String>,
@@ -68,9 +72,24 @@ impl Member {
         })
     }
 
-    /// The owner field of a record without parsing the rest.
-    pub(crate) fn owner_of(rec: &str) -> Option<&str> {
-        rec.split('|').nth(3)
+    /// The owner and seq of a record without parsing the rest.
+    pub(crate) fn known(id: &str, rec: &str) -> Option<Known> {
+        let mut it = rec.split('|');
+        let seq = it.next()?.parse().ok()?;
+        let owner = it.nth(2)?.to_owned();
+        Some(Known {
+            id: id.to_owned(),
+            owner,
+            seq,
+        })
+    }
+
+    pub(crate) fn to_known(&self) -> Known {
+        Known {
+            id: self.info.id.clone(),
+            owner: self.owner.clone(),
+            seq: self.seq,
+        }
     }
 }
 
