@@ -254,6 +254,86 @@ async fn room_events_published_during_a_pubsub_gap_are_repaired() {
     .await;
 }
 
+/// A relay to a peer whose instance was SIGKILLed, before anyone reaped it (instance timeout
+/// 30 s): the PUBLISH reaches no subscriber, and the sender gets an `error`, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_to_a_killed_unreaped_instance_answer_error() {
+    let mut c = Cluster::start(2, "30s").await;
+    bounded_for(Duration::from_secs(30), async {
+        let s = c.session(0).await;
+        let mut host = c.host(0, &s).await;
+        let mut joiner = c.joiner(1, &s).await;
+        host.recv_type("peer_joined").await;
+        host.send_json(signal(&joiner.id(), 1)).await;
+        assert_eq!(joiner.recv_type("signal").await["signal"]["n"], 1);
+
+        c.s(1).signal(libc::SIGKILL);
+        let t0 = Instant::now();
+        while c.subscribers(1).await > 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "killed instance still subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for n in 2..5 {
+            let sent = Instant::now();
+            host.send_json(signal(&joiner.id(), n)).await;
+            let v = host.recv_type("error").await;
+            eprintln!(
+                "delivery: relay to a dead instance: {} after {:?}",
+                v["message"],
+                sent.elapsed()
+            );
+            assert!(v["message"].as_str().unwrap().contains(&joiner.id()), "{v}");
+        }
+        // Not reaped: the record is still there, and the room has heard nothing.
+        let member: bool = c
+            .admin
+            .hexists(format!("{PREFIX}:{{{}}}:peers", s.id), joiner.id())
+            .await
+            .unwrap();
+        assert!(member, "the dead instance's peer was reaped already");
+        host.expect_silence(QUIET).await;
+    })
+    .await;
+}
+
+/// A PUBLISH that fails (here: refused by an ACL) answers the sender with an `error`; once
+/// publishing works again, relays do too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_answers_error() {
+    let mut c = Cluster::start(2, "10s").await;
+    bounded_for(Duration::from_secs(30), async {
+        let s = c.session(0).await;
+        let mut host = c.host(0, &s).await;
+        let mut joiner = c.joiner(1, &s).await;
+        host.recv_type("peer_joined").await;
+        host.send_json(signal(&joiner.id(), 1)).await;
+        assert_eq!(joiner.recv_type("signal").await["signal"]["n"], 1);
+
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", "i0", "-publish"])
+            .query_async(&mut c.admin)
+            .await
+            .unwrap();
+        host.send_json(signal(&joiner.id(), 2)).await;
+        let v = host.recv_type("error").await;
+        eprintln!("delivery: failed publish answered {}", v["message"]);
+        joiner.expect_silence(Duration::from_millis(300)).await;
+
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", "i0", "+publish"])
+            .query_async(&mut c.admin)
+            .await
+            .unwrap();
+        host.send_json(signal(&joiner.id(), 3)).await;
+        assert_eq!(joiner.recv_type("signal").await["signal"]["n"], 3);
+        host.expect_silence(QUIET).await;
+    })
+    .await;
+}
+
 /// News of a departed peer that arrives after its `peer_left` (a delayed `peer_joined` for it,
 /// as its instance published it, with its owner to cache) brings nothing back: the room is not
 /// told of the ghost again, and relays to it answer `error` instead of "succeeding" into its

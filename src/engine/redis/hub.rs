@@ -47,6 +47,8 @@ pub(crate) enum Route {
     Delivered,
     /// A local member whose queue has no room for relayed frames.
     Full,
+    /// A local member whose socket is gone (its leave is under way).
+    Absent,
     Remote(String),
     /// Not known here; a lookup's result is learned only into the view of this epoch.
     Unknown {
@@ -104,6 +106,11 @@ pub(crate) enum Cmd {
         room: String,
         epoch: u64,
         known: Known,
+    },
+    /// Nobody listened on the cached owner's channel: drop the route.
+    Forget {
+        room: String,
+        peer: String,
     },
     /// Redis lists `to` as a member of `room` owned by this instance, but the hub has not
     /// recorded the membership yet (its join is in flight): deliver if it is a local socket.
@@ -277,7 +284,8 @@ impl Hub {
                 let route = if self.joined.get(&to).is_some_and(|m| m.room == room) {
                     match self.peers.deliver(&to, &frame, Class::Relay) {
                         Queued::Full => Route::Full,
-                        Queued::Yes | Queued::Absent => Route::Delivered,
+                        Queued::Yes => Route::Delivered,
+                        Queued::Absent => Route::Absent,
                     }
                 } else {
                     match self.rooms.get(&room) {
@@ -293,6 +301,11 @@ impl Hub {
             Cmd::Learn { room, epoch, known } => {
                 if let Some(view) = self.rooms.get_mut(&room).filter(|v| v.epoch == epoch) {
                     view.learn(&self.id, &known);
+                }
+            }
+            Cmd::Forget { room, peer } => {
+                if let Some(view) = self.rooms.get_mut(&room) {
+                    view.forget_route(&peer);
                 }
             }
             Cmd::DeliverJoining {

@@ -245,10 +245,11 @@ impl Inner {
                 reply,
             })
             .await?;
-        let owner = match route {
+        let (owner, looked_up) = match route {
             Route::Delivered => return Ok(Delivery::Sent),
             Route::Full => return Ok(Delivery::Full),
-            Route::Remote(owner) => owner,
+            Route::Absent => return Ok(Delivery::NotMember),
+            Route::Remote(owner) => (owner, false),
             Route::Unknown { epoch } => {
                 let Some(known) = self.lookup(room, to).await? else {
                     return Ok(Delivery::NotMember);
@@ -265,8 +266,9 @@ impl Inner {
                         })
                         .await?;
                     return Ok(match queued {
+                        Queued::Yes => Delivery::Sent,
                         Queued::Full => Delivery::Full,
-                        Queued::Yes | Queued::Absent => Delivery::Sent,
+                        Queued::Absent => Delivery::NotMember,
                     });
                 }
                 let _ = self.hub.try_send(Cmd::Learn {
@@ -274,7 +276,7 @@ impl Inner {
                     epoch,
                     known: known.clone(),
                 });
-                known.owner
+                (known.owner, true)
             }
         };
         let bus = Bus::Deliver {
@@ -285,9 +287,28 @@ impl Inner {
             joined_seq: None,
             left: None,
         };
-        if let Err(e) = self.publish_to(&owner, &bus).await {
-            tracing::warn!(%owner, error = %e, "publish to instance failed");
+        // Again right before the PUBLISH: a freeze (SIGSTOP) during the awaits above can outlast
+        // the deadline, and the room may have been told by now that this sender left.
+        if !self.alive_locally() {
+            return Err(unavailable("instance may have been written off"));
         }
-        Ok(Delivery::Sent)
+        let receivers = self.publish_to(&owner, &bus).await.inspect_err(|e| {
+            tracing::warn!(%owner, error = %e, "relay publish failed");
+        })?;
+        if receivers > 0 {
+            return Ok(Delivery::Sent);
+        }
+        // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
+        // subscription is down. The frame is lost either way; the route goes.
+        let _ = self.hub.try_send(Cmd::Forget {
+            room: room.to_owned(),
+            peer: to.to_owned(),
+        });
+        if !looked_up && self.lookup(room, to).await?.is_none() {
+            return Ok(Delivery::NotMember);
+        }
+        Err(unavailable(format!(
+            "the instance of peer {to} is unreachable"
+        )))
     }
 }

@@ -190,6 +190,10 @@ impl RoomView {
         self.routes.get(peer).map(|(owner, _)| owner.as_str())
     }
 
+    pub(crate) fn forget_route(&mut self, peer: &str) {
+        self.routes.remove(peer);
+    }
+
     pub(crate) fn clear_routes(&mut self) {
         self.routes.clear();
     }
