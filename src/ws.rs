@@ -573,6 +573,10 @@ impl<E: Engine> Connection<E> {
                 )
                 .await
             }
+            Ok(Delivery::Unreachable) => {
+                self.error(sink, format!("peer {to} is unreachable; message dropped"))
+                    .await
+            }
             Err(e) => {
                 tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
                 self.error(sink, e.client_message().into()).await

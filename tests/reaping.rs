@@ -74,8 +74,30 @@ async fn ten_thousand_peers_of_a_dead_instance_are_reaped_within_seconds() {
         a.pause_reaper(true);
         let mut c = r.client().get_multiplexed_async_connection().await.unwrap();
 
-        // One survivor per room, on A.
         let rooms: Vec<String> = (0..ROOMS).map(|_| new_id()).collect();
+        // What the dead instance D leaves behind: its members, joined before the survivors (so
+        // the survivors were told of them: their join snapshots list them), and below its
+        // heartbeat, a minute old.
+        let dead = new_id();
+        let blob = r#"{"supported_transports":["webrtc"],"preferred_transport":null}"#;
+        let mut pipe = redis::pipe();
+        for room in &rooms {
+            for j in 0..DEAD_PER_ROOM {
+                let peer = new_id();
+                let rec = format!("{}|client|0|{dead}|{blob}", 100 + j);
+                pipe.cmd("HSET")
+                    .arg(format!("t:{{{room}}}:peers"))
+                    .arg(&peer)
+                    .arg(rec)
+                    .ignore();
+                pipe.cmd("SADD")
+                    .arg(format!("t:{{inst:{dead}}}:peers"))
+                    .arg(format!("{room}|{peer}"))
+                    .ignore();
+            }
+        }
+        let () = pipe.query_async(&mut c).await.unwrap();
+        // One survivor per room, on A.
         let survivors: Vec<_> = futures::stream::iter(rooms.iter().cloned())
             .map(|room| {
                 let a = a.clone();
@@ -99,26 +121,6 @@ async fn ten_thousand_peers_of_a_dead_instance_are_reaped_within_seconds() {
             .collect()
             .await;
 
-        // What the dead instance D leaves behind, its heartbeat a minute old.
-        let dead = new_id();
-        let blob = r#"{"supported_transports":["webrtc"],"preferred_transport":null}"#;
-        let mut pipe = redis::pipe();
-        for room in &rooms {
-            for j in 0..DEAD_PER_ROOM {
-                let peer = new_id();
-                let rec = format!("{}|client|0|{dead}|{blob}", 100 + j);
-                pipe.cmd("HSET")
-                    .arg(format!("t:{{{room}}}:peers"))
-                    .arg(&peer)
-                    .arg(rec)
-                    .ignore();
-                pipe.cmd("SADD")
-                    .arg(format!("t:{{inst:{dead}}}:peers"))
-                    .arg(format!("{room}|{peer}"))
-                    .ignore();
-            }
-        }
-        let () = pipe.query_async(&mut c).await.unwrap();
         let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
         let _: i64 = redis::cmd("ZADD")
             .arg("t:{instances}:alive")

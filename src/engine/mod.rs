@@ -135,6 +135,9 @@ pub enum Delivery {
     NotMember,
     /// The recipient's queue has no room for relayed frames: the frame was not queued.
     Full,
+    /// The recipient is a member, but nobody listens on its instance's channel (the instance
+    /// died and is not reaped yet, or its subscription is down): the frame is lost.
+    Unreachable,
 }
 
 /// What a WebSocket `join` adds to a room; the engine assigns `joined_at`.

@@ -1,112 +1,38 @@
 //! The hub: the one task that owns this instance's sockets ([`LocalPeers`]), their room
-//! memberships and the peer→owner cache, and consumes the pub/sub push channel.
+//! memberships and what it knows of their rooms ([`view::RoomView`]: what each local member was
+//! told, the remote members' owners, who has left), and consumes the pub/sub push channel.
 //!
 //! Engine calls reach it over a bounded mpsc with oneshot replies; Redis pushes arrive on a
 //! bounded channel filled with `try_send` (the `ConnectionManager`'s sender must never block;
 //! past the bound pushes are dropped and counted, see `build_manager`). The hub
 //! never awaits anything but its two inputs and never touches Redis, so a slow client or a slow
 //! Redis cannot stall routing: delivery is `LocalPeers::deliver`, which never waits.
+//!
+//! After any gap in the subscription (a resubscription, after a reconnect or by the watchdog,
+//! also on a replaced manager; or dropped pushes) room events may have been lost: the hub marks
+//! its rooms for repair and wakes the repair task (`super::repair`), which re-reads them and
+//! hands the reads back; the hub then tells each local member what it missed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod bus;
+mod events;
+mod view;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use redis::{PushInfo, PushKind, Value};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+pub(crate) use self::bus::{parse_members, Blob, Bus, Member};
+use self::events::InFlight;
+pub(crate) use self::view::Known;
+use self::view::{Event, RoomView};
 use super::Instance;
 use crate::engine::EngineConfig;
 use crate::peers::{Class, CloseReason, LocalPeers, PeerQueue, Queued};
-use crate::protocol::{Frame, PeerInfo, Role};
-
-/// Remote owners remembered per room at most; beyond it sends fall back to a Redis lookup.
-const MAX_CACHED_PER_ROOM: usize = 1024;
-
-/// What instances publish to each other's channels.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-pub(crate) enum Bus {
-    /// The self-message proving this instance's subscription still works.
-    Tick { id: String },
-    /// A frame for some members of `room` held by the receiving instance.
-    Deliver {
-        room: String,
-        to: Vec<String>,
-        frame: String,
-        /// (peer, owner) that just joined: the receiver may cache its owner.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        joined: Option<(String, String)>,
-        /// Peer that just left: the receiver forgets its owner.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        left: Option<String>,
-    },
-}
-
-/// The opaque part of a member record (`lua/join.lua`).
-#[derive(Serialize, Deserialize)]
-pub(crate) struct Blob {
-    pub supported_transports: Vec<serde_json::Value>,
-    pub preferred_transport: Option<serde_json::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<BTreeMap<String, String>>,
-}
-
-/// A room member as stored in Redis: `seq|role|joined_at|owner|blob`.
-#[derive(Clone, Debug)]
-pub(crate) struct Member {
-    pub seq: u64,
-    pub owner: String,
-    pub info: PeerInfo,
-}
-
-impl Member {
-    pub(crate) fn parse(id: &str, rec: &str) -> Option<Member> {
-        let mut it = rec.splitn(5, '|');
-        let seq = it.next()?.parse().ok()?;
-        let role = match it.next()? {
-            "server" => Role::Server,
-            _ => Role::Client,
-        };
-        let joined_at = it.next()?.parse().ok()?;
-        let owner = it.next()?.to_owned();
-        let blob: Blob = serde_json::from_str(it.next()?).ok()?;
-        Some(Member {
-            seq,
-            owner,
-            info: PeerInfo {
-                id: id.to_owned(),
-                role,
-                joined_at,
-                supported_transports: blob.supported_transports,
-                preferred_transport: blob.preferred_transport,
-                metadata: blob.metadata,
-            },
-        })
-    }
-
-    /// The owner field of a record without parsing the rest.
-    pub(crate) fn owner_of(rec: &str) -> Option<&str> {
-        rec.split('|').nth(3)
-    }
-}
-
-/// Parses flat `[id, rec, id, rec, ...]` (HGETALL order) into members in join order.
-pub(crate) fn parse_members(flat: &[String]) -> Vec<Member> {
-    let mut out: Vec<Member> = flat
-        .chunks_exact(2)
-        .filter_map(|kv| {
-            let m = Member::parse(&kv[0], &kv[1]);
-            if m.is_none() {
-                tracing::warn!(peer = %kv[0], "unparsable member record ignored");
-            }
-            m
-        })
-        .collect();
-    out.sort_by_key(|m| m.seq);
-    out
-}
+use crate::protocol::Frame;
 
 /// A local socket's membership: the room and the instance id it joined under.
 #[derive(Clone, Debug)]
@@ -122,8 +48,13 @@ pub(crate) enum Route {
     Delivered,
     /// A local member whose queue has no room for relayed frames.
     Full,
+    /// A local member whose socket is gone (its leave is under way).
+    Absent,
     Remote(String),
-    Unknown,
+    /// Not known here; a lookup's result is learned only into the view of this epoch.
+    Unknown {
+        epoch: u64,
+    },
 }
 
 pub(crate) enum Cmd {
@@ -143,14 +74,14 @@ pub(crate) enum Cmd {
     Rooms {
         reply: oneshot::Sender<Vec<String>>,
     },
-    /// A join script succeeded with `owner` as the peer's owner. Replies `Err(())` when this
-    /// instance was fenced meanwhile (the caller undoes the join). With `frame`, tells the
-    /// other local members and returns the remote ones.
+    /// A join script succeeded with `owner` as the peer's owner; `members` is its snapshot.
+    /// Replies `Err(())` when this instance was fenced meanwhile (the caller undoes the join).
+    /// With `frame`, tells the other local members and returns the remote ones.
     Joined {
         room: String,
         peer: String,
         owner: String,
-        members: Vec<(String, String)>,
+        members: Vec<Known>,
         frame: Option<Frame>,
         reply: oneshot::Sender<Result<Groups, ()>>,
     },
@@ -161,12 +92,12 @@ pub(crate) enum Cmd {
         peer: String,
         reply: oneshot::Sender<Option<Membership>>,
     },
-    /// Delivers `frame` to the local `recipients` and returns the remote ones by owner.
-    Fanout {
+    /// `peer` left: delivers `frame` to the local `recipients`, returns the remote ones by owner.
+    Left {
         room: String,
-        recipients: Vec<(String, String)>,
+        peer: String,
+        recipients: Vec<Known>,
         frame: Frame,
-        left: Option<String>,
         reply: oneshot::Sender<Groups>,
     },
     Route {
@@ -175,10 +106,16 @@ pub(crate) enum Cmd {
         frame: Frame,
         reply: oneshot::Sender<Route>,
     },
+    /// A lookup made after `Route` answered `Unknown { epoch }`.
     Learn {
         room: String,
+        epoch: u64,
+        known: Known,
+    },
+    /// Nobody listened on the cached owner's channel: drop the route.
+    Forget {
+        room: String,
         peer: String,
-        owner: String,
     },
     /// Redis lists `to` as a member of `room` owned by this instance, but the hub has not
     /// recorded the membership yet (its join is in flight): deliver if it is a local socket.
@@ -187,6 +124,17 @@ pub(crate) enum Cmd {
         to: String,
         frame: Frame,
         reply: oneshot::Sender<Queued>,
+    },
+    /// The rooms marked for repair (with their view's epoch); clears the marks.
+    TakeRepairs {
+        reply: oneshot::Sender<Vec<(String, u64)>>,
+    },
+    /// A repair read of `room`, made for the view of `epoch` (see `RoomView::repair`).
+    Repair {
+        room: String,
+        epoch: u64,
+        counter: Option<u64>,
+        members: Vec<Member>,
     },
     /// Test hook: the hub serves nothing for this long, as if starved.
     Stall(std::time::Duration),
@@ -200,20 +148,22 @@ pub(crate) enum Cmd {
     },
 }
 
-#[derive(Default)]
-struct RoomCache {
-    local: HashSet<String>,
-    /// Remote member → owner. Trusted only while `local` is non-empty: that is exactly when
-    /// this instance receives the room's peer_joined/peer_left broadcasts.
-    remote: HashMap<String, String>,
-}
-
 pub(crate) struct Hub {
     /// The instance identity; a new id means fenced (see `follow_identity`).
     instance: watch::Receiver<Instance>,
     peers: LocalPeers,
     joined: HashMap<String, Membership>,
-    rooms: HashMap<String, RoomCache>,
+    rooms: HashMap<String, RoomView>,
+    /// Local sockets sent room events before their joins were recorded.
+    inflight: HashMap<String, InFlight>,
+    epochs: u64,
+    /// Rooms to re-read, and the repair task's wake-up.
+    pending: HashSet<String>,
+    wake: Arc<Notify>,
+    /// The engine's count of pushes dropped at the bound, and its value as last seen here: a
+    /// change means lost pushes.
+    dropped_pushes: Arc<AtomicU64>,
+    dropped: u64,
     id: String,
     retries: Vec<(String, Membership)>,
     /// Generation of the current `ConnectionManager`; pushes of older ones are ignored.
@@ -228,6 +178,7 @@ impl Hub {
         config: &EngineConfig,
         instance: watch::Receiver<Instance>,
         gen: Arc<AtomicU64>,
+        dropped_pushes: Arc<AtomicU64>,
         last_tick: Arc<AtomicU64>,
         origin: Instant,
     ) -> Self {
@@ -237,12 +188,42 @@ impl Hub {
             peers: LocalPeers::new(config.queue),
             joined: HashMap::new(),
             rooms: HashMap::new(),
+            inflight: HashMap::new(),
+            epochs: 0,
+            pending: HashSet::new(),
+            wake: Arc::new(Notify::new()),
+            dropped: dropped_pushes.load(Ordering::Relaxed),
+            dropped_pushes,
             id,
             retries: Vec::new(),
             gen,
             last_tick,
             origin,
         }
+    }
+
+    /// The liveness task replaced the instance id (fenced, or its registration refused): close
+    /// every socket, forget every membership, and continue as the new id. A `watch` rather than
+    /// a command, so this can never be lost to a full queue or a timeout.
+    fn follow_identity(&mut self) {
+        let id = self.instance.borrow_and_update().id.clone();
+        if id == self.id {
+            return;
+        }
+        let closed = self.peers.close_all(CloseReason::Fenced).len();
+        self.joined.clear();
+        self.rooms.clear();
+        self.inflight.clear();
+        self.pending.clear();
+        self.retries.clear();
+        tracing::warn!(old = %self.id, new = %id, closed, "hub fenced: sockets closed");
+        self.id = id;
+        self.last_tick.store(0, Ordering::Release);
+    }
+
+    /// Notified whenever rooms are marked for repair (see `super::repair`).
+    pub(crate) fn repair_wake(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     pub(crate) async fn run(
@@ -265,6 +246,11 @@ impl Hub {
                     if gen == self.gen.load(Ordering::Acquire) {
                         self.push(push);
                     }
+                    let dropped = self.dropped_pushes.load(Ordering::Relaxed);
+                    if dropped != self.dropped {
+                        self.dropped = dropped;
+                        self.want_repair_all();
+                    }
                 }
                 else => break,
             }
@@ -279,6 +265,7 @@ impl Hub {
             }
             Cmd::Disconnect { peer, reply } => {
                 self.peers.remove(&peer);
+                self.inflight.remove(&peer);
                 let _ = reply.send(self.joined.get(&peer).cloned());
             }
             Cmd::Count { reply } => {
@@ -299,28 +286,7 @@ impl Hub {
                     let _ = reply.send(Err(()));
                     return;
                 }
-                self.joined.insert(
-                    peer.clone(),
-                    Membership {
-                        room: room.clone(),
-                        owner,
-                    },
-                );
-                self.rooms
-                    .entry(room.clone())
-                    .or_default()
-                    .local
-                    .insert(peer.clone());
-                let others: Vec<(String, String)> =
-                    members.into_iter().filter(|(id, _)| *id != peer).collect();
-                let groups = match frame {
-                    Some(frame) => self.fanout(&room, others, &frame),
-                    None => {
-                        self.learn_all(&room, &others);
-                        Vec::new()
-                    }
-                };
-                let _ = reply.send(Ok(groups));
+                let _ = reply.send(Ok(self.joined(&room, &peer, owner, members, frame)));
             }
             Cmd::Leaving { room, peer, reply } => {
                 let m = match self.joined.get(&peer) {
@@ -332,17 +298,18 @@ impl Hub {
                 }
                 let _ = reply.send(m);
             }
-            Cmd::Fanout {
+            Cmd::Left {
                 room,
+                peer,
                 recipients,
                 frame,
-                left,
                 reply,
             } => {
-                if let Some(left) = left {
-                    self.forget_remote(&room, &left);
+                if let Some(view) = self.rooms.get_mut(&room) {
+                    view.depart(&peer);
                 }
-                let _ = reply.send(self.fanout(&room, recipients, &frame));
+                let groups = self.fanout(&room, recipients, &Event::Left(peer), &frame);
+                let _ = reply.send(groups);
             }
             Cmd::Route {
                 room,
@@ -353,16 +320,30 @@ impl Hub {
                 let route = if self.joined.get(&to).is_some_and(|m| m.room == room) {
                     match self.peers.deliver(&to, &frame, Class::Relay) {
                         Queued::Full => Route::Full,
-                        Queued::Yes | Queued::Absent => Route::Delivered,
+                        Queued::Yes => Route::Delivered,
+                        Queued::Absent => Route::Absent,
                     }
-                } else if let Some(owner) = self.rooms.get(&room).and_then(|r| r.remote.get(&to)) {
-                    Route::Remote(owner.clone())
                 } else {
-                    Route::Unknown
+                    match self.rooms.get(&room) {
+                        Some(view) => match view.route(&to) {
+                            Some(owner) => Route::Remote(owner.to_owned()),
+                            None => Route::Unknown { epoch: view.epoch },
+                        },
+                        None => Route::Unknown { epoch: 0 },
+                    }
                 };
                 let _ = reply.send(route);
             }
-            Cmd::Learn { room, peer, owner } => self.learn_all(&room, &[(peer, owner)]),
+            Cmd::Learn { room, epoch, known } => {
+                if let Some(view) = self.rooms.get_mut(&room).filter(|v| v.epoch == epoch) {
+                    view.learn(&self.id, &known);
+                }
+            }
+            Cmd::Forget { room, peer } => {
+                if let Some(view) = self.rooms.get_mut(&room) {
+                    view.forget_route(&peer);
+                }
+            }
             Cmd::DeliverJoining {
                 room,
                 to,
@@ -371,6 +352,21 @@ impl Hub {
             } => {
                 let _ = reply.send(self.deliver_member(&room, &to, &frame, Class::Relay));
             }
+            Cmd::TakeRepairs { reply } => {
+                let rooms = &self.rooms;
+                let due = self
+                    .pending
+                    .drain()
+                    .filter_map(|r| rooms.get(&r).map(|v| (r, v.epoch)))
+                    .collect();
+                let _ = reply.send(due);
+            }
+            Cmd::Repair {
+                room,
+                epoch,
+                counter,
+                members,
+            } => self.repair(&room, epoch, counter, &members),
             Cmd::Stall(_) => {}
             Cmd::RetryLeave { peer, m } => {
                 if m.owner == self.id {
@@ -379,84 +375,6 @@ impl Hub {
             }
             Cmd::TakeRetries { reply } => {
                 let _ = reply.send(std::mem::take(&mut self.retries));
-            }
-        }
-    }
-
-    /// The liveness task replaced the instance id (fenced, or its registration refused): close
-    /// every socket, forget every membership, and continue as the new id. A `watch` rather than
-    /// a command, so this can never be lost to a full queue or a timeout.
-    fn follow_identity(&mut self) {
-        let id = self.instance.borrow_and_update().id.clone();
-        if id == self.id {
-            return;
-        }
-        let closed = self.peers.close_all(CloseReason::Fenced).len();
-        self.joined.clear();
-        self.rooms.clear();
-        self.retries.clear();
-        tracing::warn!(old = %self.id, new = %id, closed, "hub fenced: sockets closed");
-        self.id = id;
-        self.last_tick.store(0, Ordering::Release);
-    }
-
-    /// Delivers to the recipients owned by this instance, caches the others' owners and
-    /// returns them grouped by owner.
-    fn fanout(&mut self, room: &str, recipients: Vec<(String, String)>, frame: &Frame) -> Groups {
-        self.learn_all(room, &recipients);
-        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
-        for (peer, owner) in recipients {
-            if owner == self.id {
-                self.deliver_member(room, &peer, frame, Class::Control);
-            } else {
-                groups.entry(owner).or_default().push(peer);
-            }
-        }
-        groups.into_iter().collect()
-    }
-
-    /// Delivers to a local socket that Redis lists as a member of `room` owned by this
-    /// instance. That is a recorded membership, or a join in flight: its script has run, but
-    /// its `Joined` has not reached the hub yet, and a broadcast or signal computed from the
-    /// script's member list (e.g. a concurrent joiner's `peer_joined`) can overtake it. Such a
-    /// frame is queued behind nothing: the socket writes `join_success` before its queue.
-    fn deliver_member(&mut self, room: &str, peer: &str, frame: &Frame, class: Class) -> Queued {
-        let ok = match self.joined.get(peer) {
-            Some(m) => m.room == room,
-            None => self.peers.contains(peer),
-        };
-        if ok {
-            self.peers.deliver(peer, frame, class)
-        } else {
-            Queued::Absent
-        }
-    }
-
-    fn learn_all(&mut self, room: &str, members: &[(String, String)]) {
-        let id = &self.id;
-        if let Some(cache) = self.rooms.get_mut(room) {
-            for (peer, owner) in members {
-                if owner != id
-                    && (cache.remote.len() < MAX_CACHED_PER_ROOM || cache.remote.contains_key(peer))
-                {
-                    cache.remote.insert(peer.clone(), owner.clone());
-                }
-            }
-        }
-    }
-
-    fn forget_remote(&mut self, room: &str, peer: &str) {
-        if let Some(cache) = self.rooms.get_mut(room) {
-            cache.remote.remove(peer);
-        }
-    }
-
-    fn forget_local(&mut self, room: &str, peer: &str) {
-        if let Some(cache) = self.rooms.get_mut(room) {
-            cache.local.remove(peer);
-            if cache.local.is_empty() {
-                // No more broadcasts for this room reach us: the cache would go stale.
-                self.rooms.remove(room);
             }
         }
     }
@@ -472,50 +390,21 @@ impl Hub {
                     Err(e) => tracing::warn!(error = %e, "unparsable bus message ignored"),
                 }
             }
-            PushKind::Disconnection | PushKind::Subscribe => {
-                // Broadcasts may have been missed during the gap: owner caches are suspect.
-                for cache in self.rooms.values_mut() {
-                    cache.remote.clear();
+            PushKind::Disconnection => {
+                // Broadcasts may be missed until the subscription is back: routes are suspect.
+                for view in self.rooms.values_mut() {
+                    view.clear_routes();
                 }
+            }
+            PushKind::Subscribe => {
+                // Subscribed (again): whatever was published in the gap is lost, so the rooms
+                // are re-read now, after the subscription took effect.
+                for view in self.rooms.values_mut() {
+                    view.clear_routes();
+                }
+                self.want_repair_all();
             }
             _ => {}
-        }
-    }
-
-    fn bus(&mut self, bus: Bus) {
-        match bus {
-            Bus::Tick { id } => {
-                if id == self.id {
-                    let ms = self.origin.elapsed().as_millis() as u64;
-                    self.last_tick.store(ms.max(1), Ordering::Release);
-                }
-            }
-            Bus::Deliver {
-                room,
-                to,
-                frame,
-                joined,
-                left,
-            } => {
-                // Room events are control frames; anything else was relayed for a client.
-                let class = if joined.is_some() || left.is_some() {
-                    Class::Control
-                } else {
-                    Class::Relay
-                };
-                if let Some(left) = left {
-                    self.forget_remote(&room, &left);
-                }
-                if let Some(j) = joined {
-                    self.learn_all(&room, &[j]);
-                }
-                let frame = Frame::from(frame);
-                for peer in to {
-                    // A relayed frame refused here (full queue) cannot be reported to its
-                    // sender on the other instance yet: see docs/security.md.
-                    self.deliver_member(&room, &peer, &frame, class);
-                }
-            }
         }
     }
 }

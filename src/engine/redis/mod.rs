@@ -18,6 +18,7 @@ mod keys;
 mod liveness;
 mod reaper;
 mod refresh;
+mod repair;
 mod rooms;
 mod scripts;
 mod store;
@@ -137,9 +138,11 @@ impl RedisEngine {
             &config,
             inst_rx.clone(),
             gen.clone(),
+            dropped_pushes.clone(),
             last_tick.clone(),
             origin,
         );
+        let repair_wake = hub.repair_wake();
         let inner = Arc::new(Inner {
             keys: Keys::new(&settings.key_prefix),
             config,
@@ -165,12 +168,15 @@ impl RedisEngine {
         live.try_register().await;
         let live_task = tokio::spawn(live.run(stop_rx.clone()));
         let refresh_task = tokio::spawn(refresh::refresher(inner.clone(), stop_rx.clone()));
-        let reap_task = tokio::spawn(reaper::run(inner.clone(), stop_rx));
-        inner
-            .tasks
-            .lock()
-            .await
-            .extend([hub_task, live_task, reap_task, refresh_task]);
+        let reap_task = tokio::spawn(reaper::run(inner.clone(), stop_rx.clone()));
+        let repair_task = tokio::spawn(repair::run(inner.clone(), repair_wake, stop_rx));
+        inner.tasks.lock().await.extend([
+            hub_task,
+            live_task,
+            reap_task,
+            refresh_task,
+            repair_task,
+        ]);
         Ok(RedisEngine { inner })
     }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::RedisResult;
 use tokio::sync::watch;
 
-use super::hub::{parse_members, Bus, Cmd};
+use super::hub::{parse_members, Bus, Cmd, Known, Member};
 use super::Inner;
 use crate::engine::{EngineError, EngineResult};
 use crate::protocol::ServerMessage;
@@ -163,10 +163,10 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
             continue;
         }
         // Members of the dead instance itself are being reaped: nobody would read theirs.
-        let survivors: Vec<(String, String)> = parse_members(&flat[1..])
-            .into_iter()
+        let survivors: Vec<Known> = parse_members(&flat[1..])
+            .iter()
             .filter(|m| m.owner != dead)
-            .map(|m| (m.info.id, m.owner))
+            .map(Member::to_known)
             .collect();
         if !survivors.is_empty() {
             fanouts.push(fanout(inner, room, peer, survivors));
@@ -199,18 +199,18 @@ async fn fanout(
     inner: &Inner,
     room: &str,
     peer: &str,
-    survivors: Vec<(String, String)>,
+    survivors: Vec<Known>,
 ) -> EngineResult<Vec<(String, String)>> {
     let frame = ServerMessage::PeerLeft {
         peer_id: peer.to_owned(),
     }
     .to_frame();
     let groups = inner
-        .ask(|reply| Cmd::Fanout {
+        .ask(|reply| Cmd::Left {
             room: room.to_owned(),
+            peer: peer.to_owned(),
             recipients: survivors,
             frame: frame.clone(),
-            left: Some(peer.to_owned()),
             reply,
         })
         .await?;
@@ -222,6 +222,7 @@ async fn fanout(
                 to,
                 frame: frame.to_string(),
                 joined: None,
+                joined_seq: None,
                 left: Some(peer.to_owned()),
             };
             let payload = serde_json::to_string(&bus).expect("bus messages serialize");

@@ -1,39 +1,56 @@
 //! Rooms in Redis: joining (role and room limit in `lua/join.lua`), leaving, and delivering a
 //! frame to a member wherever its socket is (this instance's hub, or its owner's channel).
 
-use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Member, Route};
+use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Known, Member, Route};
 use super::{fenced, unavailable, Inner};
 use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 
 impl Inner {
-    /// Publishes `frame` to each remote owner's channel with the members it holds there.
-    pub(super) async fn publish(
+    /// Publishes one bus message to an instance's channel; returns how many subscribers got it.
+    async fn publish_to(&self, owner: &str, bus: &Bus) -> EngineResult<i64> {
+        let payload = serde_json::to_string(bus).expect("bus messages serialize");
+        let cmd = redis::cmd("PUBLISH")
+            .arg(self.keys.channel(owner))
+            .arg(payload)
+            .clone();
+        self.query::<i64>(&cmd).await
+    }
+
+    /// Publishes a room event to each remote owner's channel with the members it holds there.
+    /// A failure is only logged: the room event has happened in Redis either way.
+    async fn broadcast(
         &self,
         room: &str,
         groups: Groups,
         frame: &Frame,
-        joined: Option<(String, String)>,
-        left: Option<String>,
+        joined: Option<&Known>,
+        left: Option<&str>,
     ) {
         for (owner, to) in groups {
             let bus = Bus::Deliver {
                 room: room.to_owned(),
                 to,
                 frame: frame.to_string(),
-                joined: joined.clone(),
-                left: left.clone(),
+                joined: joined.map(|k| (k.id.clone(), k.owner.clone())),
+                joined_seq: joined.map(|k| k.seq),
+                left: left.map(str::to_owned),
             };
-            let payload = serde_json::to_string(&bus).expect("bus messages serialize");
-            let cmd = redis::cmd("PUBLISH")
-                .arg(self.keys.channel(&owner))
-                .arg(payload)
-                .clone();
-            if let Err(e) = self.query::<i64>(&cmd).await {
+            if let Err(e) = self.publish_to(&owner, &bus).await {
                 tracing::warn!(%owner, error = %e, "publish to instance failed");
             }
         }
+    }
+
+    /// `to`'s member record in `room`: its owner and seq.
+    async fn lookup(&self, room: &str, to: &str) -> EngineResult<Option<Known>> {
+        let cmd = redis::cmd("HGET")
+            .arg(self.keys.members(room))
+            .arg(to)
+            .clone();
+        let rec = self.query::<Option<String>>(&cmd).await?;
+        Ok(rec.and_then(|rec| Member::known(to, &rec)))
     }
 
     /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
@@ -62,9 +79,9 @@ impl Inner {
             self.last_left(room).await;
         }
         if flat.first().map(String::as_str) == Some("1") {
-            let survivors: Vec<(String, String)> = parse_members(&flat[1..])
-                .into_iter()
-                .map(|m| (m.info.id, m.owner))
+            let survivors: Vec<Known> = parse_members(&flat[1..])
+                .iter()
+                .map(Member::to_known)
                 .collect();
             if !survivors.is_empty() {
                 let frame = ServerMessage::PeerLeft {
@@ -72,16 +89,15 @@ impl Inner {
                 }
                 .to_frame();
                 let groups = self
-                    .ask(|reply| Cmd::Fanout {
+                    .ask(|reply| Cmd::Left {
                         room: room.to_owned(),
+                        peer: peer.to_owned(),
                         recipients: survivors,
                         frame: frame.clone(),
-                        left: Some(peer.to_owned()),
                         reply,
                     })
                     .await?;
-                self.publish(room, groups, &frame, None, Some(peer.to_owned()))
-                    .await;
+                self.broadcast(room, groups, &frame, None, Some(peer)).await;
             }
         }
         if srem {
@@ -164,10 +180,7 @@ impl Inner {
             }
             .to_frame()
         });
-        let owners: Vec<(String, String)> = members
-            .iter()
-            .map(|m| (m.info.id.clone(), m.owner.clone()))
-            .collect();
+        let owners: Vec<Known> = members.iter().map(Member::to_known).collect();
         // Frozen while the script ran: we may already be reaped, so the join must not stand
         // (the hub may not have been fenced yet to refuse it below).
         if !self.alive_locally() {
@@ -187,8 +200,8 @@ impl Inner {
         match reply {
             Ok(groups) => {
                 if let Some(frame) = frame {
-                    let joined = Some((peer.id.clone(), me.owner.clone()));
-                    self.publish(room, groups, &frame, joined, None).await;
+                    let me = me.to_known();
+                    self.broadcast(room, groups, &frame, Some(&me), None).await;
                 }
             }
             Err(()) => {
@@ -238,22 +251,16 @@ impl Inner {
                 reply,
             })
             .await?;
-        let owner = match route {
+        let (owner, looked_up) = match route {
             Route::Delivered => return Ok(Delivery::Sent),
             Route::Full => return Ok(Delivery::Full),
-            Route::Remote(owner) => owner,
-            Route::Unknown => {
-                let cmd = redis::cmd("HGET")
-                    .arg(self.keys.members(room))
-                    .arg(to)
-                    .clone();
-                let Some(rec) = self.query::<Option<String>>(&cmd).await? else {
+            Route::Absent => return Ok(Delivery::NotMember),
+            Route::Remote(owner) => (owner, false),
+            Route::Unknown { epoch } => {
+                let Some(known) = self.lookup(room, to).await? else {
                     return Ok(Delivery::NotMember);
                 };
-                let Some(owner) = Member::owner_of(&rec).map(str::to_owned) else {
-                    return Ok(Delivery::NotMember);
-                };
-                if owner == self.current().id {
+                if known.owner == self.current().id {
                     // Ours by record but not (or no longer) recorded by the hub: a join in
                     // flight gets the frame, a peer on its way out does not.
                     let queued = self
@@ -265,20 +272,47 @@ impl Inner {
                         })
                         .await?;
                     return Ok(match queued {
+                        Queued::Yes => Delivery::Sent,
                         Queued::Full => Delivery::Full,
-                        Queued::Yes | Queued::Absent => Delivery::Sent,
+                        Queued::Absent => Delivery::NotMember,
                     });
                 }
                 let _ = self.hub.try_send(Cmd::Learn {
                     room: room.to_owned(),
-                    peer: to.to_owned(),
-                    owner: owner.clone(),
+                    epoch,
+                    known: known.clone(),
                 });
-                owner
+                (known.owner, true)
             }
         };
-        self.publish(room, vec![(owner, vec![to.to_owned()])], &frame, None, None)
-            .await;
-        Ok(Delivery::Sent)
+        let bus = Bus::Deliver {
+            room: room.to_owned(),
+            to: vec![to.to_owned()],
+            frame: frame.to_string(),
+            joined: None,
+            joined_seq: None,
+            left: None,
+        };
+        // Again right before the PUBLISH: a freeze (SIGSTOP) during the awaits above can outlast
+        // the deadline, and the room may have been told by now that this sender left.
+        if !self.alive_locally() {
+            return Err(fenced("instance may have been written off"));
+        }
+        let receivers = self.publish_to(&owner, &bus).await.inspect_err(|e| {
+            tracing::warn!(%owner, error = %e, "relay publish failed");
+        })?;
+        if receivers > 0 {
+            return Ok(Delivery::Sent);
+        }
+        // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
+        // subscription is down. The frame is lost either way; the route goes.
+        let _ = self.hub.try_send(Cmd::Forget {
+            room: room.to_owned(),
+            peer: to.to_owned(),
+        });
+        if !looked_up && self.lookup(room, to).await?.is_none() {
+            return Ok(Delivery::NotMember);
+        }
+        Ok(Delivery::Unreachable)
     }
 }

@@ -1,0 +1,262 @@
+//! Room events for the hub's local members: recording a join (its snapshot, what it was sent
+//! while in flight), telling members of joins and departures at most once each, and applying a
+//! repair read. An `impl Hub` of its own so `hub.rs` keeps to the task and its inputs.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use super::view::{Event, Known, RoomView, MAX_PER_ROOM};
+use super::{Bus, Groups, Hub, Member, Membership};
+use crate::peers::{Class, Queued};
+use crate::protocol::{Frame, ServerMessage};
+
+/// Room events queued for a local socket whose join script has run but whose `Joined` has not
+/// reached the hub (see [`Hub::deliver_member`]); replayed into the view when it does.
+pub(super) struct InFlight {
+    pub room: String,
+    pub events: Vec<Event>,
+    /// A repair read listed the socket before its join was recorded: it needs one of its own.
+    pub missed_repair: bool,
+}
+
+impl InFlight {
+    pub(super) fn new(room: &str) -> Self {
+        Self {
+            room: room.to_owned(),
+            events: Vec::new(),
+            missed_repair: false,
+        }
+    }
+
+    fn push(&mut self, ev: Event) {
+        if self.events.len() < MAX_PER_ROOM {
+            self.events.push(ev);
+        }
+    }
+}
+
+impl Hub {
+    /// Records a join: the view learns the snapshot, replays what the socket was sent while its
+    /// join was in flight, and tells it now of snapshot members known to have left since. With
+    /// `frame` (a fresh join), tells the other local members; returns the remote ones.
+    pub(super) fn joined(
+        &mut self,
+        room: &str,
+        peer: &str,
+        owner: String,
+        members: Vec<Known>,
+        frame: Option<Frame>,
+    ) -> Groups {
+        let again = self.joined.get(peer).is_some_and(|m| m.room == room);
+        let membership = Membership {
+            room: room.to_owned(),
+            owner,
+        };
+        self.joined.insert(peer.to_owned(), membership);
+        if !self.rooms.contains_key(room) {
+            self.epochs += 1;
+            self.rooms
+                .insert(room.to_owned(), RoomView::new(self.epochs));
+        }
+        let view = self.rooms.get_mut(room).expect("inserted above");
+        let me = members.iter().find(|k| k.id == peer).cloned();
+        if again {
+            // A repeated join changes nothing: the member keeps what it was told.
+            for k in &members {
+                view.learn(&self.id, k);
+            }
+        } else {
+            let seq = me.as_ref().map_or(0, |k| k.seq);
+            view.add_local(&self.id, peer, seq, &members);
+            if let Some(f) = self.inflight.remove(peer).filter(|f| f.room == room) {
+                for ev in &f.events {
+                    view.replay(&self.id, peer, ev);
+                }
+                if f.missed_repair {
+                    self.pending.insert(room.to_owned());
+                    self.wake.notify_one();
+                }
+            }
+            for gone in view.reconcile(peer) {
+                let frame = ServerMessage::PeerLeft { peer_id: gone }.to_frame();
+                self.peers.deliver(peer, &frame, Class::Control);
+            }
+        }
+        match (frame, me) {
+            (Some(frame), Some(me)) => {
+                let others = members.into_iter().filter(|k| k.id != peer).collect();
+                self.fanout(room, others, &Event::Joined(me), &frame)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Tells the local `recipients` of `ev` and returns the others grouped by owner.
+    pub(super) fn fanout(
+        &mut self,
+        room: &str,
+        recipients: Vec<Known>,
+        ev: &Event,
+        frame: &Frame,
+    ) -> Groups {
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for k in recipients {
+            if k.owner == self.id {
+                self.tell(room, &k.id, ev, frame);
+            } else {
+                groups.entry(k.owner).or_default().push(k.id);
+            }
+        }
+        groups.into_iter().collect()
+    }
+
+    /// Delivers room event `ev` (as `frame`) to local `peer`, unless it was told already (or
+    /// the news is stale). A socket whose join is in flight gets it and it is logged for the
+    /// join (see [`Hub::deliver_member`]).
+    pub(super) fn tell(&mut self, room: &str, peer: &str, ev: &Event, frame: &Frame) {
+        match self.joined.get(peer) {
+            Some(m) if m.room == room => {
+                if self.rooms.get_mut(room).is_none_or(|v| v.tell(peer, ev)) {
+                    self.peers.deliver(peer, frame, Class::Control);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if self.peers.deliver(peer, frame, Class::Control) != Queued::Absent {
+                    let f = self
+                        .inflight
+                        .entry(peer.to_owned())
+                        .or_insert_with(|| InFlight::new(room));
+                    if f.room != room {
+                        *f = InFlight::new(room);
+                    }
+                    f.push(ev.clone());
+                }
+            }
+        }
+    }
+
+    /// Delivers to a local socket that Redis lists as a member of `room` owned by this
+    /// instance. That is a recorded membership, or a join in flight: its script has run, but
+    /// its `Joined` has not reached the hub yet, and a broadcast or signal computed from the
+    /// script's member list (e.g. a concurrent joiner's `peer_joined`) can overtake it. Such a
+    /// frame is queued behind nothing: the socket writes `join_success` before its queue.
+    pub(super) fn deliver_member(
+        &mut self,
+        room: &str,
+        peer: &str,
+        frame: &Frame,
+        class: Class,
+    ) -> Queued {
+        let ok = match self.joined.get(peer) {
+            Some(m) => m.room == room,
+            None => self.peers.contains(peer),
+        };
+        if ok {
+            self.peers.deliver(peer, frame, class)
+        } else {
+            Queued::Absent
+        }
+    }
+
+    pub(super) fn forget_local(&mut self, room: &str, peer: &str) {
+        if let Some(view) = self.rooms.get_mut(room) {
+            if view.remove_local(peer) {
+                // No more broadcasts for this room reach us: the view would go stale.
+                self.rooms.remove(room);
+            }
+        }
+    }
+
+    pub(super) fn want_repair_all(&mut self) {
+        if !self.rooms.is_empty() {
+            self.pending.extend(self.rooms.keys().cloned());
+            self.wake.notify_one();
+        }
+    }
+
+    pub(super) fn repair(
+        &mut self,
+        room: &str,
+        epoch: u64,
+        counter: Option<u64>,
+        members: &[Member],
+    ) {
+        let Some(view) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if view.epoch != epoch {
+            // The view was replaced after the read was asked for: read again for this one.
+            self.pending.insert(room.to_owned());
+            self.wake.notify_one();
+            return;
+        }
+        for (peer, msg) in view.repair(&self.id, counter, members) {
+            self.peers.deliver(&peer, &msg.to_frame(), Class::Control);
+        }
+        // Sockets of ours the read lists but whose joins are not recorded yet: not repaired by
+        // this read, so one follows their join.
+        for m in members {
+            let id = &m.info.id;
+            if m.owner == self.id && !self.joined.contains_key(id) && self.peers.contains(id) {
+                let f = self
+                    .inflight
+                    .entry(id.clone())
+                    .or_insert_with(|| InFlight::new(room));
+                if f.room == room {
+                    f.missed_repair = true;
+                }
+            }
+        }
+    }
+
+    /// A message on this instance's channel.
+    pub(super) fn bus(&mut self, bus: Bus) {
+        match bus {
+            Bus::Tick { id } => {
+                if id == self.id {
+                    let ms = self.origin.elapsed().as_millis() as u64;
+                    self.last_tick.store(ms.max(1), Ordering::Release);
+                }
+            }
+            Bus::Deliver {
+                room,
+                to,
+                frame,
+                joined,
+                joined_seq,
+                left,
+            } => {
+                let view = self.rooms.get_mut(&room);
+                let ev = match (left, joined) {
+                    (Some(left), _) => {
+                        if let Some(view) = view {
+                            view.depart(&left);
+                        }
+                        Some(Event::Left(left))
+                    }
+                    (None, Some((id, owner))) => {
+                        let seq = joined_seq.unwrap_or(0);
+                        let k = Known { id, owner, seq };
+                        if let Some(view) = view {
+                            view.learn(&self.id, &k);
+                        }
+                        Some(Event::Joined(k))
+                    }
+                    (None, None) => None,
+                };
+                let frame = Frame::from(frame);
+                for peer in to {
+                    match &ev {
+                        Some(ev) => self.tell(&room, &peer, ev, &frame),
+                        // A relayed frame refused here (full queue) cannot be reported to its
+                        // sender on the other instance yet: see docs/security.md.
+                        None => {
+                            self.deliver_member(&room, &peer, &frame, Class::Relay);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
