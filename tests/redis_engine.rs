@@ -1020,3 +1020,64 @@ async fn shutdown_deregisters_the_instance() {
     })
     .await
 }
+
+/// Issue 8, "freeze inside send": the sender's instance passes its liveness deadline while a
+/// relay waits inside `send` (here: its hub stalled longer than the instance timeout, with its
+/// heartbeat stopped). When the relay resumes, the instance may already be written off and the
+/// room told the sender left: the frame must not be published.
+#[tokio::test]
+async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
+    bounded(async {
+        let r = RedisServer::start();
+        // Calls may wait longer than the instance timeout (1 s), so the stall outlasts the
+        // deadline without timing the call out.
+        let slow = EngineConfig {
+            call_timeout: Duration::from_secs(4),
+            ..config()
+        };
+        let a = engine_with(&r, "t", slow.clone()).await;
+        let b = engine_with(&r, "t", slow).await;
+        let (room, _) = session(&a).await;
+        let (host, mut host_q) = join_as(&a, &room, Role::Server).await;
+        let (joiner, mut joiner_q) = join(&b, &room).await;
+        assert_eq!(
+            next(&mut host_q, Duration::from_secs(2)).await["type"],
+            "peer_joined"
+        );
+        let frame = |n: u32| {
+            beach_road::protocol::ServerMessage::Signal {
+                from_peer: host.clone(),
+                signal: serde_json::json!({ "n": n }),
+            }
+            .to_frame()
+        };
+        // Alive: the relay crosses to B.
+        assert_eq!(
+            a.send(&room, &joiner, frame(1)).await.unwrap(),
+            Delivery::Sent
+        );
+        assert_eq!(
+            next(&mut joiner_q, Duration::from_secs(2)).await["signal"]["n"],
+            1
+        );
+
+        // Frozen inside send: the check at its start passes, the PUBLISH comes after the
+        // deadline.
+        a.pause_heartbeat(true);
+        a.stall_hub(Duration::from_millis(1800));
+        let sent = a.send(&room, &joiner, frame(2)).await;
+        assert!(
+            sent.is_err(),
+            "a relay past the deadline must fail, got {sent:?}"
+        );
+        // The joiner may hear that the host left (A is written off), never its late signal.
+        let until = tokio::time::Instant::now() + Duration::from_millis(800);
+        while let Ok(Some(f)) = tokio::time::timeout_at(until, joiner_q.recv()).await {
+            let v: Value = serde_json::from_str(&f).unwrap();
+            assert_ne!(v["type"], "signal", "a stale relay was published: {v}");
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await
+}
