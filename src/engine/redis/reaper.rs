@@ -17,10 +17,9 @@ use std::time::Duration;
 use redis::RedisResult;
 use tokio::sync::watch;
 
-use super::hub::{parse_members, Bus, Cmd, Known, Member};
+use super::hub::{parse_members, Bus, Known, Member};
 use super::Inner;
 use crate::engine::{EngineError, EngineResult};
-use crate::protocol::ServerMessage;
 
 /// Peers per batch. Each leave script returns its room's remaining members, so a batch's reply
 /// is about this many member lists (realistic rooms: a few KiB each).
@@ -201,19 +200,7 @@ async fn fanout(
     peer: &str,
     survivors: Vec<Known>,
 ) -> EngineResult<Vec<(String, String)>> {
-    let frame = ServerMessage::PeerLeft {
-        peer_id: peer.to_owned(),
-    }
-    .to_frame();
-    let groups = inner
-        .ask(|reply| Cmd::Left {
-            room: room.to_owned(),
-            peer: peer.to_owned(),
-            recipients: survivors,
-            frame: frame.clone(),
-            reply,
-        })
-        .await?;
+    let (frame, groups) = inner.tell_left(room, peer, survivors).await?;
     Ok(groups
         .into_iter()
         .map(|(owner, to)| {

@@ -53,6 +53,30 @@ impl Inner {
         Ok(rec.and_then(|rec| Member::known(to, &rec)))
     }
 
+    /// Delivers `peer_left` for `peer` to the local `survivors` (the hub's room view decides
+    /// who has to hear it) and returns the frame and the remote survivors by owner.
+    pub(super) async fn tell_left(
+        &self,
+        room: &str,
+        peer: &str,
+        survivors: Vec<Known>,
+    ) -> EngineResult<(Frame, Groups)> {
+        let frame = ServerMessage::PeerLeft {
+            peer_id: peer.to_owned(),
+        }
+        .to_frame();
+        let groups = self
+            .ask(|reply| Cmd::Left {
+                room: room.to_owned(),
+                peer: peer.to_owned(),
+                recipients: survivors,
+                frame: frame.clone(),
+                reply,
+            })
+            .await?;
+        Ok((frame, groups))
+    }
+
     /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
     /// `srem`, also drops the owner's record of it (the reaper removes its batch at once).
     pub(crate) async fn leave_in_redis(
@@ -84,19 +108,7 @@ impl Inner {
                 .map(Member::to_known)
                 .collect();
             if !survivors.is_empty() {
-                let frame = ServerMessage::PeerLeft {
-                    peer_id: peer.to_owned(),
-                }
-                .to_frame();
-                let groups = self
-                    .ask(|reply| Cmd::Left {
-                        room: room.to_owned(),
-                        peer: peer.to_owned(),
-                        recipients: survivors,
-                        frame: frame.clone(),
-                        reply,
-                    })
-                    .await?;
+                let (frame, groups) = self.tell_left(room, peer, survivors).await?;
                 self.broadcast(room, groups, &frame, None, Some(peer)).await;
             }
         }
