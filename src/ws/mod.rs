@@ -4,9 +4,12 @@
 //! connection's state is owned, never shared, and ends with it. The task reads client frames,
 //! writes frames queued for it by the engine (bounded; see [`crate::peers`]), pings, and on any
 //! ending (close, TCP reset, silence, slow consumer, drain) leaves the room so the others get
-//! `peer_left` — unless it never joined, in which case nobody hears of it.
+//! `peer_left` — unless it never joined, in which case nobody hears of it. This module is the
+//! connection's life (upgrade, pacing, the loop, the ending); what its frames do is in
+//! [`messages`].
 
-use std::collections::BTreeMap;
+mod messages;
+
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
@@ -18,16 +21,13 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::access::admit;
 use crate::client::client_ip;
-use crate::engine::{Delivery, Engine, EngineError, Grant, JoinResult, NewPeer};
+use crate::engine::Engine;
 use crate::http::App;
 use crate::peers::{CloseReason, PeerQueue};
-use crate::protocol::{
-    common_transports, new_id, valid_id, ClientMessage, Frame, Role, ServerMessage,
-};
+use crate::protocol::{new_id, valid_id, ServerMessage};
 use crate::shutdown::Phase;
 
 /// Bounds on what a client may attach to its PeerInfo.
@@ -373,246 +373,5 @@ impl<E: Engine> Connection<E> {
         }
         self.errors_sent += 1;
         self.reply(sink, &ServerMessage::error(message)).await
-    }
-
-    /// Handles one client frame. Returns false when the socket can no longer be written.
-    async fn handle(&mut self, sink: &mut Sink, bytes: &[u8]) -> bool {
-        let msg = match serde_json::from_slice::<ClientMessage>(bytes) {
-            Ok(msg) => msg,
-            Err(e) => return self.error(sink, format!("invalid message: {e}")).await,
-        };
-        match msg {
-            ClientMessage::Ping => self.reply(sink, &ServerMessage::Pong).await,
-            ClientMessage::Join {
-                passphrase,
-                supported_transports,
-                preferred_transport,
-                label,
-                mcp,
-                metadata,
-                ..
-            } => {
-                let peer = NewPeer {
-                    id: self.peer_id.clone(),
-                    role: Role::Client,
-                    supported_transports: supported_transports
-                        .into_iter()
-                        .take(MAX_TRANSPORTS)
-                        .collect(),
-                    preferred_transport,
-                    metadata: Some(self.metadata(metadata, label, mcp)),
-                };
-                self.join(sink, passphrase.as_deref(), peer).await
-            }
-            ClientMessage::Signal { to_peer, signal } => {
-                let msg = ServerMessage::Signal {
-                    from_peer: self.peer_id.clone(),
-                    signal,
-                };
-                self.relay(sink, &to_peer, msg).await
-            }
-            ClientMessage::NegotiateTransport {
-                to_peer,
-                proposed_transport,
-            } => {
-                let msg = ServerMessage::TransportProposal {
-                    from_peer: self.peer_id.clone(),
-                    proposed_transport,
-                };
-                self.relay(sink, &to_peer, msg).await
-            }
-            ClientMessage::AcceptTransport { to_peer, transport } => {
-                let msg = ServerMessage::TransportAccepted {
-                    from_peer: self.peer_id.clone(),
-                    transport,
-                };
-                self.relay(sink, &to_peer, msg).await
-            }
-            ClientMessage::Debug { request } => self.debug(sink, request).await,
-        }
-    }
-
-    /// PeerInfo metadata: the client's keys (bounded), then the server's, which win.
-    fn metadata(
-        &self,
-        client: Option<BTreeMap<String, String>>,
-        label: Option<String>,
-        mcp: Option<bool>,
-    ) -> BTreeMap<String, String> {
-        let mut meta: BTreeMap<String, String> = client
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, v)| k.len() <= 64 && v.len() <= MAX_METADATA_LEN)
-            .take(MAX_METADATA_KEYS)
-            .collect();
-        if let Some(label) = label.filter(|l| !l.is_empty() && l.len() <= MAX_METADATA_LEN) {
-            meta.insert("label".into(), label);
-        }
-        if mcp == Some(true) {
-            meta.insert("mcp".into(), "true".into());
-        }
-        // An address we vouch for (the TCP peer, or a trusted proxy's), never a client's claim.
-        meta.insert("remote_addr".into(), self.client.to_string());
-        meta
-    }
-
-    async fn join(&mut self, sink: &mut Sink, passphrase: Option<&str>, mut peer: NewPeer) -> bool {
-        let (room, grant) = match &self.room {
-            // A repeated join changes nothing (never demotes): the same answer again.
-            Some(room) => (room.clone(), None),
-            None => {
-                let engine = &self.app.engine;
-                let secret = &self.app.secret;
-                match admit(engine, secret, &self.path_id, passphrase, self.client).await {
-                    Ok(access) => (access.session.id, Some(access.grant)),
-                    Err(refusal) => {
-                        let cause = match &refusal {
-                            crate::access::Refusal::Unavailable(e) => e.cause(),
-                            _ => "",
-                        };
-                        tracing::info!(
-                            peer = %self.peer_id, client = %self.client,
-                            reason = refusal.reason(), cause, "join refused"
-                        );
-                        let reason = refusal.message();
-                        return self.reply(sink, &ServerMessage::JoinError { reason }).await;
-                    }
-                }
-            }
-        };
-        // The `server` role is the host's: only its token grants it.
-        if grant == Some(Grant::Host) {
-            peer.role = Role::Server;
-        }
-        // A token is a capability, and every member reads PeerInfo: generation 2 copies its
-        // "peer session id" (our token) into its metadata, so a value equal to it is dropped.
-        if matches!(grant, Some(Grant::Host | Grant::Joiner)) {
-            if let Some(meta) = peer.metadata.as_mut() {
-                meta.retain(|_, v| *v != self.path_id);
-            }
-        }
-        let size = serde_json::to_string(&(
-            &peer.supported_transports,
-            &peer.preferred_transport,
-            &peer.metadata,
-        ))
-        .map_or(usize::MAX, |s| s.len());
-        if size > MAX_PEER_INFO_BYTES {
-            let reason = format!("join carries too much: at most {MAX_PEER_INFO_BYTES} bytes of transports and metadata");
-            return self.reply(sink, &ServerMessage::JoinError { reason }).await;
-        }
-        // Code holders cannot fill the room against its host: host joins have slots of their own.
-        let mut max_peers = self.app.config.max_room_peers;
-        if peer.role == Role::Server {
-            max_peers += HOST_SLOTS;
-        }
-        let joined = match self.app.engine.join(&room, peer.clone(), max_peers).await {
-            Ok(JoinResult::Joined(joined)) => joined,
-            Ok(JoinResult::Full) => {
-                tracing::info!(session = %room, peer = %self.peer_id, "join refused: room full");
-                let reason = "Session is full".to_owned();
-                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
-            }
-            Err(e) => return self.engine_refused(sink, "join", e).await,
-        };
-        self.room = Some(room.clone());
-        // Bound before join_success, so the mailbox acts for this peer as soon as it knows it.
-        if joined.fresh && matches!(grant, Some(Grant::Host | Grant::Joiner)) {
-            if let Err(e) = self
-                .app
-                .engine
-                .bind_token(&self.path_id, &self.peer_id)
-                .await
-            {
-                return self.engine_refused(sink, "token bind", e).await;
-            }
-        }
-        if joined.fresh {
-            tracing::info!(
-                session = %room, peer = %self.peer_id, role = ?joined.me.role,
-                client = %self.client, "peer joined"
-            );
-        }
-        let msg = ServerMessage::JoinSuccess {
-            session_id: room,
-            peer_id: self.peer_id.clone(),
-            available_transports: common_transports(&joined.peers),
-            peers: joined.peers,
-        };
-        self.reply(sink, &msg).await
-    }
-
-    /// A join the engine could not complete: the cause to the log, the fixed message to the client.
-    async fn engine_refused(&self, sink: &mut Sink, what: &str, e: EngineError) -> bool {
-        tracing::warn!(
-            peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "{what} failed: engine error"
-        );
-        let reason = e.client_message().to_owned();
-        self.reply(sink, &ServerMessage::JoinError { reason }).await
-    }
-
-    /// Forwards a message to another member of this socket's room.
-    async fn relay(&mut self, sink: &mut Sink, to: &str, msg: ServerMessage) -> bool {
-        let Some(room) = self.room.clone() else {
-            return self.error(sink, "join the session first".into()).await;
-        };
-        if !valid_id(to) {
-            return self.error(sink, "invalid to_peer".into()).await;
-        }
-        let frame: Frame = msg.to_frame();
-        match self.app.engine.send(&room, to, frame).await {
-            Ok(Delivery::Sent) => true,
-            Ok(Delivery::NotMember) => {
-                self.error(sink, format!("peer {to} is not in this session"))
-                    .await
-            }
-            Ok(Delivery::Full) => {
-                self.error(
-                    sink,
-                    format!("peer {to} is not keeping up; message dropped"),
-                )
-                .await
-            }
-            Ok(Delivery::Unreachable) => {
-                self.error(sink, format!("peer {to} is unreachable; message dropped"))
-                    .await
-            }
-            Err(e) => {
-                tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
-                self.error(sink, e.client_message().into()).await
-            }
-        }
-    }
-
-    /// `debug` goes to the room's server peer, wrapped as a custom-transport signal.
-    async fn debug(&mut self, sink: &mut Sink, request: Value) -> bool {
-        let Some(room) = self.room.clone() else {
-            return self.error(sink, "join the session first".into()).await;
-        };
-        if !request.get("type").is_some_and(Value::is_string) {
-            return self.error(sink, "debug request needs a type".into()).await;
-        }
-        let server = match self.app.engine.server_peer(&room).await {
-            Ok(Some(server)) => server,
-            Ok(None) => {
-                return self
-                    .error(sink, "no server peer in this session".into())
-                    .await
-            }
-            Err(e) => {
-                tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "debug failed");
-                return self.error(sink, e.client_message().into()).await;
-            }
-        };
-        let msg = ServerMessage::Signal {
-            from_peer: self.peer_id.clone(),
-            signal: json!({
-                "transport": "custom",
-                "transport_name": "debug",
-                "signal_type": "debug_request",
-                "payload": { "from_peer": self.peer_id, "request": request },
-            }),
-        };
-        self.relay(sink, &server, msg).await
     }
 }
