@@ -35,6 +35,9 @@ struct Token {
     peer: Option<String>,
 }
 
+/// One recipient's answers: handshake → (sender, answer).
+type AnswerBox = HashMap<String, Expiring<(String, String)>>;
+
 /// Failure times within the window, oldest first.
 type Failures = VecDeque<Instant>;
 
@@ -60,8 +63,9 @@ pub(super) struct State {
     rates: HashMap<String, (u32, Instant)>,
     /// (room, recipient) → queued offers.
     offers: HashMap<(String, String), VecDeque<Expiring<String>>>,
-    /// (room, recipient, handshake) → (sender, answer).
-    answers: HashMap<(String, String, String), Expiring<(String, String)>>,
+    /// (room, recipient) → handshake → (sender, answer): a post counts its sender's waiting
+    /// answers in the recipient's box only.
+    answers: HashMap<(String, String), AnswerBox>,
     /// Room → members in join order.
     rooms: HashMap<String, Vec<PeerInfo>>,
     /// Room → its current `server` peer.
@@ -137,7 +141,10 @@ impl State {
             queue.retain(|o| o.live(now));
         }
         self.offers.retain(|_, q| !q.is_empty());
-        self.answers.retain(|_, a| a.live(now));
+        for answers in self.answers.values_mut() {
+            answers.retain(|_, a| a.live(now));
+        }
+        self.answers.retain(|_, box_| !box_.is_empty());
     }
 
     pub(super) fn register(&mut self, session: SessionRecord, token: String) -> bool {
@@ -290,14 +297,14 @@ impl State {
         payload: String,
     ) -> bool {
         let now = Instant::now();
-        let waiting = self
-            .answers
+        let (room, to, handshake) = key;
+        let max = self.config.max_queued_answers;
+        let answers = self.answers.entry((room, to)).or_default();
+        let waiting = answers
             .iter()
-            .filter(|((r, t, h), a)| {
-                *r == key.0 && *t == key.1 && *h != key.2 && a.value.0 == from && a.live(now)
-            })
+            .filter(|(h, a)| **h != handshake && a.value.0 == from && a.live(now))
             .count();
-        if waiting >= self.config.max_queued_answers {
+        if waiting >= max {
             return false;
         }
         let until = now + self.config.mailbox_ttl;
@@ -305,15 +312,19 @@ impl State {
             value: (from, payload),
             until,
         };
-        self.answers.insert(key, answer);
+        answers.insert(handshake, answer);
         true
     }
 
     pub(super) fn take_answer(&mut self, key: (String, String, String)) -> Option<String> {
-        self.answers
-            .remove(&key)
-            .filter(|a| a.live(Instant::now()))
-            .map(|a| a.value.1)
+        let (room, to, handshake) = key;
+        let box_key = (room, to);
+        let answers = self.answers.get_mut(&box_key)?;
+        let answer = answers.remove(&handshake);
+        if answers.is_empty() {
+            self.answers.remove(&box_key);
+        }
+        answer.filter(|a| a.live(Instant::now())).map(|a| a.value.1)
     }
 
     pub(super) fn join(&mut self, room: String, peer: NewPeer, max_peers: usize) -> JoinResult {
