@@ -14,7 +14,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -181,20 +180,14 @@ impl SocketLimits {
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
-        // Whole seconds, rounded up: Retry-After has no finer unit.
-        let secs = self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0);
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, secs.max(1).to_string())],
-            axum::Json(json!({ "error": self.why })),
-        )
-            .into_response()
+        crate::http::too_many(self.retry_after, json!({ "error": self.why }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::{header, StatusCode};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
