@@ -133,6 +133,16 @@ async fn wrong_codes_are_counted_exactly_across_instances() {
     .await;
 }
 
+async fn config_set(conn: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) {
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// Writes values of `size` bytes (then ever smaller ones) until Redis answers OOM.
 async fn fill(conn: &mut redis::aio::MultiplexedConnection, size: usize) {
     let mut size = size;
@@ -189,20 +199,13 @@ async fn a_full_redis_refuses_new_work_and_fences_nobody() {
             .trim()
             .parse()
             .unwrap();
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory-policy")
-            .arg("noeviction")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(used + 4 * 1024 * 1024)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        config_set(&mut conn, "maxmemory-policy", "noeviction").await;
+        config_set(
+            &mut conn,
+            "maxmemory",
+            &(used + 4 * 1024 * 1024).to_string(),
+        )
+        .await;
         fill(&mut conn, 64 * 1024).await;
         // And keeps being filled by someone else while we look (memory that frees up, e.g.
         // client buffers, is taken again at once, as under real pressure).
@@ -257,13 +260,7 @@ async fn a_full_redis_refuses_new_work_and_fences_nobody() {
             .await
             .ok()
             .unwrap_or(());
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(0)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        config_set(&mut conn, "maxmemory", "0").await;
         let mut ok = false;
         for _ in 0..50 {
             let r = a.post("/sessions", &json!({"session_id": uuid()})).await;
