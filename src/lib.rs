@@ -15,9 +15,10 @@
 //! | [`addr_limits`] | per-address caps (connections, WebSockets) and the upgrade rate |
 //! | [`access`] | the join-code check shared by HTTP join, attach and WebSocket join |
 //! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
-//! | [`engine::memory`] | in-process engine (no `REDIS_URL`): one actor task owns all state |
+//! | [`engine::memory`] | in-process engine (no `REDIS_URL`): state behind one `std::sync::Mutex` |
 //! | [`engine::redis`] | Redis engine: stateless instances, Lua scripts in `lua/`, pub/sub routing |
-//! | [`peers`] | this instance's sockets and their bounded outbound queues |
+//! | [`router`] | this instance's sockets, memberships and room views: the one local delivery path |
+//! | [`peers`] | the sockets' bounded outbound queues |
 //! | [`http`] | HTTP plumbing (state, errors, public URLs), health and readiness |
 //! | [`sessions`] | register, status, HTTP join, attach: capabilities handed out |
 //! | [`mailbox`] | offers and answers, acting for the peer of the URL's token |
@@ -31,8 +32,8 @@
 //!
 //! # Rules every module follows
 //!
-//! No lock guard or borrow of shared state lives across an `.await` (state is owned by one task
-//! and reached by messages); every queue is bounded and says what happens when it is full; every
+//! No lock guard or borrow of shared state lives across an `.await` (shared state sits behind
+//! a private `std::sync::Mutex` reached only through synchronous methods); every queue is bounded and says what happens when it is full; every
 //! call to Redis or the network has a timeout; every spawned task ends with its owner.
 
 pub mod access;
@@ -49,6 +50,7 @@ pub mod logging;
 pub mod mailbox;
 pub mod peers;
 pub mod protocol;
+pub mod router;
 pub mod server;
 pub mod sessions;
 pub mod shutdown;

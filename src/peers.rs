@@ -10,8 +10,9 @@
 //! `peer_left` now, not after the write timeout).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
@@ -53,13 +54,53 @@ pub enum Class {
 }
 
 /// The outcome of [`LocalPeers::deliver`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Queued {
     Yes,
     /// No such socket on this instance.
     Absent,
-    /// A relayed frame found the queue's relay share full; nothing was queued.
-    Full,
+    /// A relayed frame found the queue's relay share full; nothing was queued. The sender may
+    /// wait for room (see [`Space`]).
+    Full(Space),
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// A full queue's promise to tell when its socket takes a frame. A sender whose frame found
+/// the recipient's queue full waits on it a little (a recipient draining at network speed
+/// frees room within microseconds) before giving up and telling the sender: the sender is
+/// slowed down, never the recipient cut off. Once a sender has waited in vain, the socket
+/// counts as not reading and further frames are refused at once until it takes one.
+#[derive(Clone, Debug)]
+pub struct Space(Arc<PeerShared>);
+
+/// How long a sender waits for a full recipient to take one frame before it is refused.
+pub const SPACE_WAIT: Duration = Duration::from_millis(100);
+
+impl Space {
+    /// Waits until the socket takes a frame, at most [`SPACE_WAIT`]; false if it took none
+    /// (or its queue is closed, or an earlier sender waited in vain since it last took one).
+    pub async fn wait(&self) -> bool {
+        if self.0.stalled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let notified = self.0.space.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.0.waiting.store(true, Ordering::Release);
+        if self.0.close_reason().is_some() {
+            return false;
+        }
+        let took = tokio::time::timeout(SPACE_WAIT, notified).await.is_ok();
+        if !took {
+            self.0.stalled.store(true, Ordering::Relaxed);
+        }
+        took
+    }
 }
 
 /// Bounds of one peer's outbound queue.
@@ -76,6 +117,12 @@ pub struct PeerShared {
     closed: OnceLock<CloseReason>,
     /// Wakes the socket task when `closed` is set.
     closing: Notify,
+    /// Wakes senders waiting for room in the queue (see [`Space`]), once `waiting` says any do.
+    space: Notify,
+    waiting: AtomicBool,
+    /// A sender waited `SPACE_WAIT` in vain: the socket is not reading, and further senders
+    /// are refused at once (not slowed down) until it takes a frame again.
+    stalled: AtomicBool,
 }
 
 impl PeerShared {
@@ -88,6 +135,7 @@ impl PeerShared {
     fn close(&self, reason: CloseReason) {
         if self.closed.set(reason).is_ok() {
             self.closing.notify_waiters();
+            self.space.notify_waiters();
         }
     }
 }
@@ -107,10 +155,27 @@ impl PeerQueue {
             return None;
         }
         let frame = self.rx.recv().await?;
-        self.shared
+        Some(self.taken(frame))
+    }
+
+    /// The next frame if one is queued already (the socket task batches its writes).
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        if self.shared.close_reason().is_some() {
+            return None;
+        }
+        let frame = self.rx.try_recv().ok()?;
+        Some(self.taken(frame))
+    }
+
+    fn taken(&self, frame: Frame) -> Frame {
+        let shared = &self.shared;
+        shared
             .queued_bytes
             .fetch_sub(frame.len(), Ordering::Relaxed);
-        Some(frame)
+        if shared.waiting.load(Ordering::Relaxed) && shared.waiting.swap(false, Ordering::AcqRel) {
+            shared.space.notify_waiters();
+        }
+        frame
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
@@ -120,11 +185,25 @@ impl PeerQueue {
     /// Resolves once the server closes the queue; the socket task races its writes against
     /// it, so a write blocked on a full socket does not delay the disconnect.
     pub async fn closed(&self) -> CloseReason {
+        self.closing().closed().await
+    }
+
+    /// A handle on the queue's closing, to race a write that borrows the queue against it.
+    pub fn closing(&self) -> Closing {
+        Closing(self.shared.clone())
+    }
+}
+
+/// See [`PeerQueue::closing`].
+pub struct Closing(Arc<PeerShared>);
+
+impl Closing {
+    pub async fn closed(&self) -> CloseReason {
         loop {
-            let notified = self.shared.closing.notified();
+            let notified = self.0.closing.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(reason) = self.shared.close_reason() {
+            if let Some(reason) = self.0.close_reason() {
                 return reason;
             }
             notified.await;
@@ -221,7 +300,7 @@ impl LocalPeers {
             return Queued::Absent;
         }
         if class == Class::Relay {
-            return Queued::Full;
+            return Queued::Full(Space(slot.shared.clone()));
         }
         tracing::warn!(peer, queued, "peer cannot keep up; disconnecting it");
         self.close(peer, CloseReason::SlowConsumer);
@@ -334,7 +413,7 @@ mod tests {
             .map(|_| peers.deliver("a", &frame("x"), Class::Relay))
             .collect();
         assert_eq!(results.iter().filter(|r| **r == Queued::Yes).count(), 6);
-        assert!(results[6..].iter().all(|r| *r == Queued::Full));
+        assert!(results[6..].iter().all(|r| matches!(r, Queued::Full(_))));
         assert!(peers.contains("a"), "the receiver stays");
         // Control frames still fit in the reserved quarter.
         assert_eq!(Queued::Yes, peers.deliver("a", &frame("j"), Class::Control));

@@ -145,8 +145,10 @@ impl ServerMessage {
     }
 }
 
-/// One serialized server message, cheap to clone across recipients and instances.
-pub type Frame = std::sync::Arc<str>;
+/// One serialized server message: shared bytes, so a broadcast, a queue and the socket write
+/// share one allocation (no copy per recipient or per write), and a frame from another
+/// instance is a slice of the pub/sub message it came in.
+pub type Frame = axum::extract::ws::Utf8Bytes;
 
 /// Transports every peer of the room supports, in the order of the first peer's list.
 pub fn common_transports(peers: &[PeerInfo]) -> Vec<Value> {

@@ -1,9 +1,9 @@
 //! Fencing that cannot be lost (issue 8): the Redis engine against a real `redis-server` per
 //! test, with short intervals (heartbeat 200 ms, instance timeout 1 s, call timeout 1 s).
 //!
-//! - A fence reaches a hub whose command queue is full: before, the `Fence` command waited one
-//!   call timeout for room, was dropped, and the hub kept the old id, so every later join was
-//!   refused as "fenced during the join" and the instance never turned ready again.
+//! - A fence always reaches the router: the stale sockets are closed as fenced, and the
+//!   instance serves again under its new id (once, a fence sent as a command to a busy task
+//!   could be lost, and every later join was refused as "fenced during the join").
 //! - A written-off id (in the dead set) is never registered again: the instance takes a fresh
 //!   one. Before, a retried registration put it back in the live set while reapers removed the
 //!   peers it went on to accept.
@@ -87,7 +87,7 @@ fn new_peer(id: &str) -> NewPeer {
 
 async fn join(e: &RedisEngine, room: &str) -> (String, PeerQueue) {
     let id = new_id();
-    let q = e.connect(&id).await.unwrap();
+    let q = e.connect(&id);
     match e.join(room, new_peer(&id), 32).await.unwrap() {
         JoinResult::Joined(_) => (id, q),
         JoinResult::Full => panic!("room full"),
@@ -114,7 +114,7 @@ async fn zscore(r: &RedisServer, key: &str, member: &str) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fence_reaches_a_hub_whose_queue_is_full() {
+async fn a_fence_closes_stale_sockets_and_the_instance_serves_again() {
     bounded(async {
         let r = RedisServer::start();
         let (a, b) = (engine(&r).await, engine(&r).await);
@@ -127,16 +127,7 @@ async fn a_fence_reaches_a_hub_whose_queue_is_full() {
         );
         let old = b.instance_id();
 
-        // b's hub starves while its command queue (1024) fills up behind it...
-        b.stall_hub(Duration::from_secs(6));
-        let flood = {
-            let b = b.clone();
-            tokio::spawn(async move {
-                let calls = (0..1500).map(|_| b.local_peers());
-                futures::future::join_all(calls).await
-            })
-        };
-        // ...and then it is cut off: it fences itself while no command fits in.
+        // b is cut off: it fences itself.
         b.pause_heartbeat(true);
         assert!(
             wait_until(Duration::from_secs(3), || async { b.instance_id() != old }).await,
@@ -144,8 +135,8 @@ async fn a_fence_reaches_a_hub_whose_queue_is_full() {
         );
         b.pause_heartbeat(false);
 
-        // Once the hub runs again it follows the new id: the stale socket is closed as fenced,
-        // and the instance is ready and takes joins under its new id.
+        // The router follows the new id: the stale socket is closed as fenced, and the
+        // instance is ready and takes joins under its new id.
         let closed = tokio::time::timeout(Duration::from_secs(8), qb.recv()).await;
         assert!(
             matches!(closed, Ok(None)),
@@ -165,7 +156,6 @@ async fn a_fence_reaches_a_hub_whose_queue_is_full() {
             next_type(&mut qa, Duration::from_secs(2)).await,
             "peer_joined"
         );
-        let _ = flood.await;
         a.shutdown().await;
         b.shutdown().await;
     })
@@ -233,7 +223,7 @@ async fn a_fenced_instance_refuses_joins_as_fenced() {
             "not fenced"
         );
         let id = new_id();
-        let _q = e.connect(&id).await;
+        let _q = e.connect(&id);
         let refused = e.join(&new_id(), new_peer(&id), 32).await;
         match refused {
             Err(err @ EngineError::Fenced(_)) => {

@@ -125,7 +125,7 @@ fn joined(r: JoinResult) -> Joined {
 /// Connects and joins a fresh peer with `role`; returns its id and queue.
 async fn join_as(e: &RedisEngine, room: &str, role: Role) -> (String, PeerQueue) {
     let id = new_id();
-    let q = e.connect(&id).await.unwrap();
+    let q = e.connect(&id);
     joined(e.join(room, new_peer(&id, role), MAX_PEERS).await.unwrap());
     (id, q)
 }
@@ -481,8 +481,8 @@ async fn joins_keep_their_role_on_any_instance_and_are_idempotent() {
             let room = new_id();
             // Two clients at once (two joiners first in the room): both clients, no server.
             let (ca, cb) = (new_id(), new_id());
-            let _qa = a.connect(&ca).await.unwrap();
-            let _qb = b.connect(&cb).await.unwrap();
+            let _qa = a.connect(&ca);
+            let _qb = b.connect(&cb);
             let (ja, jb) = tokio::join!(
                 a.join(&room, new_peer(&ca, Role::Client), MAX_PEERS),
                 b.join(&room, new_peer(&cb, Role::Client), MAX_PEERS)
@@ -492,8 +492,8 @@ async fn joins_keep_their_role_on_any_instance_and_are_idempotent() {
             assert_eq!(a.server_peer(&room).await.unwrap(), None);
             // Two host sockets at once: both servers; the room's server is one of them.
             let (sa, sb) = (new_id(), new_id());
-            let _qsa = a.connect(&sa).await.unwrap();
-            let _qsb = b.connect(&sb).await.unwrap();
+            let _qsa = a.connect(&sa);
+            let _qsb = b.connect(&sb);
             let (ja, jb) = tokio::join!(
                 a.join(&room, new_peer(&sa, Role::Server), MAX_PEERS),
                 b.join(&room, new_peer(&sb, Role::Server), MAX_PEERS)
@@ -551,7 +551,7 @@ async fn the_room_limit_holds_across_instances() {
         for i in 0..12 {
             let e = if i % 2 == 0 { a.clone() } else { b.clone() };
             let id = new_id();
-            queues.push(e.connect(&id).await.unwrap());
+            queues.push(e.connect(&id));
             let room = room.clone();
             tasks.push(tokio::spawn(async move {
                 let r = e
@@ -766,26 +766,28 @@ async fn frames_cross_instances_and_membership_is_checked() {
         assert_eq!(j["peer"]["role"], "client");
 
         for i in 0..50 {
-            let d = b.send(&room, &pa, format!("{{\"n\":{i}}}").into()).await;
+            let d = b
+                .deliver(&room, "sender", &pa, format!("{{\"n\":{i}}}").into())
+                .await;
             assert_eq!(d.unwrap(), Delivery::Sent);
         }
         for i in 0..50 {
             assert_eq!(next(&mut qa, Duration::from_secs(2)).await["n"], i);
         }
-        let d = a.send(&room, &pb, "{\"x\":1}".into()).await;
+        let d = a.deliver(&room, "sender", &pb, "{\"x\":1}".into()).await;
         assert_eq!(d.unwrap(), Delivery::Sent);
         assert_eq!(next(&mut qb, Duration::from_secs(2)).await["x"], 1);
-        let d = a.send(&room, &new_id(), "{}".into()).await;
+        let d = a.deliver(&room, "sender", &new_id(), "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
-        let d = a.send(&new_id(), &pb, "{}".into()).await;
+        let d = a.deliver(&new_id(), "sender", &pb, "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
-        assert_eq!(a.local_peers().await.unwrap(), 1);
+        assert_eq!(a.local_peers(), 1);
 
         b.leave(&room, &pb).await.unwrap();
         let l = next(&mut qa, Duration::from_secs(2)).await;
         assert_eq!(l["type"], "peer_left");
         assert_eq!(l["peer_id"], pb.as_str());
-        let d = a.send(&room, &pb, "{}".into()).await;
+        let d = a.deliver(&room, "sender", &pb, "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
         assert!(!a.is_member(&room, &pb).await.unwrap());
         // A second leave is a no-op.
@@ -874,7 +876,7 @@ async fn a_cut_off_instance_fences_itself_and_serves_fresh_peers() {
         let j = next(&mut qa, Duration::from_secs(2)).await;
         assert_eq!(j["type"], "peer_joined");
         assert_eq!(j["peer"]["id"], pc.as_str());
-        let d = a.send(&room, &pc, "{\"hi\":1}".into()).await;
+        let d = a.deliver(&room, "sender", &pc, "{\"hi\":1}".into()).await;
         assert_eq!(d.unwrap(), Delivery::Sent);
         assert_eq!(next(&mut qc, Duration::from_secs(2)).await["hi"], 1);
         a.shutdown().await;
@@ -940,7 +942,7 @@ async fn survives_a_redis_restart() {
             Grant::Host
         );
         let (_p, _q) = join(&e, &id).await;
-        assert_eq!(e.local_peers().await.unwrap(), 1);
+        assert_eq!(e.local_peers(), 1);
         e.shutdown().await;
     })
     .await
@@ -988,7 +990,7 @@ async fn prefixes_isolate_deployments() {
         assert!(!b.is_member(&id, &pa).await.unwrap());
         assert_eq!(b.server_peer(&id).await.unwrap(), None);
         let (pb, _qb) = join(&b, &id).await;
-        let d = a.send(&id, &pb, "{}".into()).await;
+        let d = a.deliver(&id, "sender", &pb, "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
         a.shutdown().await;
         b.shutdown().await;
@@ -1053,7 +1055,7 @@ async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
         };
         // Alive: the relay crosses to B.
         assert_eq!(
-            a.send(&room, &joiner, frame(1)).await.unwrap(),
+            a.deliver(&room, "sender", &joiner, frame(1)).await.unwrap(),
             Delivery::Sent
         );
         assert_eq!(
@@ -1064,8 +1066,8 @@ async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
         // Frozen inside send: the check at its start passes, the PUBLISH comes after the
         // deadline.
         a.pause_heartbeat(true);
-        a.stall_hub(Duration::from_millis(1800));
-        let sent = a.send(&room, &joiner, frame(2)).await;
+        a.stall_next_send(Duration::from_millis(1800));
+        let sent = a.deliver(&room, "sender", &joiner, frame(2)).await;
         assert!(
             sent.is_err(),
             "a relay past the deadline must fail, got {sent:?}"

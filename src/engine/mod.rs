@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::peers::{PeerQueue, QueueLimits};
 use crate::protocol::{Frame, PeerInfo};
+use crate::router::Router;
 
 /// Tunables common to both engines.
 #[derive(Clone, Debug)]
@@ -124,6 +125,14 @@ pub enum CodeCheck {
     /// without comparing, for this long.
     Locked(Duration),
     NotFound,
+}
+
+/// What became of a relayed frame, as far as [`Engine::send`] knows at once.
+pub enum Sent<P> {
+    Done(Delivery),
+    /// On its way to the recipient's instance: resolves to what became of it. Pending sends
+    /// of one sender, polled in the order they were returned, reach the wire in that order.
+    Pending(P),
 }
 
 /// What an engine did with a frame for one member.
@@ -312,11 +321,16 @@ pub trait Engine: Clone + Send + Sync + 'static {
         handshake: &str,
     ) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
+    /// This instance's sockets, their memberships and the local delivery path.
+    fn router(&self) -> &Router;
+
     /// Registers a socket of this instance under its server-assigned peer id and returns the
     /// queue the socket task writes from.
-    fn connect(&self, peer: &str) -> impl Future<Output = EngineResult<PeerQueue>> + Send;
+    fn connect(&self, peer: &str) -> PeerQueue {
+        self.router().connect(peer)
+    }
 
-    /// Forgets a socket of this instance (after `leave`, if it had joined).
+    /// Forgets a socket of this instance; one that never left leaves now.
     fn disconnect(&self, peer: &str) -> impl Future<Output = ()> + Send;
 
     /// Adds the peer to the room with its role, unless the room has `max_peers` members, and
@@ -338,24 +352,43 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// The room's `server` peer (its latest host join), while it is a member.
     fn server_peer(&self, room: &str) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
-    /// Delivers a relayed frame to member `to` of `room`, wherever its socket is.
+    /// What [`send`](Self::send) returns for a frame on its way to another instance.
+    type Publish: Future<Output = EngineResult<Delivery>> + Send + Unpin + 'static;
+
+    /// Delivers a relayed frame from local member `from` to member `to` of `room`, wherever
+    /// its socket is. A local recipient has it (or has refused it) when this returns; for a
+    /// remote one the publish is returned pending, so the sender can go on reading while it is
+    /// under way (a refusal over there is reported back to `from` as an `error` frame).
     fn send(
         &self,
         room: &str,
+        from: &str,
         to: &str,
         frame: Frame,
-    ) -> impl Future<Output = EngineResult<Delivery>> + Send;
+    ) -> impl Future<Output = EngineResult<Sent<Self::Publish>>> + Send;
+
+    /// [`send`](Self::send), waiting for a pending publish too.
+    fn deliver(
+        &self,
+        room: &str,
+        from: &str,
+        to: &str,
+        frame: Frame,
+    ) -> impl Future<Output = EngineResult<Delivery>> + Send {
+        async move {
+            match self.send(room, from, to, frame).await? {
+                Sent::Done(d) => Ok(d),
+                Sent::Pending(p) => p.await,
+            }
+        }
+    }
 
     /// `Ok` while this instance can serve: the store answers and routing works.
     fn ready(&self) -> impl Future<Output = EngineResult<()>> + Send;
 
     /// Number of sockets on this instance (for `/health` and the connection limit).
-    fn local_peers(&self) -> impl Future<Output = EngineResult<usize>> + Send;
-
-    /// Messages from other instances dropped because this instance fell behind (for `/health`;
-    /// only the Redis engine has such a queue).
-    fn dropped_pushes(&self) -> u64 {
-        0
+    fn local_peers(&self) -> usize {
+        self.router().count()
     }
 
     /// Ends the engine's background work (heartbeats, subscriptions); called once, after the

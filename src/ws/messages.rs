@@ -6,16 +6,23 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::{
-    Connection, Sink, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN, MAX_PEER_INFO_BYTES,
-    MAX_TRANSPORTS,
+    Connection, InFlight, Relays, Sink, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN,
+    MAX_PEER_INFO_BYTES, MAX_TRANSPORTS,
 };
 use crate::access::admit;
-use crate::engine::{Delivery, Engine, EngineError, Grant, JoinResult, NewPeer};
+use crate::engine::{
+    Delivery, Engine, EngineError, EngineResult, Grant, JoinResult, NewPeer, Sent,
+};
 use crate::protocol::{common_transports, valid_id, ClientMessage, Frame, Role, ServerMessage};
 
 impl<E: Engine> Connection<E> {
     /// Handles one client frame. Returns false when the socket can no longer be written.
-    pub(super) async fn handle(&mut self, sink: &mut Sink, bytes: &[u8]) -> bool {
+    pub(super) async fn handle(
+        &mut self,
+        sink: &mut Sink,
+        bytes: &[u8],
+        relays: &mut Relays<E>,
+    ) -> bool {
         let msg = match serde_json::from_slice::<ClientMessage>(bytes) {
             Ok(msg) => msg,
             Err(e) => return self.error(sink, format!("invalid message: {e}")).await,
@@ -48,7 +55,7 @@ impl<E: Engine> Connection<E> {
                     from_peer: self.peer_id.clone(),
                     signal,
                 };
-                self.relay(sink, &to_peer, msg).await
+                self.relay(sink, &to_peer, msg, relays).await
             }
             ClientMessage::NegotiateTransport {
                 to_peer,
@@ -58,16 +65,16 @@ impl<E: Engine> Connection<E> {
                     from_peer: self.peer_id.clone(),
                     proposed_transport,
                 };
-                self.relay(sink, &to_peer, msg).await
+                self.relay(sink, &to_peer, msg, relays).await
             }
             ClientMessage::AcceptTransport { to_peer, transport } => {
                 let msg = ServerMessage::TransportAccepted {
                     from_peer: self.peer_id.clone(),
                     transport,
                 };
-                self.relay(sink, &to_peer, msg).await
+                self.relay(sink, &to_peer, msg, relays).await
             }
-            ClientMessage::Debug { request } => self.debug(sink, request).await,
+            ClientMessage::Debug { request } => self.debug(sink, request, relays).await,
         }
     }
 
@@ -191,7 +198,13 @@ impl<E: Engine> Connection<E> {
     }
 
     /// Forwards a message to another member of this socket's room.
-    async fn relay(&mut self, sink: &mut Sink, to: &str, msg: ServerMessage) -> bool {
+    async fn relay(
+        &mut self,
+        sink: &mut Sink,
+        to: &str,
+        msg: ServerMessage,
+        relays: &mut Relays<E>,
+    ) -> bool {
         let Some(room) = self.room.clone() else {
             return self.error(sink, "join the session first".into()).await;
         };
@@ -199,32 +212,39 @@ impl<E: Engine> Connection<E> {
             return self.error(sink, "invalid to_peer".into()).await;
         }
         let frame: Frame = msg.to_frame();
-        match self.app.engine.send(&room, to, frame).await {
-            Ok(Delivery::Sent) => true,
-            Ok(Delivery::NotMember) => {
-                self.error(sink, format!("peer {to} is not in this session"))
-                    .await
+        match self.app.engine.send(&room, &self.peer_id, to, frame).await {
+            Ok(Sent::Done(delivery)) => self.report(sink, to, Ok(delivery)).await,
+            Ok(Sent::Pending(publish)) => {
+                let to = to.to_owned();
+                relays.push(InFlight { to, publish });
+                true
             }
-            Ok(Delivery::Full) => {
-                self.error(
-                    sink,
-                    format!("peer {to} is not keeping up; message dropped"),
-                )
-                .await
-            }
-            Ok(Delivery::Unreachable) => {
-                self.error(sink, format!("peer {to} is unreachable; message dropped"))
-                    .await
-            }
-            Err(e) => {
-                tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
-                self.error(sink, e.client_message().into()).await
-            }
+            Err(e) => self.report(sink, to, Err(e)).await,
         }
     }
 
+    /// Tells the sender what became of its relay to `to`, unless it was delivered.
+    pub(super) async fn report(
+        &mut self,
+        sink: &mut Sink,
+        to: &str,
+        outcome: EngineResult<Delivery>,
+    ) -> bool {
+        let message = match outcome {
+            Ok(Delivery::Sent) => return true,
+            Ok(Delivery::NotMember) => format!("peer {to} is not in this session"),
+            Ok(Delivery::Full) => format!("peer {to} is not keeping up; message dropped"),
+            Ok(Delivery::Unreachable) => format!("peer {to} is unreachable; message dropped"),
+            Err(e) => {
+                tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
+                e.client_message().into()
+            }
+        };
+        self.error(sink, message).await
+    }
+
     /// `debug` goes to the room's server peer, wrapped as a custom-transport signal.
-    async fn debug(&mut self, sink: &mut Sink, request: Value) -> bool {
+    async fn debug(&mut self, sink: &mut Sink, request: Value, relays: &mut Relays<E>) -> bool {
         let Some(room) = self.room.clone() else {
             return self.error(sink, "join the session first".into()).await;
         };
@@ -252,6 +272,6 @@ impl<E: Engine> Connection<E> {
                 "payload": { "from_peer": self.peer_id, "request": request },
             }),
         };
-        self.relay(sink, &server, msg).await
+        self.relay(sink, &server, msg, relays).await
     }
 }

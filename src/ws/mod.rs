@@ -10,24 +10,27 @@
 
 mod messages;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::json;
 
 use crate::client::client_ip;
-use crate::engine::Engine;
+use crate::engine::{Delivery, Engine, EngineResult};
 use crate::http::App;
 use crate::peers::{CloseReason, PeerQueue};
-use crate::protocol::{new_id, valid_id, ServerMessage};
+use crate::protocol::{new_id, valid_id, Frame, ServerMessage};
 use crate::shutdown::Phase;
 
 /// Bounds on what a client may attach to its PeerInfo.
@@ -44,6 +47,14 @@ pub const MAX_PEER_INFO_BYTES: usize = 4096;
 /// that streams garbage (e.g. the generation-2 fallback socket) gets no error storm back.
 const ERROR_BURST: u32 = 5;
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
+/// Relays to other instances one socket may have under way at once; its next frame is read
+/// when one of them is done (their outcomes are reported to it as they come).
+const MAX_IN_FLIGHT: usize = 64;
+/// Frames written in one go at most (then flushed): every frame ready in the queue is taken,
+/// so a burst costs one write per batch instead of one per frame.
+const MAX_BATCH: usize = 64;
+/// Bytes tungstenite buffers before it writes to the socket within a batch.
+const WRITE_BUFFER: usize = 32 * 1024;
 
 type Sink = SplitSink<WebSocket, Message>;
 type Stream = SplitStream<WebSocket>;
@@ -81,7 +92,7 @@ pub async fn upgrade<E: Engine>(
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
     // (shared/notes/crates.md §3).
     ws.read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(write_limit)
         .max_message_size(max)
         .max_frame_size(max)
@@ -179,7 +190,24 @@ impl Budget {
     }
 }
 
-struct Connection<E> {
+/// A relay on its way to another instance, with its recipient (named when it is refused).
+struct InFlight<P> {
+    to: String,
+    publish: P,
+}
+
+impl<P: Future<Output = EngineResult<Delivery>> + Unpin> Future for InFlight<P> {
+    type Output = (String, EngineResult<Delivery>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        Pin::new(&mut this.publish)
+            .poll(cx)
+            .map(|r| (std::mem::take(&mut this.to), r))
+    }
+}
+
+struct Connection<E: Engine> {
     app: App<E>,
     /// The id in the URL: the public session id or a token.
     path_id: String,
@@ -193,6 +221,10 @@ struct Connection<E> {
     errors_since: Instant,
     budget: Budget,
 }
+
+/// Relays under way, polled in the order they were sent (so they reach the wire in it). Owned
+/// by `serve`, not the connection: the futures need not be `Sync`.
+type Relays<E> = FuturesUnordered<InFlight<<E as Engine>::Publish>>;
 
 impl<E: Engine> Connection<E> {
     fn new(app: App<E>, path_id: String, client: IpAddr) -> Self {
@@ -213,23 +245,15 @@ impl<E: Engine> Connection<E> {
 
     async fn run(mut self, socket: WebSocket) {
         let (mut sink, mut stream) = socket.split();
-        let end = match self.app.engine.connect(&self.peer_id).await {
-            Ok(mut queue) => {
-                let end = self.serve(&mut sink, &mut stream, &mut queue).await;
-                if let Some(room) = self.room.take() {
-                    if let Err(e) = self.app.engine.leave(&room, &self.peer_id).await {
-                        tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
-                    }
-                    tracing::info!(session = %room, peer = %self.peer_id, "peer left");
-                }
-                self.app.engine.disconnect(&self.peer_id).await;
-                end
+        let mut queue = self.app.engine.connect(&self.peer_id);
+        let end = self.serve(&mut sink, &mut stream, &mut queue).await;
+        if let Some(room) = self.room.take() {
+            if let Err(e) = self.app.engine.leave(&room, &self.peer_id).await {
+                tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register socket");
-                End::close(1013, "try again later")
-            }
-        };
+            tracing::info!(session = %room, peer = %self.peer_id, "peer left");
+        }
+        self.app.engine.disconnect(&self.peer_id).await;
         if end.jitter {
             let window = self.app.config.drain_jitter;
             let delay = rand::rng().random_range(Duration::ZERO..=window);
@@ -258,6 +282,9 @@ impl<E: Engine> Connection<E> {
         // A socket that never joins holds a slot for nothing: it gets `join_timeout`.
         let join_deadline = tokio::time::sleep(config.join_timeout);
         tokio::pin!(join_deadline);
+        // Dropped with `serve`: relays still under way were sent already (their commands are on
+        // the wire ahead of the leave's); their outcomes have nobody to be reported to.
+        let mut relays: Relays<E> = FuturesUnordered::new();
         loop {
             tokio::select! {
                 _ = &mut closing => {
@@ -269,15 +296,15 @@ impl<E: Engine> Connection<E> {
                 }
                 frame = queue.recv() => match frame {
                     Some(frame) => {
-                        let msg = Message::Text(frame.as_ref().into());
+                        let closing = queue.closing();
                         tokio::select! {
-                            ok = self.write(sink, msg) => if !ok {
+                            ok = self.write_batch(sink, frame, queue) => if !ok {
                                 return End::silent();
                             },
                             // Closed by the server while this write waits on a full socket (a
                             // slow consumer): end now and leave the room, instead of after the
                             // write timeout. The close frame follows the bytes in flight.
-                            reason = queue.closed() => return End::closed_by(reason),
+                            reason = closing.closed() => return End::closed_by(reason),
                         }
                     }
                     None => {
@@ -285,7 +312,12 @@ impl<E: Engine> Connection<E> {
                         return End::closed_by(reason);
                     }
                 },
-                msg = stream.next() => {
+                Some((to, outcome)) = relays.next(), if !relays.is_empty() => {
+                    if !self.report(sink, &to, outcome).await {
+                        return End::silent();
+                    }
+                }
+                msg = stream.next(), if relays.len() < MAX_IN_FLIGHT => {
                     let msg = match msg {
                         Some(Ok(msg)) => msg,
                         // An abrupt disconnect is ordinary for these clients: debug, not error.
@@ -299,11 +331,11 @@ impl<E: Engine> Connection<E> {
                     let ok = match msg {
                         Message::Text(text) => {
                             self.pace(text.len()).await;
-                            self.handle(sink, text.as_bytes()).await
+                            self.handle(sink, text.as_bytes(), &mut relays).await
                         }
                         Message::Binary(bytes) => {
                             self.pace(bytes.len()).await;
-                            self.handle(sink, &bytes).await
+                            self.handle(sink, &bytes, &mut relays).await
                         }
                         Message::Close(_) => return End::echo(),
                         Message::Ping(_) | Message::Pong(_) => true,
@@ -349,6 +381,23 @@ impl<E: Engine> Connection<E> {
         }
     }
 
+    /// Writes `first` and every frame queued behind it (up to [`MAX_BATCH`]), then flushes once,
+    /// all within the write timeout; false means the socket is done for.
+    async fn write_batch(&self, sink: &mut Sink, first: Frame, queue: &mut PeerQueue) -> bool {
+        let batch = async {
+            sink.feed(Message::Text(first)).await?;
+            for _ in 1..MAX_BATCH {
+                let Some(frame) = queue.try_recv() else { break };
+                sink.feed(Message::Text(frame)).await?;
+            }
+            sink.flush().await
+        };
+        matches!(
+            tokio::time::timeout(self.app.config.write_timeout, batch).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// Writes one frame within the write timeout; false means the socket is done for.
     async fn write(&self, sink: &mut Sink, msg: Message) -> bool {
         matches!(
@@ -358,8 +407,7 @@ impl<E: Engine> Connection<E> {
     }
 
     async fn reply(&self, sink: &mut Sink, msg: &ServerMessage) -> bool {
-        self.write(sink, Message::Text(msg.to_frame().as_ref().into()))
-            .await
+        self.write(sink, Message::Text(msg.to_frame())).await
     }
 
     /// Replies `error`, within the socket's error budget.

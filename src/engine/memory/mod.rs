@@ -1,83 +1,80 @@
 //! The in-process engine: one node, no setup (used when `REDIS_URL` is unset).
 //!
-//! One actor task owns every piece of state, this node's sockets included. Callers send it a
-//! closure over a bounded queue and await the reply with a timeout, so no lock exists at all,
-//! nothing is held across an `.await`, and a stalled actor shows up as `EngineError::Busy`
-//! instead of a hang. The closures never await: each runs one synchronous method of [`state::State`] to
-//! completion, in arrival order, which is what makes registration, code checks, role choice and
-//! mailbox takes atomic.
+//! Its state ([`state::State`]: sessions, tokens, code checks, the mailbox, rooms and roles) is
+//! plain data behind one `std::sync::Mutex`, reached only through synchronous methods (the
+//! model is mini-redis's `db.rs`): each runs to completion alone, which is what makes
+//! registration, code checks, role choice and mailbox takes atomic, and no guard can be held
+//! across an `.await`. Its sockets and their delivery are the shared [`Router`]'s. A join or a
+//! leave tells the router while the state's lock is held (always state, then router; the
+//! router never takes the state's lock), so room events reach the members in the order the
+//! state decided them.
 
 mod state;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-
-use tokio::sync::{mpsc, oneshot};
 
 use self::state::State;
 use super::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, JoinResult,
-    NewPeer, SessionRecord,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, JoinResult, NewPeer, Sent,
+    SessionRecord,
 };
-use crate::peers::PeerQueue;
-use crate::protocol::Frame;
+use crate::protocol::{Frame, PeerInfo, ServerMessage};
+use crate::router::{Known, Route, Router};
 
-type Job = Box<dyn FnOnce(&mut State) + Send>;
-
-/// Jobs waiting for the actor at most; callers wait (bounded by `call_timeout`) beyond it.
-const QUEUE: usize = 4096;
 /// How often expired sessions and mailbox entries are swept.
 const SWEEP: Duration = Duration::from_secs(30);
+/// The one owner every member has here.
+const LOCAL: &str = "local";
 
 #[derive(Clone)]
 pub struct MemoryEngine {
-    jobs: mpsc::Sender<Job>,
+    state: Arc<Mutex<State>>,
+    router: Arc<Router>,
     config: Arc<EngineConfig>,
 }
 
+fn known(peers: &[PeerInfo]) -> Vec<Known> {
+    peers
+        .iter()
+        .map(|p| Known {
+            id: p.id.clone(),
+            owner: LOCAL.to_owned(),
+            seq: 0,
+        })
+        .collect()
+}
+
 impl MemoryEngine {
-    /// Starts the actor. It ends when the last handle is dropped.
+    /// Starts the engine and its sweeper, which ends once the last handle is dropped.
     pub fn start(config: EngineConfig) -> Self {
-        let (jobs, mut rx) = mpsc::channel::<Job>(QUEUE);
-        let shared = Arc::new(config.clone());
-        let mut state = State::new(config);
+        let router = Arc::new(Router::new(LOCAL, config.queue));
+        let state = Arc::new(Mutex::new(State::new(config.clone())));
+        let weak: Weak<Mutex<State>> = Arc::downgrade(&state);
         tokio::spawn(async move {
             let mut sweep = tokio::time::interval(SWEEP);
             loop {
-                tokio::select! {
-                    job = rx.recv() => match job {
-                        Some(job) => job(&mut state),
-                        None => break,
-                    },
-                    _ = sweep.tick() => state.sweep(Instant::now()),
-                }
+                sweep.tick().await;
+                let Some(state) = weak.upgrade() else { break };
+                lock(&state).sweep(Instant::now());
             }
         });
         Self {
-            jobs,
-            config: shared,
+            state,
+            router,
+            config: Arc::new(config),
         }
     }
 
-    /// Runs `f` on the state inside the actor and returns its result.
-    async fn call<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut State) -> R + Send + 'static,
-    ) -> EngineResult<R> {
-        let (reply, result) = oneshot::channel();
-        let job: Job = Box::new(move |state| {
-            let _ = reply.send(f(state));
-        });
-        let round_trip = async {
-            self.jobs.send(job).await.ok()?;
-            result.await.ok()
-        };
-        match tokio::time::timeout(self.config.call_timeout, round_trip).await {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(EngineError::Busy("engine stopped".into())),
-            Err(_) => Err(EngineError::Busy("engine busy".into())),
-        }
+    /// Runs `f` on the state. A panic elsewhere under the lock leaves plain data behind, so a
+    /// poisoned lock is used as it is.
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut lock(&self.state))
     }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Engine for MemoryEngine {
@@ -87,22 +84,23 @@ impl Engine for MemoryEngine {
 
     async fn register(&self, session: SessionRecord, host_token: &str) -> EngineResult<bool> {
         let token = host_token.to_owned();
-        self.call(move |s| s.register(session, token)).await
+        Ok(self.with(|s| s.register(session, token)))
     }
 
     async fn resolve(&self, id: &str) -> EngineResult<Option<Access>> {
         let id = id.to_owned();
-        self.call(move |s| s.resolve(&id)).await
+        Ok(self.with(|s| s.resolve(&id)))
     }
 
     async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
         let session = session.to_owned();
-        self.call(move |s| s.mint_token(session)).await
+        Ok(self.with(|s| s.mint_token(session)))
     }
 
     async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {
         let (token, peer) = (token.to_owned(), peer.to_owned());
-        self.call(move |s| s.bind_token(&token, peer)).await
+        self.with(|s| s.bind_token(&token, peer));
+        Ok(())
     }
 
     async fn check_code(
@@ -112,23 +110,23 @@ impl Engine for MemoryEngine {
         digest: &str,
     ) -> EngineResult<CodeCheck> {
         let (session, client, digest) = (session.to_owned(), client.to_owned(), digest.to_owned());
-        self.call(move |s| s.check_code(session, client, &digest))
-            .await
+        Ok(self.with(|s| s.check_code(session, client, &digest)))
     }
 
     async fn rate(&self, key: &str, max: u32, window: Duration) -> EngineResult<Option<Duration>> {
         let key = key.to_owned();
-        self.call(move |s| s.rate(key, max, window)).await
+        Ok(self.with(|s| s.rate(key, max, window)))
     }
 
     async fn push_offer(&self, room: &str, to: &str, payload: String) -> EngineResult<()> {
         let key = (room.to_owned(), to.to_owned());
-        self.call(move |s| s.push_offer(key, payload)).await
+        self.with(|s| s.push_offer(key, payload));
+        Ok(())
     }
 
     async fn pop_offer(&self, room: &str, to: &str) -> EngineResult<Option<String>> {
         let key = (room.to_owned(), to.to_owned());
-        self.call(move |s| s.pop_offer(key)).await
+        Ok(self.with(|s| s.pop_offer(key)))
     }
 
     async fn put_answer(
@@ -141,7 +139,7 @@ impl Engine for MemoryEngine {
     ) -> EngineResult<bool> {
         let key = (room.to_owned(), to.to_owned(), handshake.to_owned());
         let from = from.to_owned();
-        self.call(move |s| s.put_answer(key, from, payload)).await
+        Ok(self.with(|s| s.put_answer(key, from, payload)))
     }
 
     async fn take_answer(
@@ -151,50 +149,77 @@ impl Engine for MemoryEngine {
         handshake: &str,
     ) -> EngineResult<Option<String>> {
         let key = (room.to_owned(), to.to_owned(), handshake.to_owned());
-        self.call(move |s| s.take_answer(key)).await
+        Ok(self.with(|s| s.take_answer(key)))
     }
 
-    async fn connect(&self, peer: &str) -> EngineResult<PeerQueue> {
-        let peer = peer.to_owned();
-        self.call(move |s| s.connect(&peer)).await
+    fn router(&self) -> &Router {
+        &self.router
     }
 
     async fn disconnect(&self, peer: &str) {
-        let peer = peer.to_owned();
-        let _ = self.call(move |s| s.local.remove(&peer)).await;
+        if let Some(m) = self.router.disconnect(peer) {
+            let _ = self.leave(&m.room, peer).await;
+        }
     }
 
     async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
-        let room = room.to_owned();
-        self.call(move |s| s.join(room, peer, max_peers)).await
+        let id = peer.id.clone();
+        Ok(self.with(|state| {
+            let result = state.join(room.to_owned(), peer, max_peers);
+            if let JoinResult::Joined(j) = &result {
+                let frame = j
+                    .fresh
+                    .then(|| ServerMessage::PeerJoined { peer: j.me.clone() }.to_frame());
+                // Under the state's lock: the next room event is decided after this one is told.
+                let _ = self.router.joined(room, &id, LOCAL, known(&j.peers), frame);
+            }
+            result
+        }))
     }
 
     async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
-        let (room, peer) = (room.to_owned(), peer.to_owned());
-        self.call(move |s| s.leave(room, peer)).await
+        self.router.leaving(room, peer);
+        self.with(|state| {
+            if let Some(survivors) = state.leave(room.to_owned(), peer.to_owned()) {
+                let frame = ServerMessage::PeerLeft {
+                    peer_id: peer.to_owned(),
+                }
+                .to_frame();
+                self.router.left(room, peer, known(&survivors), &frame);
+            }
+        });
+        Ok(())
     }
 
     async fn is_member(&self, room: &str, peer: &str) -> EngineResult<bool> {
-        let (room, peer) = (room.to_owned(), peer.to_owned());
-        self.call(move |s| s.is_member(&room, &peer)).await
+        Ok(self.with(|s| s.is_member(room, peer)))
     }
 
     async fn server_peer(&self, room: &str) -> EngineResult<Option<String>> {
-        let room = room.to_owned();
-        self.call(move |s| s.server_peer(&room)).await
+        Ok(self.with(|s| s.server_peer(room)))
     }
 
-    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
-        let (room, to) = (room.to_owned(), to.to_owned());
-        self.call(move |s| s.send(&room, &to, &frame)).await
+    type Publish = std::future::Ready<EngineResult<Delivery>>;
+
+    async fn send(
+        &self,
+        room: &str,
+        _from: &str,
+        to: &str,
+        frame: Frame,
+    ) -> EngineResult<Sent<Self::Publish>> {
+        // Every member is a local socket whose membership the router recorded with its join.
+        Ok(Sent::Done(
+            match self.router.relay(room, to, &frame).await {
+                Route::Delivered => Delivery::Sent,
+                Route::Full(_) => Delivery::Full,
+                Route::Absent | Route::Remote(_) | Route::Unknown { .. } => Delivery::NotMember,
+            },
+        ))
     }
 
     async fn ready(&self) -> EngineResult<()> {
-        self.call(|_| ()).await
-    }
-
-    async fn local_peers(&self) -> EngineResult<usize> {
-        self.call(|s| s.local.len()).await
+        Ok(())
     }
 
     async fn shutdown(&self) {}

@@ -1,16 +1,15 @@
-//! The in-process engine's state: plain data with synchronous methods, owned by the actor task
-//! of [`super::MemoryEngine`] (so each method runs to completion, alone, in arrival order: that
-//! is what makes registration, code checks, roles and mailbox takes atomic).
+//! The in-process engine's state: plain data with synchronous methods, behind the engine's
+//! mutex (so each method runs to completion, alone: that is what makes registration, code
+//! checks, roles and mailbox takes atomic). This instance's sockets are the router's.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::code::digests_match;
 use crate::engine::{
-    Access, CodeCheck, Delivery, EngineConfig, Grant, JoinResult, Joined, NewPeer, SessionRecord,
+    Access, CodeCheck, EngineConfig, Grant, JoinResult, Joined, NewPeer, SessionRecord,
 };
-use crate::peers::{Class, LocalPeers, PeerQueue, Queued};
-use crate::protocol::{new_id, unix_now, Frame, PeerInfo, Role, ServerMessage};
+use crate::protocol::{new_id, unix_now, PeerInfo, Role};
 
 struct Expiring<T> {
     value: T,
@@ -70,12 +69,10 @@ pub(super) struct State {
     rooms: HashMap<String, Vec<PeerInfo>>,
     /// Room → its current `server` peer.
     servers: HashMap<String, String>,
-    pub(super) local: LocalPeers,
 }
 
 impl State {
     pub(super) fn new(config: EngineConfig) -> Self {
-        let local = LocalPeers::new(config.queue);
         Self {
             config,
             sessions: HashMap::new(),
@@ -87,7 +84,6 @@ impl State {
             answers: HashMap::new(),
             rooms: HashMap::new(),
             servers: HashMap::new(),
-            local,
         }
     }
 
@@ -104,21 +100,6 @@ impl State {
         self.rooms
             .get(room)
             .is_some_and(|m| m.iter().any(|p| p.id == peer))
-    }
-
-    /// Sends `frame` to every member of `room` but `except`.
-    fn broadcast(&mut self, room: &str, except: &str, frame: &Frame) {
-        let Some(members) = self.rooms.get(room) else {
-            return;
-        };
-        let targets: Vec<String> = members
-            .iter()
-            .filter(|p| p.id != except)
-            .map(|p| p.id.clone())
-            .collect();
-        for id in targets {
-            self.local.deliver(&id, frame, Class::Control);
-        }
     }
 
     pub(super) fn sweep(&mut self, now: Instant) {
@@ -359,8 +340,6 @@ impl State {
         if me.role == Role::Server {
             self.servers.insert(room.clone(), me.id.clone());
         }
-        let frame = ServerMessage::PeerJoined { peer: me.clone() }.to_frame();
-        self.broadcast(&room, &me.id, &frame);
         JoinResult::Joined(Joined {
             me,
             peers,
@@ -368,48 +347,29 @@ impl State {
         })
     }
 
-    pub(super) fn leave(&mut self, room: String, peer: String) {
-        let Some(members) = self.rooms.get_mut(&room) else {
-            return;
-        };
+    /// Removes `peer` from `room`; the members left, or `None` when it was not a member.
+    pub(super) fn leave(&mut self, room: String, peer: String) -> Option<Vec<PeerInfo>> {
+        let members = self.rooms.get_mut(&room)?;
         let before = members.len();
         members.retain(|p| p.id != peer);
         if members.len() == before {
-            return;
+            return None;
         }
+        let survivors = members.clone();
         if self.servers.get(&room) == Some(&peer) {
             self.servers.remove(&room);
         }
-        if members.is_empty() {
+        if survivors.is_empty() {
             self.rooms.remove(&room);
             if let Some(entry) = self.sessions.get_mut(&room) {
                 entry.until = Instant::now() + self.config.session_ttl;
             }
-        } else {
-            let frame = ServerMessage::PeerLeft {
-                peer_id: peer.clone(),
-            }
-            .to_frame();
-            self.broadcast(&room, &peer, &frame);
         }
         self.offers.remove(&(room, peer));
+        Some(survivors)
     }
 
     pub(super) fn server_peer(&self, room: &str) -> Option<String> {
         self.servers.get(room).cloned()
-    }
-
-    pub(super) fn send(&mut self, room: &str, to: &str, frame: &Frame) -> Delivery {
-        if !self.is_member(room, to) {
-            return Delivery::NotMember;
-        }
-        match self.local.deliver(to, frame, Class::Relay) {
-            Queued::Full => Delivery::Full,
-            Queued::Yes | Queued::Absent => Delivery::Sent,
-        }
-    }
-
-    pub(super) fn connect(&mut self, peer: &str) -> PeerQueue {
-        self.local.register(peer)
     }
 }

@@ -8,14 +8,14 @@
 //! engine not ready and wakes the liveness task, which replaces the manager by a fresh one (a new
 //! connection, the endpoint resolved anew), at most once per [`FAILOVER_RECONNECT_EVERY`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, PushInfo, RedisError, RedisResult, ServerErrorKind};
-use tokio::sync::mpsc;
 
+use super::pushes::Pushes;
 use super::{fenced, liveness, unavailable, Inner};
 use crate::engine::{EngineError, EngineResult};
 
@@ -41,28 +41,19 @@ fn resp3_url(url: &str) -> String {
     }
 }
 
-/// A lazily connecting manager whose pushes are tagged with `gen`, so the hub can ignore a
-/// replaced manager's late messages.
+/// A lazily connecting manager whose pushes go to `pushes` tagged with `gen`, so a replaced
+/// manager's late messages are ignored. The handler never blocks the connection: it only
+/// delivers into bounded queues (see `super::pushes`).
 pub(crate) fn build_manager(
     url: &str,
     timeout: Duration,
-    push: mpsc::Sender<(u64, PushInfo)>,
+    pushes: Arc<Pushes>,
     gen: u64,
-    dropped: Arc<AtomicU64>,
 ) -> RedisResult<ConnectionManager> {
     let client = redis::Client::open(resp3_url(url))?;
-    // Bounded, and never blocking the connection: past the bound a push is dropped and counted
-    // (redis-rs ignores the error). The hub only fills it if it is starved; a lost self-tick
-    // then shows as deafness and the instance turns unready. A closed channel is no backlog:
-    // the hub has ended (shutdown), and the unsubscribe confirmations that follow go nowhere.
-    let sender = move |info: PushInfo| match push.try_send((gen, info)) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
-        Err(full @ mpsc::error::TrySendError::Full(_)) => {
-            if dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000) {
-                tracing::warn!("pub/sub backlog full: dropping pushes");
-            }
-            Err(full)
-        }
+    let sender = move |info: PushInfo| -> Result<(), std::convert::Infallible> {
+        pushes.handle(gen, info);
+        Ok(())
     };
     let cfg = ConnectionManagerConfig::new()
         .set_push_sender(sender)

@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::PushInfo;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use super::bus::{encode, Bus};
 use super::conn::FAILOVER_RECONNECT_EVERY;
-use super::hub::{Bus, Cmd};
 use super::{build_manager, Inner, Instance, RedisSettings};
 
 /// How often the self-message is published: every heartbeat, at least once a second.
@@ -41,7 +40,6 @@ pub(crate) struct Liveness {
     inner: Arc<Inner>,
     conn: watch::Sender<ConnectionManager>,
     instance: watch::Sender<Instance>,
-    push: mpsc::Sender<(u64, PushInfo)>,
     gen: Arc<AtomicU64>,
     last_ok: Instant,
     last_beat: Option<Instant>,
@@ -55,14 +53,12 @@ impl Liveness {
         inner: Arc<Inner>,
         conn: watch::Sender<ConnectionManager>,
         instance: watch::Sender<Instance>,
-        push: mpsc::Sender<(u64, PushInfo)>,
         gen: Arc<AtomicU64>,
     ) -> Self {
         Self {
             inner,
             conn,
             instance,
-            push,
             gen,
             last_ok: Instant::now(),
             last_beat: None,
@@ -94,14 +90,10 @@ impl Liveness {
         let sent = Instant::now();
         match inner.redis(inv.invoke_async::<u64>(&mut cm)).await {
             Ok(0) => {
-                // Written off already: continue under a fresh id (the hub follows it); the
-                // next tick registers that one.
+                // Written off already: continue under a fresh id; the next tick registers it.
                 let fresh = crate::protocol::new_id();
                 tracing::warn!(old = %id, new = %fresh, "instance id written off; taking a fresh one");
-                self.instance.send_replace(Instance {
-                    id: fresh,
-                    registered: false,
-                });
+                self.take_id(fresh);
                 let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
             }
             Ok(_) => {
@@ -123,7 +115,7 @@ impl Liveness {
     async fn publish_tick(&self) {
         let inner = &self.inner;
         let id = inner.current().id;
-        let payload = serde_json::to_string(&Bus::Tick { id: id.clone() }).expect("serializes");
+        let payload = encode(&Bus::Tick { id: id.clone() }, None);
         let cmd = redis::cmd("PUBLISH")
             .arg(inner.keys.channel(&id))
             .arg(payload)
@@ -170,9 +162,8 @@ impl Liveness {
         match build_manager(
             &inner.settings.url,
             inner.config.call_timeout,
-            self.push.clone(),
+            inner.pushes.clone(),
             gen,
-            inner.dropped_pushes.clone(),
         ) {
             Ok(cm) => {
                 tracing::warn!(gen, why, "replacing the Redis connection");
@@ -264,18 +255,26 @@ impl Liveness {
             .await;
     }
 
+    /// Continues under a fresh id: the router closes every socket and forgets every
+    /// membership first (atomically), so nothing is recorded under the old id afterwards.
+    fn take_id(&self, id: String) {
+        self.inner.router.follow(&id);
+        self.instance.send_replace(Instance {
+            id,
+            registered: false,
+        });
+        self.inner.last_tick.store(0, Ordering::Release);
+    }
+
     async fn retry_leaves(&self) {
-        let Ok(retries) = self.inner.ask(|reply| Cmd::TakeRetries { reply }).await else {
-            return;
-        };
-        for (peer, m) in retries {
+        for (peer, m) in self.inner.take_retries() {
             if self
                 .inner
                 .leave_in_redis(&m.room, &peer, &m.owner, true)
                 .await
                 .is_err()
             {
-                let _ = self.inner.hub.try_send(Cmd::RetryLeave { peer, m });
+                self.inner.retry_leave(&peer, m);
             }
         }
     }
@@ -288,12 +287,8 @@ impl Liveness {
         let new_id = crate::protocol::new_id();
         // Nothing acts under the old id from now on (joins and relays check this).
         inner.mark_dead();
-        // The hub follows this id (closing every socket) before it takes another command, so
-        // no join completes under the old id after this point.
-        self.instance.send_replace(Instance {
-            id: new_id.clone(),
-            registered: false,
-        });
+        // No join completes under the old id after this point.
+        self.take_id(new_id.clone());
         tracing::warn!(old = %old, new = %new_id, why, "instance fenced");
         // Best effort: hand the old id to the reapers now rather than after the timeout.
         let mut cm = inner.cm();

@@ -2,8 +2,8 @@
 //!
 //! Sessions, the mailbox, room membership and instance liveness live in Redis and change only
 //! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
-//! its own sockets, in the [`hub`] task. A frame for a peer on another instance is published to
-//! that instance's channel. Sessions, tokens, code checks and the mailbox are in [`store`];
+//! its own sockets, in the shared [`Router`]. A frame for a peer on another instance is
+//! published to that instance's channel ([`bus`]); what arrives there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
 //! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
 //! [`reaper`]; keeping sessions with members alive in [`refresh`]; the connection and its errors
 //! in [`conn`].
@@ -12,10 +12,11 @@
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
 //! carries both commands and the subscription; every call is bounded by `call_timeout`.
 
+mod bus;
 mod conn;
-mod hub;
 mod keys;
 mod liveness;
+mod pushes;
 mod reaper;
 mod refresh;
 mod repair;
@@ -25,24 +26,25 @@ mod store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::RedisResult;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use self::conn::build_manager;
-use self::hub::{Cmd, Hub, Membership};
 use self::keys::Keys;
+use self::pushes::Pushes;
 use self::scripts::Scripts;
 use crate::engine::{
     Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, JoinResult,
-    NewPeer, SessionRecord,
+    NewPeer, Sent, SessionRecord,
 };
-use crate::peers::PeerQueue;
 use crate::protocol::Frame;
+use crate::router::{Membership, Router};
 
 /// Redis-specific settings (see `Config`).
 #[derive(Clone, Debug)]
@@ -54,9 +56,6 @@ pub struct RedisSettings {
     /// A heartbeat older than this writes an instance off (its peers are reaped).
     pub instance_timeout: Duration,
 }
-
-/// Pushes (pub/sub messages) waiting for the hub at most; see `build_manager`.
-const PUSH_QUEUE: usize = 64 * 1024;
 
 /// This process's identity in Redis; replaced by a fresh one when the instance is fenced.
 #[derive(Clone, Debug)]
@@ -79,7 +78,11 @@ pub(crate) struct Inner {
     scripts: Scripts,
     conn: watch::Receiver<ConnectionManager>,
     instance: watch::Receiver<Instance>,
-    hub: mpsc::Sender<Cmd>,
+    router: Arc<Router>,
+    /// What arrives on this instance's channel (the manager calls it).
+    pushes: Arc<Pushes>,
+    /// Leaves whose Redis part failed; the liveness task retries them.
+    retries: Mutex<Vec<(String, Membership)>>,
     last_tick: Arc<AtomicU64>,
     origin: Instant,
     /// Until when (ms since `origin`) this instance is certainly not written off: the send time
@@ -91,8 +94,9 @@ pub(crate) struct Inner {
     paused: AtomicBool,
     /// Test hook: reap nothing (so a test can choose which instance reaps).
     reaper_paused: AtomicBool,
-    /// Pushes dropped because the hub fell `PUSH_QUEUE` behind (shown by `/health`).
-    dropped_pushes: Arc<AtomicU64>,
+    /// Test hook: the next relay to another instance stalls this long (ms) after its first
+    /// liveness check, as if the process froze there.
+    stall_send: AtomicU64,
     /// When (ms since `origin`; 0: never) Redis last said it cannot take writes (a failover,
     /// see `conn`). Not ready until a heartbeat sent after it succeeds.
     failover_at: AtomicU64,
@@ -114,35 +118,20 @@ impl RedisEngine {
     /// Starts the engine. Fails only on a malformed URL, never because Redis is down: the
     /// instance then starts not ready and registers as soon as Redis answers.
     pub async fn start(config: EngineConfig, settings: RedisSettings) -> RedisResult<RedisEngine> {
-        let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let gen = Arc::new(AtomicU64::new(0));
-        let dropped_pushes = Arc::new(AtomicU64::new(0));
-        let cm = build_manager(
-            &settings.url,
-            config.call_timeout,
-            push_tx.clone(),
-            0,
-            dropped_pushes.clone(),
-        )?;
-        let (conn_tx, conn_rx) = watch::channel(cm);
         let id = crate::protocol::new_id();
-        let (inst_tx, inst_rx) = watch::channel(Instance {
-            id: id.clone(),
-            registered: false,
-        });
-        let (hub_tx, hub_rx) = mpsc::channel(1024);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let router = Arc::new(Router::new(&id, config.queue));
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
-        let hub = Hub::new(
-            &config,
-            inst_rx.clone(),
-            gen.clone(),
-            dropped_pushes.clone(),
-            last_tick.clone(),
-            origin,
-        );
-        let repair_wake = hub.repair_wake();
+        let (pushes, reports) = Pushes::new(router.clone(), gen.clone(), last_tick.clone(), origin);
+        let cm = build_manager(&settings.url, config.call_timeout, pushes.clone(), 0)?;
+        let (conn_tx, conn_rx) = watch::channel(cm);
+        let (inst_tx, inst_rx) = watch::channel(Instance {
+            id,
+            registered: false,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let repair_wake = router.repair_wake();
         let inner = Arc::new(Inner {
             keys: Keys::new(&settings.key_prefix),
             config,
@@ -150,7 +139,9 @@ impl RedisEngine {
             scripts: Scripts::load(),
             conn: conn_rx,
             instance: inst_rx,
-            hub: hub_tx,
+            router,
+            pushes,
+            retries: Mutex::new(Vec::new()),
             last_tick,
             origin,
             alive_until: AtomicU64::new(0),
@@ -158,24 +149,24 @@ impl RedisEngine {
             tasks: tokio::sync::Mutex::new(Vec::new()),
             paused: AtomicBool::new(false),
             reaper_paused: AtomicBool::new(false),
-            dropped_pushes,
+            stall_send: AtomicU64::new(0),
             failover_at: AtomicU64::new(0),
             reconnect: tokio::sync::Notify::new(),
         });
-        let hub_task = tokio::spawn(hub.run(hub_rx, push_rx, stop_rx.clone()));
-        let mut live = liveness::Liveness::new(inner.clone(), conn_tx, inst_tx, push_tx, gen);
+        let mut live = liveness::Liveness::new(inner.clone(), conn_tx, inst_tx, gen);
         // A first attempt inline, so a healthy start is ready at once; failures are retried.
         live.try_register().await;
         let live_task = tokio::spawn(live.run(stop_rx.clone()));
         let refresh_task = tokio::spawn(refresh::refresher(inner.clone(), stop_rx.clone()));
         let reap_task = tokio::spawn(reaper::run(inner.clone(), stop_rx.clone()));
-        let repair_task = tokio::spawn(repair::run(inner.clone(), repair_wake, stop_rx));
+        let repair_task = tokio::spawn(repair::run(inner.clone(), repair_wake, stop_rx.clone()));
+        let report_task = tokio::spawn(pushes::reporter(inner.clone(), reports, stop_rx));
         inner.tasks.lock().await.extend([
-            hub_task,
             live_task,
             reap_task,
             refresh_task,
             repair_task,
+            report_task,
         ]);
         Ok(RedisEngine { inner })
     }
@@ -193,12 +184,17 @@ impl RedisEngine {
         for t in tasks {
             t.abort();
         }
+        self.inner
+            .router
+            .close_all(crate::peers::CloseReason::GoingAway);
     }
 
-    /// Test hook: the hub serves nothing for `d` (queues fill up behind it), as if starved.
+    /// Test hook: the next relay to another instance stalls for `d` right after its first
+    /// liveness check, as if the process froze there.
     #[doc(hidden)]
-    pub fn stall_hub(&self, d: Duration) {
-        let _ = self.inner.hub.try_send(Cmd::Stall(d));
+    pub fn stall_next_send(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        self.inner.stall_send.store(ms, Ordering::Release);
     }
 
     /// Test hook: this instance claims and reaps no dead instance (others still do).
@@ -267,19 +263,17 @@ impl Inner {
         self.redis(cmd.query_async(&mut cm)).await
     }
 
-    /// Sends a command to the hub and waits for its reply (bounded, like any engine call).
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> EngineResult<T> {
-        let (tx, rx) = oneshot::channel();
-        let cmd = make(tx);
-        let fut = async {
-            self.hub.send(cmd).await.ok()?;
-            rx.await.ok()
-        };
-        match tokio::time::timeout(self.config.call_timeout, fut).await {
-            Ok(Some(v)) => Ok(v),
-            Ok(None) => Err(EngineError::Busy("engine stopped".into())),
-            Err(_) => Err(EngineError::Busy("the hub did not answer in time".into())),
+    /// Queues a leave whose Redis part failed, for the liveness task to retry.
+    fn retry_leave(&self, peer: &str, m: Membership) {
+        let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the sockets this instance had: one entry per peer.
+        if m.owner == self.router.id() && !retries.iter().any(|(p, _)| p == peer) {
+            retries.push((peer.to_owned(), m));
         }
+    }
+
+    fn take_retries(&self) -> Vec<(String, Membership)> {
+        std::mem::take(&mut *self.retries.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn ttl_ms(d: Duration) -> u64 {
@@ -351,20 +345,14 @@ impl Engine for RedisEngine {
         self.inner.take_answer(room, to, handshake).await
     }
 
-    async fn connect(&self, peer: &str) -> EngineResult<PeerQueue> {
-        let peer = peer.to_owned();
-        self.inner.ask(|reply| Cmd::Connect { peer, reply }).await
+    fn router(&self) -> &Router {
+        &self.inner.router
     }
 
     async fn disconnect(&self, peer: &str) {
-        let owned = peer.to_owned();
-        let left_behind = self
-            .inner
-            .ask(|reply| Cmd::Disconnect { peer: owned, reply })
-            .await;
         // A socket that goes without leaving must not stay a member.
-        if let Ok(Some(Membership { room, .. })) = left_behind {
-            let _ = self.inner.leave(&room, peer).await;
+        if let Some(m) = self.inner.router.disconnect(peer) {
+            let _ = self.inner.leave_member(peer, m).await;
         }
     }
 
@@ -391,20 +379,20 @@ impl Engine for RedisEngine {
         i.query(&cmd).await
     }
 
-    async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
-        self.inner.send(room, to, frame).await
+    type Publish = BoxFuture<'static, EngineResult<Delivery>>;
+
+    async fn send(
+        &self,
+        room: &str,
+        from: &str,
+        to: &str,
+        frame: Frame,
+    ) -> EngineResult<Sent<Self::Publish>> {
+        self.inner.send(room, from, to, frame).await
     }
 
     async fn ready(&self) -> EngineResult<()> {
         self.inner.ready().await
-    }
-
-    async fn local_peers(&self) -> EngineResult<usize> {
-        self.inner.ask(|reply| Cmd::Count { reply }).await
-    }
-
-    fn dropped_pushes(&self) -> u64 {
-        self.inner.dropped_pushes.load(Ordering::Relaxed)
     }
 
     async fn shutdown(&self) {
@@ -419,6 +407,9 @@ impl Engine for RedisEngine {
                 abort.abort();
             }
         }
+        self.inner
+            .router
+            .close_all(crate::peers::CloseReason::GoingAway);
         liveness::deregister(&self.inner).await;
     }
 }

@@ -7,7 +7,7 @@
 //! tick, and each batch costs a fixed number of round trips whatever its size: one
 //! `SRANDMEMBER`, one pipeline of leave scripts (each a short script in its own room's slot,
 //! so Redis serves other clients between them, and each stays single-slot for Redis Cluster),
-//! the hub's local deliveries, and one pipeline of the PUBLISHes to the survivors' instances
+//! the router's local deliveries, and one pipeline of the PUBLISHes to the survivors' instances
 //! plus the `SREM` of the batch. Measured: `tests/reaping.rs`, `docs/architecture.md`.
 
 use std::sync::atomic::Ordering;
@@ -17,9 +17,10 @@ use std::time::Duration;
 use redis::RedisResult;
 use tokio::sync::watch;
 
-use super::hub::{parse_members, Bus, Known, Member};
+use super::bus::parse_members;
 use super::Inner;
 use crate::engine::{EngineError, EngineResult};
+use crate::router::{Known, Member};
 
 /// Peers per batch. Each leave script returns its room's remaining members, so a batch's reply
 /// is about this many member lists (realistic rooms: a few KiB each).
@@ -141,7 +142,7 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
     let mut cm = inner.cm();
     let results: Vec<RedisResult<Vec<String>>> = inner.redis(leaves.query_async(&mut cm)).await?;
 
-    // Survivors here are told by the hub; the others' instances get one message each.
+    // Survivors here are told by the router; the others' instances get one message each.
     let mut done: Vec<String> = entries
         .iter()
         .filter(|e| !e.contains('|'))
@@ -168,54 +169,21 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
             .map(Member::to_known)
             .collect();
         if !survivors.is_empty() {
-            fanouts.push(fanout(inner, room, peer, survivors));
+            let (frame, groups) = inner.tell_left(room, peer, survivors);
+            fanouts.extend(inner.room_event(room, groups, &frame, None, Some(peer)));
         }
     }
     if done.is_empty() {
         return Err(failed.unwrap_or_else(|| EngineError::Busy("empty reap batch".into())));
     }
     let mut publishes = redis::pipe();
-    for published in futures::future::join_all(fanouts).await {
-        match published {
-            Ok(messages) => {
-                for (channel, payload) in messages {
-                    publishes.cmd("PUBLISH").arg(channel).arg(payload).ignore();
-                }
-            }
-            // The peer is gone already; only its survivors' notice is lost (logged).
-            Err(e) => tracing::warn!(error = %e, "peer_left of a reaped peer not delivered"),
-        }
+    for (channel, payload) in fanouts {
+        publishes.cmd("PUBLISH").arg(channel).arg(payload).ignore();
     }
     publishes.cmd("SREM").arg(&set).arg(&done);
     let mut cm = inner.cm();
     let _: Vec<i64> = inner.redis(publishes.query_async(&mut cm)).await?;
     Ok(done.len())
-}
-
-/// Delivers `peer_left` to the local survivors and returns the (channel, message) for each
-/// other instance that holds survivors.
-async fn fanout(
-    inner: &Inner,
-    room: &str,
-    peer: &str,
-    survivors: Vec<Known>,
-) -> EngineResult<Vec<(String, String)>> {
-    let (frame, groups) = inner.tell_left(room, peer, survivors).await?;
-    Ok(groups
-        .into_iter()
-        .map(|(owner, to)| {
-            let bus = Bus::Deliver {
-                room: room.to_owned(),
-                to,
-                frame: frame.to_string(),
-                joined: None,
-                joined_seq: None,
-                left: Some(peer.to_owned()),
-            };
-            let payload = serde_json::to_string(&bus).expect("bus messages serialize");
-            (inner.keys.channel(&owner), payload)
-        })
-        .collect())
 }
 
 async fn lease_op(inner: &Inner, me: &str, dead: &str, op: &str) -> Option<bool> {

@@ -4,7 +4,7 @@
 //! between each instance's refresher task renews the rooms it holds members of.
 //!
 //! Every `period` (session_ttl/4, so three refreshes may fail before anything expires) the
-//! refresher asks the hub for its rooms and renews them in batches: one pipeline of
+//! refresher asks the router for its rooms and renews them in batches: one pipeline of
 //! `lua/touch.lua` (one slot each) per [`ROOM_BATCH`] rooms, then one pipeline of PEXPIREs for
 //! the tokens those scripts listed (each token has its own slot). Nothing is refreshed per
 //! message, and a room whose members sit on several instances is renewed by each of them.
@@ -15,7 +15,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use super::hub::Cmd;
 use super::Inner;
 use crate::engine::EngineResult;
 
@@ -59,7 +58,7 @@ impl Inner {
     /// Renews every room with a local member, and their tokens. Stops at the first failed
     /// pipeline (Redis is likely down; the next period retries).
     async fn refresh_rooms(&self) -> EngineResult<()> {
-        let rooms = self.ask(|reply| Cmd::Rooms { reply }).await?;
+        let rooms = self.router.rooms();
         let ttl = Self::ttl_ms(self.config.session_ttl);
         let k = &self.keys;
         for batch in rooms.chunks(ROOM_BATCH) {

@@ -1,7 +1,8 @@
-//! The repair task: after a gap in this instance's subscription the hub marks its rooms (those
-//! with local members) and wakes this task, which re-reads each one's membership and hands the
-//! read back; the hub tells each local member the `peer_joined`/`peer_left` it missed (see
-//! `hub/view.rs`). The hub never waits on Redis; this task does, every call bounded.
+//! The repair task: after a gap in this instance's subscription the router marks its rooms
+//! (those with local members) and wakes this task, which re-reads each one's membership and
+//! hands the read back; the router tells each local member the `peer_joined`/`peer_left` it
+//! missed (see `router/view.rs`). The router never waits on Redis; this task does, every call
+//! bounded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{watch, Notify};
 
-use super::hub::{parse_members, Cmd, Member};
+use super::bus::parse_members;
 use super::Inner;
 use crate::engine::EngineResult;
+use crate::router::Member;
 
 /// Rooms read at once: each read is two commands on the shared connection.
 const CONCURRENCY: usize = 16;
@@ -27,9 +29,7 @@ pub(crate) async fn run(inner: Arc<Inner>, wake: Arc<Notify>, mut stop: watch::R
             _ = wake.notified() => {}
             _ = tokio::time::sleep(RETRY_AFTER), if !failed.is_empty() => {}
         }
-        let Ok(mut rooms) = inner.ask(|reply| Cmd::TakeRepairs { reply }).await else {
-            continue;
-        };
+        let mut rooms = inner.router.take_repairs();
         for f in failed.drain(..) {
             if !rooms.iter().any(|(room, _)| *room == f.0) {
                 rooms.push(f);
@@ -53,27 +53,12 @@ pub(crate) async fn run(inner: Arc<Inner>, wake: Arc<Notify>, mut stop: watch::R
             let Some((room, epoch, read)) = next else {
                 break;
             };
-            let sent = match read {
-                Ok((counter, members)) => {
-                    let cmd = Cmd::Repair {
-                        room: room.clone(),
-                        epoch,
-                        counter,
-                        members,
-                    };
-                    let send = inner.hub.send(cmd);
-                    matches!(
-                        tokio::time::timeout(inner.config.call_timeout, send).await,
-                        Ok(Ok(()))
-                    )
-                }
+            match read {
+                Ok((counter, members)) => inner.router.repair(&room, epoch, counter, &members),
                 Err(e) => {
                     tracing::debug!(session = %room, error = %e, "room repair read failed");
-                    false
+                    failed.push((room, epoch));
                 }
-            };
-            if !sent {
-                failed.push((room, epoch));
             }
         }
     }

@@ -1,25 +1,46 @@
 //! Rooms in Redis: joining (role and room limit in `lua/join.lua`), leaving, and delivering a
-//! frame to a member wherever its socket is (this instance's hub, or its owner's channel).
+//! frame to a member wherever its socket is (this instance's router, or its owner's channel).
 
-use super::hub::{parse_members, Blob, Bus, Cmd, Groups, Known, Member, Route};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use super::bus::{encode, known, parse_members, Blob, Bus};
 use super::{fenced, unavailable, Inner};
-use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
+use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer, Sent};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
+use crate::router::{Groups, Known, Member, Membership, Route};
 
 impl Inner {
-    /// Publishes one bus message to an instance's channel; returns how many subscribers got it.
-    async fn publish_to(&self, owner: &str, bus: &Bus) -> EngineResult<i64> {
-        let payload = serde_json::to_string(bus).expect("bus messages serialize");
-        let cmd = redis::cmd("PUBLISH")
-            .arg(self.keys.channel(owner))
-            .arg(payload)
-            .clone();
-        self.query::<i64>(&cmd).await
+    /// A room event's bus message for each remote owner: (channel, payload).
+    pub(super) fn room_event(
+        &self,
+        room: &str,
+        groups: Groups,
+        frame: &Frame,
+        joined: Option<&Known>,
+        left: Option<&str>,
+    ) -> Vec<(String, Vec<u8>)> {
+        groups
+            .into_iter()
+            .map(|(owner, to)| {
+                let bus = Bus::Deliver {
+                    room: room.to_owned(),
+                    to,
+                    joined: joined.map(|k| (k.id.clone(), k.owner.clone())),
+                    joined_seq: joined.map(|k| k.seq),
+                    left: left.map(str::to_owned),
+                    from: None,
+                };
+                (self.keys.channel(&owner), encode(&bus, Some(frame)))
+            })
+            .collect()
     }
 
-    /// Publishes a room event to each remote owner's channel with the members it holds there.
-    /// A failure is only logged: the room event has happened in Redis either way.
+    /// Publishes a room event to each remote owner's channel, all at once (pipelined on the
+    /// shared connection). A failure is only logged: the room event has happened in Redis.
     async fn broadcast(
         &self,
         room: &str,
@@ -28,19 +49,16 @@ impl Inner {
         joined: Option<&Known>,
         left: Option<&str>,
     ) {
-        for (owner, to) in groups {
-            let bus = Bus::Deliver {
-                room: room.to_owned(),
-                to,
-                frame: frame.to_string(),
-                joined: joined.map(|k| (k.id.clone(), k.owner.clone())),
-                joined_seq: joined.map(|k| k.seq),
-                left: left.map(str::to_owned),
-            };
-            if let Err(e) = self.publish_to(&owner, &bus).await {
-                tracing::warn!(%owner, error = %e, "publish to instance failed");
-            }
-        }
+        let publishes = self
+            .room_event(room, groups, frame, joined, left)
+            .into_iter()
+            .map(|(channel, payload)| async move {
+                let cmd = redis::cmd("PUBLISH").arg(&channel).arg(payload).clone();
+                if let Err(e) = self.query::<i64>(&cmd).await {
+                    tracing::warn!(%channel, error = %e, "publish to instance failed");
+                }
+            });
+        futures::future::join_all(publishes).await;
     }
 
     /// `to`'s member record in `room`: its owner and seq.
@@ -50,31 +68,23 @@ impl Inner {
             .arg(to)
             .clone();
         let rec = self.query::<Option<String>>(&cmd).await?;
-        Ok(rec.and_then(|rec| Member::known(to, &rec)))
+        Ok(rec.and_then(|rec| known(to, &rec)))
     }
 
-    /// Delivers `peer_left` for `peer` to the local `survivors` (the hub's room view decides
-    /// who has to hear it) and returns the frame and the remote survivors by owner.
-    pub(super) async fn tell_left(
+    /// Delivers `peer_left` for `peer` to the local `survivors` (the router's room view
+    /// decides who has to hear it) and returns the frame and the remote survivors by owner.
+    pub(super) fn tell_left(
         &self,
         room: &str,
         peer: &str,
         survivors: Vec<Known>,
-    ) -> EngineResult<(Frame, Groups)> {
+    ) -> (Frame, Groups) {
         let frame = ServerMessage::PeerLeft {
             peer_id: peer.to_owned(),
         }
         .to_frame();
-        let groups = self
-            .ask(|reply| Cmd::Left {
-                room: room.to_owned(),
-                peer: peer.to_owned(),
-                recipients: survivors,
-                frame: frame.clone(),
-                reply,
-            })
-            .await?;
-        Ok((frame, groups))
+        let groups = self.router.left(room, peer, survivors, &frame);
+        (frame, groups)
     }
 
     /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
@@ -108,7 +118,7 @@ impl Inner {
                 .map(Member::to_known)
                 .collect();
             if !survivors.is_empty() {
-                let (frame, groups) = self.tell_left(room, peer, survivors).await?;
+                let (frame, groups) = self.tell_left(room, peer, survivors);
                 self.broadcast(room, groups, &frame, None, Some(peer)).await;
             }
         }
@@ -175,14 +185,15 @@ impl Inner {
             return Ok(JoinResult::Full);
         }
         let fresh = flat.first().map(String::as_str) == Some("1");
-        if fresh {
-            // The script refreshed the session; its tokens (other slots) follow. A failure only
-            // shortens their life to what it was: not worth failing the join for.
+        let members = parse_members(flat.get(1..).unwrap_or_default());
+        if fresh && members.len() == 1 {
+            // The script refreshed the session; its tokens (other slots) follow. Only for the
+            // first member: from then on the refresher renews them (`super::refresh`). A
+            // failure only shortens their life to what it was: not worth failing the join for.
             if let Err(e) = self.refresh_tokens(room).await {
                 tracing::warn!(session = %room, error = %e, "token refresh failed");
             }
         }
-        let members = parse_members(flat.get(1..).unwrap_or_default());
         let Some(me) = members.iter().find(|m| m.info.id == peer.id).cloned() else {
             return Err(unavailable("join script returned no record for the joiner"));
         };
@@ -194,29 +205,22 @@ impl Inner {
         });
         let owners: Vec<Known> = members.iter().map(Member::to_known).collect();
         // Frozen while the script ran: we may already be reaped, so the join must not stand
-        // (the hub may not have been fenced yet to refuse it below).
+        // (the router may not have been fenced yet to refuse it below).
         if !self.alive_locally() {
             let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
             return Err(fenced("instance may have been written off"));
         }
-        let reply = self
-            .ask(|reply| Cmd::Joined {
-                room: room.to_owned(),
-                peer: peer.id.clone(),
-                owner: me.owner.clone(),
-                members: owners,
-                frame: frame.clone(),
-                reply,
-            })
-            .await?;
-        match reply {
-            Ok(groups) => {
+        match self
+            .router
+            .joined(room, &peer.id, &me.owner, owners, frame.clone())
+        {
+            Some(groups) => {
                 if let Some(frame) = frame {
                     let me = me.to_known();
                     self.broadcast(room, groups, &frame, Some(&me), None).await;
                 }
             }
-            Err(()) => {
+            None => {
                 // Fenced while joining: undo, since the old id's reaper may already be done.
                 let _ = self.leave_in_redis(room, &peer.id, &me.owner, true).await;
                 return Err(fenced("instance was fenced during the join"));
@@ -230,101 +234,96 @@ impl Inner {
     }
 
     pub(super) async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {
-        let Some(m) = self
-            .ask(|reply| Cmd::Leaving {
-                room: room.to_owned(),
-                peer: peer.to_owned(),
-                reply,
-            })
-            .await?
-        else {
-            return Ok(());
-        };
-        let res = self.leave_in_redis(room, peer, &m.owner, true).await;
+        match self.router.leaving(room, peer) {
+            Some(m) => self.leave_member(peer, m).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Leaves in Redis for a local membership the router has ended; a failure is retried by
+    /// the liveness task.
+    pub(super) async fn leave_member(&self, peer: &str, m: Membership) -> EngineResult<()> {
+        let res = self.leave_in_redis(&m.room, peer, &m.owner, true).await;
         if res.is_err() {
-            let _ = self.hub.try_send(Cmd::RetryLeave {
-                peer: peer.to_owned(),
-                m,
-            });
+            self.retry_leave(peer, m);
         }
         res
     }
 
-    pub(super) async fn send(&self, room: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
+    /// Delivers a relayed frame from local `from` to member `to` of `room`: to a local socket
+    /// at once, to a remote one by publishing to its owner's channel (returned pending; see
+    /// [`crate::engine::Engine::send`]).
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        room: &str,
+        from: &str,
+        to: &str,
+        frame: Frame,
+    ) -> EngineResult<Sent<BoxFuture<'static, EngineResult<Delivery>>>> {
         // The sender may have been reaped (and the room told it left): relay nothing for it.
         if !self.alive_locally() {
             return Err(fenced("instance may have been written off"));
         }
-        let route = self
-            .ask(|reply| Cmd::Route {
-                room: room.to_owned(),
-                to: to.to_owned(),
-                frame: frame.clone(),
-                reply,
-            })
-            .await?;
-        let (owner, looked_up) = match route {
-            Route::Delivered => return Ok(Delivery::Sent),
-            Route::Full => return Ok(Delivery::Full),
-            Route::Absent => return Ok(Delivery::NotMember),
+        let (owner, looked_up) = match self.router.relay(room, to, &frame).await {
+            Route::Delivered => return Ok(Sent::Done(Delivery::Sent)),
+            Route::Full(_) => return Ok(Sent::Done(Delivery::Full)),
+            Route::Absent => return Ok(Sent::Done(Delivery::NotMember)),
             Route::Remote(owner) => (owner, false),
             Route::Unknown { epoch } => {
                 let Some(known) = self.lookup(room, to).await? else {
-                    return Ok(Delivery::NotMember);
+                    return Ok(Sent::Done(Delivery::NotMember));
                 };
                 if known.owner == self.current().id {
-                    // Ours by record but not (or no longer) recorded by the hub: a join in
+                    // Ours by record but not (or no longer) recorded by the router: a join in
                     // flight gets the frame, a peer on its way out does not.
-                    let queued = self
-                        .ask(|reply| Cmd::DeliverJoining {
-                            room: room.to_owned(),
-                            to: to.to_owned(),
-                            frame: frame.clone(),
-                            reply,
-                        })
-                        .await?;
-                    return Ok(match queued {
-                        Queued::Yes => Delivery::Sent,
-                        Queued::Full => Delivery::Full,
-                        Queued::Absent => Delivery::NotMember,
-                    });
+                    return Ok(Sent::Done(
+                        match self.router.deliver_member(room, to, &frame) {
+                            Queued::Yes => Delivery::Sent,
+                            Queued::Full(_) => Delivery::Full,
+                            Queued::Absent => Delivery::NotMember,
+                        },
+                    ));
                 }
-                let _ = self.hub.try_send(Cmd::Learn {
-                    room: room.to_owned(),
-                    epoch,
-                    known: known.clone(),
-                });
+                self.router.learn(room, epoch, &known);
                 (known.owner, true)
             }
         };
-        let bus = Bus::Deliver {
-            room: room.to_owned(),
-            to: vec![to.to_owned()],
-            frame: frame.to_string(),
-            joined: None,
-            joined_seq: None,
-            left: None,
-        };
+        let stall = self.stall_send.swap(0, Ordering::AcqRel);
+        if stall > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(stall)).await;
+        }
         // Again right before the PUBLISH: a freeze (SIGSTOP) during the awaits above can outlast
         // the deadline, and the room may have been told by now that this sender left.
         if !self.alive_locally() {
             return Err(fenced("instance may have been written off"));
         }
-        let receivers = self.publish_to(&owner, &bus).await.inspect_err(|e| {
-            tracing::warn!(%owner, error = %e, "relay publish failed");
-        })?;
-        if receivers > 0 {
-            return Ok(Delivery::Sent);
-        }
-        // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
-        // subscription is down. The frame is lost either way; the route goes.
-        let _ = self.hub.try_send(Cmd::Forget {
+        let bus = Bus::Deliver {
             room: room.to_owned(),
-            peer: to.to_owned(),
-        });
-        if !looked_up && self.lookup(room, to).await?.is_none() {
-            return Ok(Delivery::NotMember);
-        }
-        Ok(Delivery::Unreachable)
+            to: vec![to.to_owned()],
+            joined: None,
+            joined_seq: None,
+            left: None,
+            from: Some((from.to_owned(), self.current().id)),
+        };
+        let cmd = redis::cmd("PUBLISH")
+            .arg(self.keys.channel(&owner))
+            .arg(encode(&bus, Some(&frame)))
+            .clone();
+        let (inner, room, to) = (self.clone(), room.to_owned(), to.to_owned());
+        Ok(Sent::Pending(Box::pin(async move {
+            let receivers = inner.query::<i64>(&cmd).await.inspect_err(|e| {
+                tracing::warn!(%owner, error = %e, "relay publish failed");
+            })?;
+            if receivers > 0 {
+                return Ok(Delivery::Sent);
+            }
+            // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
+            // subscription is down. The frame is lost either way; the route goes.
+            inner.router.forget(&room, &to);
+            if !looked_up && inner.lookup(&room, &to).await?.is_none() {
+                return Ok(Delivery::NotMember);
+            }
+            Ok(Delivery::Unreachable)
+        })))
     }
 }

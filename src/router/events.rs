@@ -1,17 +1,17 @@
-//! Room events for the hub's local members: recording a join (its snapshot, what it was sent
-//! while in flight), telling members of joins and departures at most once each, and applying a
-//! repair read. An `impl Hub` of its own so `hub.rs` keeps to the task and its inputs.
+//! Room events for the router's local members: recording a join (its snapshot, what it was
+//! sent while in flight), telling members of joins and departures at most once each, frames
+//! from other instances, and applying a repair read. An `impl Table` of its own so `mod.rs`
+//! keeps to the router's interface.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
-use super::view::{Event, Known, RoomView, MAX_PER_ROOM};
-use super::{Bus, Groups, Hub, Member, Membership};
+use super::view::{Event, Known, Member, RoomView, MAX_PER_ROOM};
+use super::{Groups, Membership, Table};
 use crate::peers::{Class, Queued};
 use crate::protocol::{Frame, ServerMessage};
 
 /// Room events queued for a local socket whose join script has run but whose `Joined` has not
-/// reached the hub (see [`Hub::deliver_member`]); replayed into the view when it does.
+/// reached the hub (see [`Table::deliver_member`]); replayed into the view when it does.
 pub(super) struct InFlight {
     pub room: String,
     pub events: Vec<Event>,
@@ -35,7 +35,7 @@ impl InFlight {
     }
 }
 
-impl Hub {
+impl Table {
     /// Records a join: the view learns the snapshot, replays what the socket was sent while its
     /// join was in flight, and tells it now of snapshot members known to have left since. With
     /// `frame` (a fresh join), tells the other local members; returns the remote ones.
@@ -74,7 +74,7 @@ impl Hub {
                 }
                 if f.missed_repair {
                     self.pending.insert(room.to_owned());
-                    self.wake.notify_one();
+                    self.wake = true;
                 }
             }
             for gone in view.reconcile(peer) {
@@ -112,7 +112,7 @@ impl Hub {
 
     /// Delivers room event `ev` (as `frame`) to local `peer`, unless it was told already (or
     /// the news is stale). A socket whose join is in flight gets it and it is logged for the
-    /// join (see [`Hub::deliver_member`]).
+    /// join (see [`Table::deliver_member`]).
     pub(super) fn tell(&mut self, room: &str, peer: &str, ev: &Event, frame: &Frame) {
         match self.joined.get(peer) {
             Some(m) if m.room == room => {
@@ -171,7 +171,7 @@ impl Hub {
     pub(super) fn want_repair_all(&mut self) {
         if !self.rooms.is_empty() {
             self.pending.extend(self.rooms.keys().cloned());
-            self.wake.notify_one();
+            self.wake = true;
         }
     }
 
@@ -188,7 +188,7 @@ impl Hub {
         if view.epoch != epoch {
             // The view was replaced after the read was asked for: read again for this one.
             self.pending.insert(room.to_owned());
-            self.wake.notify_one();
+            self.wake = true;
             return;
         }
         for (peer, msg) in view.repair(&self.id, counter, members) {
@@ -210,53 +210,34 @@ impl Hub {
         }
     }
 
-    /// A message on this instance's channel.
-    pub(super) fn bus(&mut self, bus: Bus) {
-        match bus {
-            Bus::Tick { id } => {
-                if id == self.id {
-                    let ms = self.origin.elapsed().as_millis() as u64;
-                    self.last_tick.store(ms.max(1), Ordering::Release);
-                }
-            }
-            Bus::Deliver {
-                room,
-                to,
-                frame,
-                joined,
-                joined_seq,
-                left,
-            } => {
-                let view = self.rooms.get_mut(&room);
-                let ev = match (left, joined) {
-                    (Some(left), _) => {
-                        if let Some(view) = view {
-                            view.depart(&left);
-                        }
-                        Some(Event::Left(left))
-                    }
-                    (None, Some((id, owner))) => {
-                        let seq = joined_seq.unwrap_or(0);
-                        let k = Known { id, owner, seq };
-                        if let Some(view) = view {
-                            view.learn(&self.id, &k);
-                        }
-                        Some(Event::Joined(k))
-                    }
-                    (None, None) => None,
-                };
-                let frame = Frame::from(frame);
-                for peer in to {
-                    match &ev {
-                        Some(ev) => self.tell(&room, &peer, ev, &frame),
-                        // A relayed frame refused here (full queue) cannot be reported to its
-                        // sender on the other instance yet: see docs/security.md.
-                        None => {
-                            self.deliver_member(&room, &peer, &frame, Class::Relay);
-                        }
-                    }
-                }
+    /// Frames from another instance for local members `to` of `room` (see
+    /// [`super::Router::deliver_remote`]); returns those whose queues refused a relayed frame.
+    pub(super) fn deliver_remote(
+        &mut self,
+        room: &str,
+        to: &[String],
+        frame: &Frame,
+        ev: Option<Event>,
+    ) -> Vec<(String, bool)> {
+        let id = self.id.clone();
+        if let Some(view) = self.rooms.get_mut(room) {
+            match &ev {
+                Some(Event::Left(left)) => view.depart(left),
+                Some(Event::Joined(k)) => view.learn(&id, k),
+                None => {}
             }
         }
+        let mut refused = Vec::new();
+        for peer in to {
+            match &ev {
+                Some(ev) => self.tell(room, peer, ev, frame),
+                None => match self.deliver_member(room, peer, frame, Class::Relay) {
+                    Queued::Yes => {}
+                    Queued::Full(_) => refused.push((peer.clone(), true)),
+                    Queued::Absent => refused.push((peer.clone(), false)),
+                },
+            }
+        }
+        refused
     }
 }

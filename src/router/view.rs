@@ -17,8 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::bus::Member;
-use crate::protocol::ServerMessage;
+use crate::protocol::{PeerInfo, ServerMessage};
 
 /// Entries per room (route cache, per-member sets) at most; rooms are far smaller
 /// (`--max-room-peers` plus the host slots).
@@ -32,15 +31,33 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 /// A member as some message names it. `seq` is its place in the room's join order
 /// (`lua/join.lua`); 0 when unknown (a message from an older instance).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Known {
+pub struct Known {
     pub id: String,
     pub owner: String,
     pub seq: u64,
 }
 
+/// A member as the storage records it: its place in the join order, its owner, its PeerInfo.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub seq: u64,
+    pub owner: String,
+    pub info: PeerInfo,
+}
+
+impl Member {
+    pub fn to_known(&self) -> Known {
+        Known {
+            id: self.info.id.clone(),
+            owner: self.owner.clone(),
+            seq: self.seq,
+        }
+    }
+}
+
 /// A room event for one local member.
 #[derive(Clone, Debug)]
-pub(crate) enum Event {
+pub enum Event {
     Joined(Known),
     Left(String),
 }
@@ -286,7 +303,7 @@ impl RoomView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{PeerInfo, Role};
+    use crate::protocol::Role;
 
     const ME: &str = "me";
 

@@ -1,0 +1,156 @@
+//! What instances publish to each other, and the member records of `{S}:peers` as parsed.
+//!
+//! A bus message is a small JSON header, a newline, and (for `Deliver`) the frame itself, raw:
+//! the frame is neither escaped into the header nor parsed again, and the receiver hands a
+//! slice of the message it received to its sockets (see [`decode`]).
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{Frame, PeerInfo, Role};
+use crate::router::{Known, Member};
+
+/// The header of what instances publish to each other's channels.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub(crate) enum Bus {
+    /// The self-message proving this instance's subscription still works.
+    Tick { id: String },
+    /// The frame after the header, for some members of `room` held by the receiving instance.
+    Deliver {
+        room: String,
+        to: Vec<String>,
+        /// (peer, owner) that just joined: the receiver may cache its owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined: Option<(String, String)>,
+        /// The join's `seq`, so late news is recognised as such.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        joined_seq: Option<u64>,
+        /// Peer that just left: the receiver forgets its owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        left: Option<String>,
+        /// A relayed frame's sender and its instance: told if the frame cannot be delivered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<(String, String)>,
+    },
+    /// A relayed frame from local member `to` could not be delivered to `peer`.
+    Refused {
+        room: String,
+        to: String,
+        peer: String,
+        /// The recipient's queue was full (else it is no longer a member).
+        full: bool,
+    },
+}
+
+/// A bus message: the header's JSON (which never contains a raw newline), `\n`, the frame.
+pub(crate) fn encode(header: &Bus, frame: Option<&Frame>) -> Vec<u8> {
+    let mut out = serde_json::to_vec(header).expect("bus headers serialize");
+    out.push(b'\n');
+    if let Some(frame) = frame {
+        out.extend_from_slice(frame.as_bytes());
+    }
+    out
+}
+
+/// The header and the frame of a bus message; the frame shares the message's bytes.
+pub(crate) fn decode(payload: Vec<u8>) -> Option<(Bus, Option<Frame>)> {
+    let split = payload.iter().position(|b| *b == b'\n')?;
+    let header: Bus = serde_json::from_slice(&payload[..split]).ok()?;
+    if split + 1 == payload.len() {
+        return Some((header, None));
+    }
+    let frame = Bytes::from(payload).slice(split + 1..);
+    Some((header, Some(Frame::try_from(frame).ok()?)))
+}
+
+/// The opaque part of a member record (`lua/join.lua`).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Blob {
+    pub supported_transports: Vec<serde_json::Value>,
+    pub preferred_transport: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A room member as stored in Redis: `seq|role|joined_at|owner|blob`.
+pub(crate) fn parse_member(id: &str, rec: &str) -> Option<Member> {
+    let mut it = rec.splitn(5, '|');
+    let seq = it.next()?.parse().ok()?;
+    let role = match it.next()? {
+        "server" => Role::Server,
+        _ => Role::Client,
+    };
+    let joined_at = it.next()?.parse().ok()?;
+    let owner = it.next()?.to_owned();
+    let blob: Blob = serde_json::from_str(it.next()?).ok()?;
+    Some(Member {
+        seq,
+        owner,
+        info: PeerInfo {
+            id: id.to_owned(),
+            role,
+            joined_at,
+            supported_transports: blob.supported_transports,
+            preferred_transport: blob.preferred_transport,
+            metadata: blob.metadata,
+        },
+    })
+}
+
+/// The owner and seq of a record without parsing the rest.
+pub(crate) fn known(id: &str, rec: &str) -> Option<Known> {
+    let mut it = rec.split('|');
+    let seq = it.next()?.parse().ok()?;
+    let owner = it.nth(2)?.to_owned();
+    Some(Known {
+        id: id.to_owned(),
+        owner,
+        seq,
+    })
+}
+
+/// Parses flat `[id, rec, id, rec, ...]` (HGETALL order) into members in join order.
+pub(crate) fn parse_members(flat: &[String]) -> Vec<Member> {
+    let mut out: Vec<Member> = flat
+        .chunks_exact(2)
+        .filter_map(|kv| {
+            let m = parse_member(&kv[0], &kv[1]);
+            if m.is_none() {
+                tracing::warn!(peer = %kv[0], "unparsable member record ignored");
+            }
+            m
+        })
+        .collect();
+    out.sort_by_key(|m| m.seq);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_travels_raw_after_the_header() {
+        let frame = Frame::from("{\"type\":\"signal\",\"x\":\"a\\nb\"}");
+        let bus = Bus::Deliver {
+            room: "r".into(),
+            to: vec!["p".into()],
+            joined: None,
+            joined_seq: None,
+            left: None,
+            from: Some(("s".into(), "i".into())),
+        };
+        let wire = encode(&bus, Some(&frame));
+        assert!(wire.ends_with(frame.as_bytes()), "not escaped");
+        let (header, back) = decode(wire).unwrap();
+        assert!(matches!(header, Bus::Deliver { from: Some(_), .. }));
+        assert_eq!(back.unwrap(), frame);
+        let (tick, none) = decode(encode(&Bus::Tick { id: "i".into() }, None)).unwrap();
+        assert!(matches!(tick, Bus::Tick { .. }) && none.is_none());
+        assert!(decode(b"no newline".to_vec()).is_none());
+        assert!(decode(b"{\"t\":\"tick\",\"id\":\"i\"}\n\xff".to_vec()).is_none());
+    }
+}

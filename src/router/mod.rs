@@ -1,0 +1,334 @@
+//! The router: this instance's sockets, their room memberships and what it knows of their rooms,
+//! and the one local delivery path of both engines.
+//!
+//! Everything here is plain data behind one private `std::sync::Mutex`, reached only through
+//! the synchronous methods of [`Router`] (the model is mini-redis's `db.rs`): no method awaits,
+//! so no guard can live across an `.await`, and a socket task delivers a frame to another local
+//! socket by a direct call — no task hop, no reply channel, no timer. Delivery never waits on a
+//! socket: it is `LocalPeers::deliver` into a bounded queue.
+//!
+//! The engines keep only what is theirs: storage and atomic steps (the in-process state, Redis
+//! and its scripts) and, for Redis, pub/sub. They tell the router what their storage decided
+//! (a join with its member snapshot, a departure with its survivors, a repair read after a gap
+//! in the subscription) and the router fans room events out to the local members it concerns,
+//! returning the remote ones grouped by owning instance for the engine to publish.
+//!
+//! What each local member was told, the remote members' owners (the route cache) and who left
+//! are in [`view::RoomView`]; room events and repairs in [`events`].
+
+mod events;
+mod view;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use self::events::InFlight;
+use self::view::RoomView;
+pub use self::view::{Event, Known, Member};
+use crate::peers::{Class, CloseReason, LocalPeers, PeerQueue, QueueLimits, Queued, Space};
+use crate::protocol::Frame;
+
+/// A local socket's membership: the room and the instance id it joined under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub room: String,
+    pub owner: String,
+}
+
+/// Remote recipients grouped by owning instance.
+pub type Groups = Vec<(String, Vec<String>)>;
+
+/// Where a relayed frame went, or must go.
+#[derive(Debug)]
+pub enum Route {
+    Delivered,
+    /// A local member whose queue has no room for relayed frames (also after waiting for it).
+    Full(Space),
+    /// A local member whose socket is gone (its leave is under way).
+    Absent,
+    /// A remote member, on this instance.
+    Remote(String),
+    /// Not known here; a lookup's result is learned only into the view of this epoch.
+    Unknown {
+        epoch: u64,
+    },
+}
+
+/// The router's state; only [`Router`]'s methods touch it, each to completion under the lock.
+struct Table {
+    /// The instance id local members join under; a new one means fenced (see `follow`).
+    id: String,
+    peers: LocalPeers,
+    joined: HashMap<String, Membership>,
+    rooms: HashMap<String, RoomView>,
+    /// Local sockets sent room events before their joins were recorded.
+    inflight: HashMap<String, InFlight>,
+    epochs: u64,
+    /// Rooms to re-read (see `super::engine::redis::repair`).
+    pending: HashSet<String>,
+    /// Set when `pending` grew: the repair task is to be woken once the lock is released.
+    wake: bool,
+}
+
+pub struct Router {
+    table: Mutex<Table>,
+    /// Wakes the repair task when rooms are marked for repair.
+    repairs: Arc<Notify>,
+}
+
+impl Router {
+    /// A router whose local members join under instance id `id`.
+    pub fn new(id: &str, limits: QueueLimits) -> Self {
+        Self {
+            table: Mutex::new(Table {
+                id: id.to_owned(),
+                peers: LocalPeers::new(limits),
+                joined: HashMap::new(),
+                rooms: HashMap::new(),
+                inflight: HashMap::new(),
+                epochs: 0,
+                pending: HashSet::new(),
+                wake: false,
+            }),
+            repairs: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Runs `f` on the table. A panic elsewhere under the lock leaves plain data behind, so a
+    /// poisoned lock is used as it is rather than taking the instance down.
+    fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+        let mut table: MutexGuard<'_, Table> = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut table);
+        let wake = std::mem::take(&mut table.wake);
+        drop(table);
+        if wake {
+            self.repairs.notify_one();
+        }
+        r
+    }
+
+    /// Notified whenever rooms are marked for repair.
+    pub fn repair_wake(&self) -> Arc<Notify> {
+        self.repairs.clone()
+    }
+
+    /// The instance id local members join under.
+    pub fn id(&self) -> String {
+        self.with(|t| t.id.clone())
+    }
+
+    /// This instance continues under a new id (it was fenced, or its registration refused):
+    /// every socket is closed and every membership forgotten, at once and atomically, so
+    /// nothing is delivered or recorded under the old id after this returns.
+    pub fn follow(&self, id: &str) {
+        let closed = self.with(|t| {
+            if t.id == id {
+                return None;
+            }
+            let closed = t.peers.close_all(CloseReason::Fenced).len();
+            t.joined.clear();
+            t.rooms.clear();
+            t.inflight.clear();
+            t.pending.clear();
+            Some((std::mem::replace(&mut t.id, id.to_owned()), closed))
+        });
+        if let Some((old, closed)) = closed {
+            tracing::warn!(%old, new = %id, closed, "router fenced: sockets closed");
+        }
+    }
+
+    /// Registers a socket and returns the queue its task writes from.
+    pub fn connect(&self, peer: &str) -> PeerQueue {
+        self.with(|t| t.peers.register(peer))
+    }
+
+    /// Forgets a socket; returns its membership if it never left (the caller leaves for it).
+    pub fn disconnect(&self, peer: &str) -> Option<Membership> {
+        self.with(|t| {
+            t.peers.remove(peer);
+            t.inflight.remove(peer);
+            let m = t.joined.remove(peer);
+            if let Some(m) = &m {
+                t.forget_local(&m.room, peer);
+            }
+            m
+        })
+    }
+
+    /// Sockets on this instance.
+    pub fn count(&self) -> usize {
+        self.with(|t| t.peers.len())
+    }
+
+    /// Sockets disconnected so far because they could not keep up.
+    pub fn kicked(&self) -> u64 {
+        self.with(|t| t.peers.kicked())
+    }
+
+    /// The rooms with a local member.
+    pub fn rooms(&self) -> Vec<String> {
+        self.with(|t| t.rooms.keys().cloned().collect())
+    }
+
+    /// The storage admitted `peer` into `room` with `owner` as its owner; `members` is the
+    /// snapshot it was sent. With `frame` (a fresh join), tells the other local members and
+    /// returns the remote ones. `None` when this instance was fenced meanwhile (the caller
+    /// undoes the join).
+    pub fn joined(
+        &self,
+        room: &str,
+        peer: &str,
+        owner: &str,
+        members: Vec<Known>,
+        frame: Option<Frame>,
+    ) -> Option<Groups> {
+        self.with(|t| {
+            if owner != t.id {
+                return None;
+            }
+            Some(t.joined(room, peer, owner.to_owned(), members, frame))
+        })
+    }
+
+    /// Ends a local membership; `None` when there is none in `room` (never joined, already
+    /// left, or joined before this instance was fenced).
+    pub fn leaving(&self, room: &str, peer: &str) -> Option<Membership> {
+        self.with(|t| {
+            let m = match t.joined.get(peer) {
+                Some(m) if m.room == room => t.joined.remove(peer),
+                _ => None,
+            };
+            if m.is_some() {
+                t.forget_local(room, peer);
+            }
+            m
+        })
+    }
+
+    /// `peer` left `room`: delivers `frame` (its `peer_left`) to the local `recipients` that
+    /// were told of it, and returns the remote ones by owner.
+    pub fn left(&self, room: &str, peer: &str, recipients: Vec<Known>, frame: &Frame) -> Groups {
+        self.with(|t| {
+            if let Some(view) = t.rooms.get_mut(room) {
+                view.depart(peer);
+            }
+            t.fanout(room, recipients, &Event::Left(peer.to_owned()), frame)
+        })
+    }
+
+    /// Delivers a relayed frame to local member `to`, or says where it is to go.
+    pub fn route(&self, room: &str, to: &str, frame: &Frame) -> Route {
+        self.with(|t| {
+            if t.joined.get(to).is_some_and(|m| m.room == room) {
+                return match t.peers.deliver(to, frame, Class::Relay) {
+                    Queued::Full(space) => Route::Full(space),
+                    Queued::Yes => Route::Delivered,
+                    Queued::Absent => Route::Absent,
+                };
+            }
+            match t.rooms.get(room) {
+                Some(view) => match view.route(to) {
+                    Some(owner) => Route::Remote(owner.to_owned()),
+                    None => Route::Unknown { epoch: view.epoch },
+                },
+                None => Route::Unknown { epoch: 0 },
+            }
+        })
+    }
+
+    /// Like [`route`](Self::route), but a local recipient whose queue is full is waited for
+    /// while it takes frames: a burst at a peer that drains at network speed loses nothing,
+    /// and its sender is slowed down to that speed. One that takes nothing for `SPACE_WAIT`
+    /// is given up on (the sender is told).
+    pub async fn relay(&self, room: &str, to: &str, frame: &Frame) -> Route {
+        loop {
+            match self.route(room, to, frame) {
+                Route::Full(space) => {
+                    if !space.wait().await {
+                        return self.route(room, to, frame);
+                    }
+                }
+                route => return route,
+            }
+        }
+    }
+
+    /// Learns a lookup made after `route` answered `Unknown { epoch }`.
+    pub fn learn(&self, room: &str, epoch: u64, known: &Known) {
+        self.with(|t| {
+            let id = t.id.clone();
+            if let Some(view) = t.rooms.get_mut(room).filter(|v| v.epoch == epoch) {
+                view.learn(&id, known);
+            }
+        })
+    }
+
+    /// Nobody listened on the cached owner's channel: the route goes.
+    pub fn forget(&self, room: &str, peer: &str) {
+        self.with(|t| {
+            if let Some(view) = t.rooms.get_mut(room) {
+                view.forget_route(peer);
+            }
+        })
+    }
+
+    /// Delivers to local member `to` of `room`, also one whose join the storage has recorded
+    /// but the router not yet (in flight): it is a local socket without another membership.
+    pub fn deliver_member(&self, room: &str, to: &str, frame: &Frame) -> Queued {
+        self.with(|t| t.deliver_member(room, to, frame, Class::Relay))
+    }
+
+    /// Frames from another instance for local members `to` of `room`: a room event (`ev`) is
+    /// told to whoever has not been told it; a relayed frame (`ev` is `None`) is delivered.
+    /// Returns the recipients of a relayed frame that did not get it, each with whether its
+    /// queue was full (else it is no member here any more).
+    pub fn deliver_remote(
+        &self,
+        room: &str,
+        to: &[String],
+        frame: &Frame,
+        ev: Option<Event>,
+    ) -> Vec<(String, bool)> {
+        self.with(|t| t.deliver_remote(room, to, frame, ev))
+    }
+
+    /// The subscription may have missed broadcasts (it is down, or was): routes are suspect.
+    pub fn clear_routes(&self) {
+        self.with(|t| {
+            for view in t.rooms.values_mut() {
+                view.clear_routes();
+            }
+        })
+    }
+
+    /// Marks every room for repair (after a gap in the subscription).
+    pub fn want_repair_all(&self) {
+        self.with(Table::want_repair_all)
+    }
+
+    /// The rooms marked for repair, with their views' epochs; clears the marks.
+    pub fn take_repairs(&self) -> Vec<(String, u64)> {
+        self.with(|t| {
+            let rooms = &t.rooms;
+            t.pending
+                .drain()
+                .filter_map(|r| rooms.get(&r).map(|v| (r, v.epoch)))
+                .collect()
+        })
+    }
+
+    /// A repair read of `room` (`None`: the room is gone) made for the view of `epoch`: each
+    /// local member is told what it missed.
+    pub fn repair(&self, room: &str, epoch: u64, counter: Option<u64>, members: &[Member]) {
+        self.with(|t| t.repair(room, epoch, counter, members))
+    }
+
+    /// Closes every local socket (shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        self.with(|t| {
+            t.peers.close_all(reason);
+        })
+    }
+}
