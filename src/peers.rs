@@ -1,20 +1,22 @@
 //! This instance's own sockets: peer id → bounded outbound queue.
 //!
-//! `LocalPeers` is plain data with `&mut self` methods and no lock: each engine keeps it inside
-//! the one task that owns it and reaches it by message passing, so no guard can ever be held
-//! across an `.await`. Delivery never waits on a socket. Relayed frames may fill only part of
+//! `LocalPeers` is plain data with `&mut self` methods, kept inside the [`crate::router`]'s
+//! lock. Each queue is a `VecDeque` behind its own `std::sync::Mutex` (held only to push or
+//! pop one frame, never across an `.await`) and a `Notify` that wakes the socket task: no
+//! allocation until frames arrive, so an idle socket costs a few bytes here, and delivery never
+//! waits on a socket. Relayed frames may fill only part of
 //! a peer's queue and are refused beyond it (the sender is told; see [`LocalPeers::deliver`]),
 //! so another client cannot get a peer cut off. A control frame that does not fit disconnects
 //! the peer instead of buffering without limit: its socket task is woken at once, even in the
 //! middle of a write that cannot complete, drops the backlog and ends (so the room hears
 //! `peer_left` now, not after the write timeout).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::protocol::Frame;
 
@@ -110,10 +112,24 @@ pub struct QueueLimits {
     pub bytes: usize,
 }
 
+/// The frames waiting for a socket, and their bytes.
+#[derive(Debug, Default)]
+struct Frames {
+    queue: VecDeque<Frame>,
+    bytes: usize,
+}
+
+/// Capacity an emptied queue keeps at most: a burst's buffer is given back.
+const KEEP_CAPACITY: usize = 16;
+
 /// State shared by a peer's queue and its socket task.
 #[derive(Debug, Default)]
 pub struct PeerShared {
-    queued_bytes: AtomicUsize,
+    frames: Mutex<Frames>,
+    /// Wakes the socket task when a frame is queued (or the queue closed).
+    ready: Notify,
+    /// The socket task dropped its end.
+    gone: AtomicBool,
     closed: OnceLock<CloseReason>,
     /// Wakes the socket task when `closed` is set.
     closing: Notify,
@@ -136,14 +152,25 @@ impl PeerShared {
         if self.closed.set(reason).is_ok() {
             self.closing.notify_waiters();
             self.space.notify_waiters();
+            self.ready.notify_one();
         }
+    }
+
+    fn frames(&self) -> std::sync::MutexGuard<'_, Frames> {
+        // Plain data: a panic under the lock leaves nothing half-done worth refusing.
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// The receiving end a socket task owns.
 pub struct PeerQueue {
-    rx: mpsc::Receiver<Frame>,
     shared: Arc<PeerShared>,
+}
+
+impl Drop for PeerQueue {
+    fn drop(&mut self) {
+        self.shared.gone.store(true, Ordering::Release);
+    }
 }
 
 impl PeerQueue {
@@ -151,31 +178,40 @@ impl PeerQueue {
     /// Frames still queued then are dropped: the socket is ending, and a slow consumer's
     /// backlog is exactly what must not be written.
     pub async fn recv(&mut self) -> Option<Frame> {
-        if self.shared.close_reason().is_some() {
-            return None;
+        loop {
+            if self.shared.close_reason().is_some() {
+                return None;
+            }
+            if let Some(frame) = self.try_recv() {
+                return Some(frame);
+            }
+            // A frame queued since `try_recv` left a permit: no wake-up is lost.
+            self.shared.ready.notified().await;
         }
-        let frame = self.rx.recv().await?;
-        Some(self.taken(frame))
     }
 
     /// The next frame if one is queued already (the socket task batches its writes).
     pub fn try_recv(&mut self) -> Option<Frame> {
-        if self.shared.close_reason().is_some() {
+        let shared = &self.shared;
+        if shared.close_reason().is_some() {
             return None;
         }
-        let frame = self.rx.try_recv().ok()?;
-        Some(self.taken(frame))
-    }
-
-    fn taken(&self, frame: Frame) -> Frame {
-        let shared = &self.shared;
-        shared
-            .queued_bytes
-            .fetch_sub(frame.len(), Ordering::Relaxed);
+        let frame = {
+            let mut frames = shared.frames();
+            let frame = frames.queue.pop_front()?;
+            frames.bytes -= frame.len();
+            if frames.queue.is_empty() && frames.queue.capacity() > KEEP_CAPACITY {
+                frames.queue.shrink_to(KEEP_CAPACITY);
+            }
+            frame
+        };
+        if shared.stalled.load(Ordering::Relaxed) {
+            shared.stalled.store(false, Ordering::Relaxed);
+        }
         if shared.waiting.load(Ordering::Relaxed) && shared.waiting.swap(false, Ordering::AcqRel) {
             shared.space.notify_waiters();
         }
-        frame
+        Some(frame)
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
@@ -212,7 +248,6 @@ impl Closing {
 }
 
 struct Slot {
-    tx: mpsc::Sender<Frame>,
     shared: Arc<PeerShared>,
 }
 
@@ -234,18 +269,14 @@ impl LocalPeers {
 
     /// Registers a socket; a stale registration under the same id is closed.
     pub fn register(&mut self, peer: &str) -> PeerQueue {
-        let (tx, rx) = mpsc::channel(self.limits.messages.max(1));
         let shared = Arc::new(PeerShared::default());
-        if let Some(old) = self.slots.insert(
-            peer.to_owned(),
-            Slot {
-                tx,
-                shared: shared.clone(),
-            },
-        ) {
+        let slot = Slot {
+            shared: shared.clone(),
+        };
+        if let Some(old) = self.slots.insert(peer.to_owned(), slot) {
             old.shared.close(CloseReason::GoingAway);
         }
-        PeerQueue { rx, shared }
+        PeerQueue { shared }
     }
 
     pub fn remove(&mut self, peer: &str) {
@@ -278,7 +309,11 @@ impl LocalPeers {
         let Some(slot) = self.slots.get(peer) else {
             return Queued::Absent;
         };
-        let queued = slot.shared.queued_bytes.load(Ordering::Relaxed);
+        if slot.shared.gone.load(Ordering::Acquire) {
+            // The socket task is gone; its own cleanup will follow.
+            self.slots.remove(peer);
+            return Queued::Absent;
+        }
         let (max_messages, max_bytes) = match class {
             Class::Relay => (
                 self.limits.messages.max(1) * RELAY_SHARE.0 / RELAY_SHARE.1,
@@ -286,19 +321,20 @@ impl LocalPeers {
             ),
             Class::Control => (self.limits.messages.max(1), self.limits.bytes),
         };
-        let in_queue = slot.tx.max_capacity() - slot.tx.capacity();
-        let fits = in_queue < max_messages.max(1) && queued + frame.len() <= max_bytes;
-        if fits && slot.tx.try_send(frame.clone()).is_ok() {
-            slot.shared
-                .queued_bytes
-                .fetch_add(frame.len(), Ordering::Relaxed);
+        let queued = {
+            let mut frames = slot.shared.frames();
+            let fits =
+                frames.queue.len() < max_messages.max(1) && frames.bytes + frame.len() <= max_bytes;
+            if fits {
+                frames.queue.push_back(frame.clone());
+                frames.bytes += frame.len();
+            }
+            (!fits).then_some(frames.bytes)
+        };
+        let Some(queued) = queued else {
+            slot.shared.ready.notify_one();
             return Queued::Yes;
-        }
-        if slot.tx.is_closed() {
-            // The socket task is gone; its own cleanup will follow.
-            self.slots.remove(peer);
-            return Queued::Absent;
-        }
+        };
         if class == Class::Relay {
             return Queued::Full(Space(slot.shared.clone()));
         }

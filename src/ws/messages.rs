@@ -48,7 +48,9 @@ impl<E: Engine> Connection<E> {
                     preferred_transport,
                     metadata: Some(self.metadata(metadata, label, mcp)),
                 };
-                self.join(sink, passphrase.as_deref(), peer).await
+                // Boxed: a join's engine calls are the largest state a socket task ever holds,
+                // and only while joining; inline, every idle socket would carry their size.
+                Box::pin(self.join(sink, passphrase.as_deref(), peer)).await
             }
             ClientMessage::Signal { to_peer, signal } => {
                 let msg = ServerMessage::Signal {
@@ -74,7 +76,7 @@ impl<E: Engine> Connection<E> {
                 };
                 self.relay(sink, &to_peer, msg, relays).await
             }
-            ClientMessage::Debug { request } => self.debug(sink, request, relays).await,
+            ClientMessage::Debug { request } => Box::pin(self.debug(sink, request, relays)).await,
         }
     }
 

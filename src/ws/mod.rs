@@ -91,7 +91,7 @@ pub async fn upgrade<E: Engine>(
     let write_limit = write_buffer_limit(&app.config);
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
     // (shared/notes/crates.md §3).
-    ws.read_buffer_size(4 * 1024)
+    ws.read_buffer_size(1024)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(write_limit)
         .max_message_size(max)
@@ -247,13 +247,8 @@ impl<E: Engine> Connection<E> {
         let (mut sink, mut stream) = socket.split();
         let mut queue = self.app.engine.connect(&self.peer_id);
         let end = self.serve(&mut sink, &mut stream, &mut queue).await;
-        if let Some(room) = self.room.take() {
-            if let Err(e) = self.app.engine.leave(&room, &self.peer_id).await {
-                tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
-            }
-            tracing::info!(session = %room, peer = %self.peer_id, "peer left");
-        }
-        self.app.engine.disconnect(&self.peer_id).await;
+        // Boxed like the join, so idle sockets do not carry the leave's state.
+        Box::pin(self.leave()).await;
         if end.jitter {
             let window = self.app.config.drain_jitter;
             let delay = rand::rng().random_range(Duration::ZERO..=window);
@@ -269,6 +264,16 @@ impl<E: Engine> Connection<E> {
             }));
             let _ = tokio::time::timeout(self.app.config.write_timeout, sink.send(frame)).await;
         }
+    }
+
+    async fn leave(&mut self) {
+        if let Some(room) = self.room.take() {
+            if let Err(e) = self.app.engine.leave(&room, &self.peer_id).await {
+                tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
+            }
+            tracing::info!(session = %room, peer = %self.peer_id, "peer left");
+        }
+        self.app.engine.disconnect(&self.peer_id).await;
     }
 
     async fn serve(&mut self, sink: &mut Sink, stream: &mut Stream, queue: &mut PeerQueue) -> End {
@@ -331,11 +336,11 @@ impl<E: Engine> Connection<E> {
                     let ok = match msg {
                         Message::Text(text) => {
                             self.pace(text.len()).await;
-                            self.handle(sink, text.as_bytes(), &mut relays).await
+                            Box::pin(self.handle(sink, text.as_bytes(), &mut relays)).await
                         }
                         Message::Binary(bytes) => {
                             self.pace(bytes.len()).await;
-                            self.handle(sink, &bytes, &mut relays).await
+                            Box::pin(self.handle(sink, &bytes, &mut relays)).await
                         }
                         Message::Close(_) => return End::echo(),
                         Message::Ping(_) | Message::Pong(_) => true,
