@@ -1083,3 +1083,50 @@ async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
     })
     .await
 }
+
+/// A relay that the recipient's instance cannot deliver (its queue is full) is reported back to
+/// the sender on its own instance, as the `error` a local refusal gets; none is lost silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_on_another_instance_is_reported_to_the_sender() {
+    bounded(async {
+        let r = RedisServer::start();
+        let (a, b) = (engine(&r).await, engine(&r).await);
+        let room = new_id();
+        // pa never reads: its relay share (192 of 256) fills up.
+        let (pa, mut qa) = join(&a, &room).await;
+        let (pb, mut qb) = join(&b, &room).await;
+        assert_eq!(
+            next(&mut qa, Duration::from_secs(2)).await["type"],
+            "peer_joined"
+        );
+        for i in 0..300 {
+            let d = b
+                .deliver(&room, &pb, &pa, format!("{{\"n\":{i}}}").into())
+                .await;
+            assert_eq!(d.unwrap(), Delivery::Sent, "published");
+        }
+        let mut refused = 0;
+        while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(2), qb.recv()).await {
+            let v: Value = serde_json::from_str(&f).unwrap();
+            assert_eq!(v["type"], "error", "{v}");
+            assert!(
+                v["message"].as_str().unwrap().contains("not keeping up"),
+                "{v}"
+            );
+            refused += 1;
+            if refused == 300 - 192 {
+                break;
+            }
+        }
+        assert_eq!(refused, 300 - 192);
+        let mut delivered = 0;
+        while let Some(f) = qa.try_recv() {
+            assert_eq!(serde_json::from_str::<Value>(&f).unwrap()["n"], delivered);
+            delivered += 1;
+        }
+        assert_eq!(delivered, 192);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await
+}

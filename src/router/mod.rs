@@ -332,3 +332,90 @@ impl Router {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn router() -> Arc<Router> {
+        let limits = QueueLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        };
+        Arc::new(Router::new("me", limits))
+    }
+
+    fn member(r: &Router, room: &str, peer: &str) -> PeerQueue {
+        let q = r.connect(peer);
+        let me = Known {
+            id: peer.to_owned(),
+            owner: "me".to_owned(),
+            seq: 0,
+        };
+        r.joined(room, peer, "me", vec![me], None)
+            .expect("not fenced");
+        q
+    }
+
+    /// A queue of 8 (6 for relays) and a sender far faster than the reader: the sender is
+    /// slowed to the reader's pace, nothing is refused, everything arrives in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_to_a_draining_peer_loses_nothing() {
+        let r = router();
+        let mut q = member(&r, "room", "p");
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen.len() < 2000 {
+                let f = q.recv().await.expect("open");
+                seen.push(f.parse::<u32>().unwrap());
+                tokio::task::yield_now().await;
+            }
+            seen
+        });
+        for i in 0..2000u32 {
+            let route = r.relay("room", "p", &Frame::from(i.to_string())).await;
+            assert!(matches!(route, Route::Delivered), "{i}: {route:?}");
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("reader done")
+            .unwrap();
+        assert!(seen.iter().copied().eq(0..2000), "out of order");
+    }
+
+    /// A peer that reads nothing costs its senders one wait, not one per frame.
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_refused_at_once_after_one_wait() {
+        let r = router();
+        let _q = member(&r, "room", "p");
+        let start = Instant::now();
+        let mut full = 0;
+        for i in 0..50 {
+            if let Route::Full(_) = r.relay("room", "p", &Frame::from(i.to_string())).await {
+                full += 1;
+            }
+        }
+        assert_eq!(full, 44, "6 relay slots of 8");
+        // One SPACE_WAIT (100 ms), not 44 of them.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_fence_closes_every_socket_and_refuses_joins_under_the_old_id() {
+        let r = router();
+        let q = member(&r, "room", "p");
+        r.follow("new");
+        assert_eq!(q.close_reason(), Some(CloseReason::Fenced));
+        assert_eq!(r.count(), 0);
+        assert!(r.rooms().is_empty());
+        let _q2 = r.connect("x");
+        assert!(r.joined("room", "x", "me", Vec::new(), None).is_none());
+        assert!(r.joined("room", "x", "new", Vec::new(), None).is_some());
+    }
+}
