@@ -13,6 +13,7 @@
 //! Common options: `--kind beach|matchbox`, `--host URL`, `--joiner URL` (the instance the joiners
 //! use; defaults to the host's), `--pids P[,P]` (server processes to measure), `--redis-pid P`,
 //! `--clk-tck N` (`getconf CLK_TCK`), `--label L` (the first word of every printed line).
+//! Every command also prints `foreign_cores`: the CPU other processes of the machine took meanwhile.
 //! URLs are `http://127.0.0.1:PORT`. Signals carry a 256-byte JSON payload stamped with the send
 //! time; sender and receiver share this process's clock.
 
@@ -92,6 +93,9 @@ fn main() {
         .build()
         .expect("runtime");
     let limit = Duration::from_secs(args.get("give-up", 120u64));
+    let mut ours = args.pids("pids");
+    ours.extend(args.pids("redis-pid"));
+    let foreign = sys::Foreign::start(ours);
     let done = rt.block_on(async {
         tokio::time::timeout(limit, async {
             match args.cmd.as_str() {
@@ -107,6 +111,12 @@ fn main() {
     });
     // Sockets still open are dropped with the runtime, without waiting for their tasks.
     rt.shutdown_background();
+    let cores = foreign.cores(args.get("clk-tck", 100f64));
+    emit(
+        &args.str("label"),
+        "foreign_cores",
+        (cores * 100.0).round() / 100.0,
+    );
     if done.is_err() {
         eprintln!("load {}: gave up after {} s", args.cmd, limit.as_secs());
         std::process::exit(1);

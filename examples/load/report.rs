@@ -57,7 +57,7 @@ struct Table {
 
 impl Table {
     fn get(&self, label: &str, key: &str) -> Option<f64> {
-        let agg = if key.ends_with("_lost") || key.ends_with("_errors") {
+        let agg = if key.ends_with("_lost") || key.ends_with("_errors") || key == "foreign_cores" {
             Agg::Max
         } else if key.ends_with("_kept") {
             Agg::Min
@@ -169,6 +169,11 @@ pub fn run(a: &Args) {
             "flood_reader_kept",
             0,
         ),
+        (
+            "other processes' CPU, worst figure (cores)".into(),
+            "foreign_cores",
+            2,
+        ),
     ];
     let width = 46;
     println!();
@@ -199,6 +204,23 @@ pub fn run(a: &Args) {
         "(beach-road sends a socket at most 5 error frames per 10 s, so error counts are a floor; \
          lost is exact)"
     );
+    let foreign: Vec<f64> = t
+        .results
+        .iter()
+        .filter(|((_, key), _)| key == "foreign_cores")
+        .flat_map(|(_, v)| v.iter().copied())
+        .collect();
+    if let Some(worst) = aggregate(&foreign, Agg::Max) {
+        let median = aggregate(&foreign, Agg::Median).unwrap_or(0.0);
+        println!(
+            "CPU taken by other processes while figures ran: median {median:.2}, worst {worst:.2} cores{}",
+            if worst > 0.15 {
+                " — the machine was not quiet; figures are disturbed"
+            } else {
+                ""
+            }
+        );
+    }
 
     println!();
     println!("{:62} {:>10} {:>10}", "target", "value", "target");

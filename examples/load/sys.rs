@@ -53,3 +53,48 @@ pub fn quantile(sorted: &[u64], p: f64) -> u64 {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
 }
+
+/// CPU ticks the whole machine spent busy (user, nice, system, steal; interrupt time is left
+/// out, as the processes' own counts leave it out).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …
+    [0, 1, 2, 7].iter().filter_map(|&i| f.get(i)).sum()
+}
+
+/// How much CPU the rest of the machine took while a figure ran (other builds or tests compete
+/// with the servers and the load for the same cores, and the figures then mean less).
+pub struct Foreign {
+    busy: u64,
+    ours: u64,
+    pids: Vec<u32>,
+    start: Instant,
+}
+
+impl Foreign {
+    /// `pids`: the measured servers; this process counts as ours too.
+    pub fn start(mut pids: Vec<u32>) -> Foreign {
+        pids.push(std::process::id());
+        Foreign {
+            busy: machine_busy_ticks(),
+            ours: cpu_ticks_sum(&pids),
+            pids,
+            start: Instant::now(),
+        }
+    }
+
+    /// Cores' worth of CPU used by other processes since `start`.
+    pub fn cores(&self, clk_tck: f64) -> f64 {
+        let busy = machine_busy_ticks().saturating_sub(self.busy);
+        let ours = cpu_ticks_sum(&self.pids).saturating_sub(self.ours);
+        busy.saturating_sub(ours) as f64 / clk_tck / self.start.elapsed().as_secs_f64().max(1e-3)
+    }
+}
