@@ -67,8 +67,14 @@ impl Table {
         aggregate(self.results.get(&(label.into(), key.into()))?, agg)
     }
 
+    /// Runs seen: each run gives each server one burst figure.
     fn runs(&self) -> usize {
-        self.results.values().map(Vec::len).max().unwrap_or(0)
+        COLUMNS
+            .iter()
+            .filter_map(|(label, _)| self.results.get(&((*label).into(), "burst_rate".into())))
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
     }
 }
 
