@@ -1,12 +1,14 @@
 //! Wire types of `../shared/protocol.md`, fixed by the existing beach clients.
 //!
 //! Field names, tags and shapes must not change: generation 1 and 2 CLIs and the browser client
-//! parse these strictly. Opaque client payloads (`signal`, transports, `sealed`) stay
-//! `serde_json::Value` so they are relayed verbatim.
+//! parse these strictly. Opaque client payloads (`signal`, transports) stay raw JSON and
+//! `sealed` a `serde_json::Value`, so they are relayed verbatim.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Longest id accepted anywhere (session, peer session, peer, handshake).
@@ -53,42 +55,184 @@ pub struct PeerInfo {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
-/// Client → server WebSocket messages (protocol.md §4.1). Unknown fields are ignored.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ClientMessage {
+/// Client → server WebSocket messages (protocol.md §4.1), borrowed from the frame they were
+/// read from. Relayed payloads (`signal`, transports) stay raw JSON: never parsed into a tree,
+/// never serialized again, relayed byte for byte.
+#[derive(Debug)]
+pub enum ClientMessage<'a> {
     Join {
-        /// The client's own random id: informational only, never trusted (protocol.md §6).
-        #[allow(dead_code)]
-        peer_id: String,
-        #[serde(default)]
         passphrase: Option<String>,
         supported_transports: Vec<Value>,
-        #[serde(default)]
         preferred_transport: Option<Value>,
-        #[serde(default)]
         label: Option<String>,
-        #[serde(default)]
         mcp: Option<bool>,
-        #[serde(default)]
         metadata: Option<BTreeMap<String, String>>,
     },
-    Signal {
-        to_peer: String,
-        signal: Value,
-    },
-    NegotiateTransport {
-        to_peer: String,
-        proposed_transport: Value,
-    },
-    AcceptTransport {
-        to_peer: String,
-        transport: Value,
+    /// `signal`, `negotiate_transport`, `accept_transport`: a payload for another member.
+    Relay {
+        kind: Relayed,
+        to_peer: Cow<'a, str>,
+        payload: &'a RawValue,
     },
     Ping,
     Debug {
         request: Value,
     },
+}
+
+/// Every field any client message has, in one flat pass (an internally tagged enum would
+/// buffer the whole frame first, and cannot keep payloads raw). Unknown fields are ignored;
+/// the client's own `peer_id` is informational only, never read (protocol.md §6).
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    to_peer: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    signal: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    proposed_transport: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    transport: Option<&'a RawValue>,
+    /// Required of a join, and a string, but never read (protocol.md §6).
+    #[serde(default, borrow)]
+    peer_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    passphrase: Option<String>,
+    #[serde(default)]
+    supported_transports: Option<Vec<Value>>,
+    #[serde(default)]
+    preferred_transport: Option<Value>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    mcp: Option<bool>,
+    #[serde(default)]
+    metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    request: Option<Value>,
+}
+
+impl<'a> ClientMessage<'a> {
+    /// Parses one client frame; the error says what is wrong with it.
+    pub fn parse(bytes: &'a [u8]) -> Result<ClientMessage<'a>, String> {
+        let f: Fields<'a> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let missing = |field: &str| format!("missing field `{field}`");
+        let relay = |kind: Relayed, payload: Option<&'a RawValue>, name: &str| {
+            let payload = payload.ok_or_else(|| missing(name))?;
+            if nesting(payload.get()) > MAX_NESTING {
+                return Err(format!("`{name}` nests deeper than {MAX_NESTING} levels"));
+            }
+            Ok(ClientMessage::Relay {
+                kind,
+                to_peer: f.to_peer.clone().ok_or_else(|| missing("to_peer"))?,
+                payload,
+            })
+        };
+        match &*f.kind {
+            "join" => {
+                f.peer_id.as_ref().ok_or_else(|| missing("peer_id"))?;
+                Ok(ClientMessage::Join {
+                    supported_transports: f
+                        .supported_transports
+                        .ok_or_else(|| missing("supported_transports"))?,
+                    passphrase: f.passphrase,
+                    preferred_transport: f.preferred_transport,
+                    label: f.label,
+                    mcp: f.mcp,
+                    metadata: f.metadata,
+                })
+            }
+            "signal" => relay(Relayed::Signal, f.signal, "signal"),
+            "negotiate_transport" => relay(
+                Relayed::TransportProposal,
+                f.proposed_transport,
+                "proposed_transport",
+            ),
+            "accept_transport" => relay(Relayed::TransportAccepted, f.transport, "transport"),
+            "ping" => Ok(ClientMessage::Ping),
+            "debug" => Ok(ClientMessage::Debug {
+                request: f.request.ok_or_else(|| missing("request"))?,
+            }),
+            other => Err(format!("unknown message type `{other}`")),
+        }
+    }
+}
+
+/// Nesting a relayed payload may have at most: what serde_json (and so many a client) parses
+/// into a tree before it gives up. Deeper would reach the recipients and might crash their
+/// parsers.
+const MAX_NESTING: usize = 128;
+
+/// How deeply `json` (valid JSON) nests arrays and objects (at least; exactly past
+/// `MAX_NESTING`).
+fn nesting(json: &str) -> usize {
+    // Fewer openings than the limit cannot nest deeper: one vectorized count decides nearly
+    // every payload.
+    let openings = json.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
+    if openings <= MAX_NESTING {
+        return openings;
+    }
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// What a relayed client message becomes for its recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relayed {
+    /// `signal` → `signal`
+    Signal,
+    /// `negotiate_transport` → `transport_proposal`
+    TransportProposal,
+    /// `accept_transport` → `transport_accepted`
+    TransportAccepted,
+}
+
+impl Relayed {
+    /// The recipient's frame, written directly: `{"type":…,"from_peer":…,"<payload key>":…}`
+    /// with the payload as the client sent it (`from_peer` is a server-assigned id, which
+    /// needs no escaping).
+    pub fn frame(self, from_peer: &str, payload: &RawValue) -> Frame {
+        let (kind, key) = match self {
+            Relayed::Signal => ("signal", "signal"),
+            Relayed::TransportProposal => ("transport_proposal", "proposed_transport"),
+            Relayed::TransportAccepted => ("transport_accepted", "transport"),
+        };
+        debug_assert!(valid_id(from_peer));
+        let raw = payload.get();
+        let mut out = String::with_capacity(48 + from_peer.len() + key.len() + raw.len());
+        out.push_str(r#"{"type":""#);
+        out.push_str(kind);
+        out.push_str(r#"","from_peer":""#);
+        out.push_str(from_peer);
+        out.push_str(r#"",""#);
+        out.push_str(key);
+        out.push_str(r#"":"#);
+        out.push_str(raw);
+        out.push('}');
+        Frame::from(out)
+    }
 }
 
 /// Server → client WebSocket messages (protocol.md §4.2). Never add a type: the browser client
@@ -111,18 +255,7 @@ pub enum ServerMessage {
     PeerLeft {
         peer_id: String,
     },
-    TransportProposal {
-        from_peer: String,
-        proposed_transport: Value,
-    },
-    TransportAccepted {
-        from_peer: String,
-        transport: Value,
-    },
-    Signal {
-        from_peer: String,
-        signal: Value,
-    },
+    // `transport_proposal`, `transport_accepted` and `signal` are written by [`Relayed::frame`].
     Pong,
     Error {
         message: String,
@@ -180,6 +313,66 @@ pub struct SdpPayload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_payloads_are_kept_byte_for_byte() {
+        let raw = br#"{"type":"signal","peer_id":"x","to_peer":"p-1","signal":{"b":1, "a":[1.50,"\u00e9"]},"extra":0}"#;
+        let ClientMessage::Relay {
+            kind,
+            to_peer,
+            payload,
+        } = ClientMessage::parse(raw).unwrap()
+        else {
+            panic!("not a relay");
+        };
+        assert_eq!((kind, &*to_peer), (Relayed::Signal, "p-1"));
+        let frame = kind.frame("me", payload);
+        assert_eq!(
+            &*frame,
+            r#"{"type":"signal","from_peer":"me","signal":{"b":1, "a":[1.50,"\u00e9"]}}"#
+        );
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["signal"]["a"][1], "é");
+        let t = ClientMessage::parse(
+            br#"{"type":"accept_transport","to_peer":"p","transport":"webrtc"}"#,
+        );
+        let Ok(ClientMessage::Relay { kind, payload, .. }) = t else {
+            panic!("{t:?}");
+        };
+        let v: Value = serde_json::from_str(&kind.frame("me", payload)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"transport_accepted","from_peer":"me","transport":"webrtc"})
+        );
+    }
+
+    #[test]
+    fn malformed_client_messages_say_what_is_wrong() {
+        let err = |raw: &str| ClientMessage::parse(raw.as_bytes()).unwrap_err();
+        assert!(err(r#"{"type":"signal","signal":{}}"#).contains("to_peer"));
+        assert!(err(r#"{"type":"signal","to_peer":"p"}"#).contains("signal"));
+        assert!(err(r#"{"type":"nope"}"#).contains("unknown message type"));
+        assert!(err(r#"{"type":"join","peer_id":"x"}"#).contains("supported_transports"));
+        assert!(err("[1]").contains("invalid type"));
+        let deep = format!(
+            r#"{{"type":"signal","to_peer":"p","signal":{}{}}}"#,
+            "[".repeat(129),
+            "]".repeat(129)
+        );
+        assert!(err(&deep).contains("deeper"));
+        let ok = format!(
+            r#"{{"type":"signal","to_peer":"p","signal":{{"s":"[[[[\"{}"}}}}"#,
+            "[".repeat(200)
+        );
+        assert!(
+            ClientMessage::parse(ok.as_bytes()).is_ok(),
+            "brackets in strings do not count"
+        );
+        assert!(matches!(
+            ClientMessage::parse(br#"{"type":"ping","junk":[1]}"#),
+            Ok(ClientMessage::Ping)
+        ));
+    }
 
     #[test]
     fn ids_are_short_and_safe() {

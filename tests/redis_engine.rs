@@ -1047,11 +1047,8 @@ async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
             "peer_joined"
         );
         let frame = |n: u32| {
-            beach_road::protocol::ServerMessage::Signal {
-                from_peer: host.clone(),
-                signal: serde_json::json!({ "n": n }),
-            }
-            .to_frame()
+            let raw = serde_json::value::RawValue::from_string(format!("{{\"n\":{n}}}")).unwrap();
+            beach_road::protocol::Relayed::Signal.frame(&host, &raw)
         };
         // Alive: the relay crosses to B.
         assert_eq!(

@@ -13,7 +13,9 @@ use crate::access::admit;
 use crate::engine::{
     Delivery, Engine, EngineError, EngineResult, Grant, JoinResult, NewPeer, Sent,
 };
-use crate::protocol::{common_transports, valid_id, ClientMessage, Frame, Role, ServerMessage};
+use crate::protocol::{
+    common_transports, valid_id, ClientMessage, Frame, Relayed, Role, ServerMessage,
+};
 
 impl<E: Engine> Connection<E> {
     /// Handles one client frame. Returns false when the socket can no longer be written.
@@ -23,7 +25,7 @@ impl<E: Engine> Connection<E> {
         bytes: &[u8],
         relays: &mut Relays<E>,
     ) -> bool {
-        let msg = match serde_json::from_slice::<ClientMessage>(bytes) {
+        let msg = match ClientMessage::parse(bytes) {
             Ok(msg) => msg,
             Err(e) => return self.error(sink, format!("invalid message: {e}")).await,
         };
@@ -52,29 +54,13 @@ impl<E: Engine> Connection<E> {
                 // and only while joining; inline, every idle socket would carry their size.
                 Box::pin(self.join(sink, passphrase.as_deref(), peer)).await
             }
-            ClientMessage::Signal { to_peer, signal } => {
-                let msg = ServerMessage::Signal {
-                    from_peer: self.peer_id.clone(),
-                    signal,
-                };
-                self.relay(sink, &to_peer, msg, relays).await
-            }
-            ClientMessage::NegotiateTransport {
+            ClientMessage::Relay {
+                kind,
                 to_peer,
-                proposed_transport,
+                payload,
             } => {
-                let msg = ServerMessage::TransportProposal {
-                    from_peer: self.peer_id.clone(),
-                    proposed_transport,
-                };
-                self.relay(sink, &to_peer, msg, relays).await
-            }
-            ClientMessage::AcceptTransport { to_peer, transport } => {
-                let msg = ServerMessage::TransportAccepted {
-                    from_peer: self.peer_id.clone(),
-                    transport,
-                };
-                self.relay(sink, &to_peer, msg, relays).await
+                let frame = kind.frame(&self.peer_id, payload);
+                self.relay(sink, &to_peer, frame, relays).await
             }
             ClientMessage::Debug { request } => Box::pin(self.debug(sink, request, relays)).await,
         }
@@ -204,7 +190,7 @@ impl<E: Engine> Connection<E> {
         &mut self,
         sink: &mut Sink,
         to: &str,
-        msg: ServerMessage,
+        frame: Frame,
         relays: &mut Relays<E>,
     ) -> bool {
         let Some(room) = self.room.clone() else {
@@ -213,7 +199,6 @@ impl<E: Engine> Connection<E> {
         if !valid_id(to) {
             return self.error(sink, "invalid to_peer".into()).await;
         }
-        let frame: Frame = msg.to_frame();
         match self.app.engine.send(&room, &self.peer_id, to, frame).await {
             Ok(Sent::Done(delivery)) => self.report(sink, to, Ok(delivery)).await,
             Ok(Sent::Pending(publish)) => {
@@ -265,15 +250,14 @@ impl<E: Engine> Connection<E> {
                 return self.error(sink, e.client_message().into()).await;
             }
         };
-        let msg = ServerMessage::Signal {
-            from_peer: self.peer_id.clone(),
-            signal: json!({
-                "transport": "custom",
-                "transport_name": "debug",
-                "signal_type": "debug_request",
-                "payload": { "from_peer": self.peer_id, "request": request },
-            }),
-        };
-        self.relay(sink, &server, msg, relays).await
+        let signal = json!({
+            "transport": "custom",
+            "transport_name": "debug",
+            "signal_type": "debug_request",
+            "payload": { "from_peer": self.peer_id, "request": request },
+        });
+        let raw = serde_json::value::to_raw_value(&signal).expect("a JSON value serializes");
+        let frame = Relayed::Signal.frame(&self.peer_id, &raw);
+        self.relay(sink, &server, frame, relays).await
     }
 }
