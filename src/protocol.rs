@@ -281,7 +281,7 @@ impl ServerMessage {
 /// One serialized server message: shared bytes, so a broadcast, a queue and the socket write
 /// share one allocation (no copy per recipient or per write), and a frame from another
 /// instance is a slice of the pub/sub message it came in.
-pub type Frame = axum::extract::ws::Utf8Bytes;
+pub type Frame = tungstenite::Utf8Bytes;
 
 /// Transports every peer of the room supports, in the order of the first peer's list.
 pub fn common_transports(peers: &[PeerInfo]) -> Vec<Value> {

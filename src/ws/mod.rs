@@ -9,6 +9,7 @@
 //! [`messages`].
 
 mod messages;
+mod upgrade;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +18,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +25,9 @@ use futures::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::json;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::Message;
 
 use crate::client::client_ip;
 use crate::engine::{Delivery, Engine, EngineResult};
@@ -56,8 +59,10 @@ const MAX_BATCH: usize = 64;
 /// Bytes tungstenite buffers before it writes to the socket within a batch.
 const WRITE_BUFFER: usize = 32 * 1024;
 
-type Sink = SplitSink<WebSocket, Message>;
-type Stream = SplitStream<WebSocket>;
+use self::upgrade::{Handshake, Socket};
+
+type Sink = SplitSink<Socket, Message>;
+type Stream = SplitStream<Socket>;
 
 /// `GET /ws/{id}`: any well-formed id is upgraded; an unknown session is reported after `join`.
 pub async fn upgrade<E: Engine>(
@@ -65,7 +70,7 @@ pub async fn upgrade<E: Engine>(
     Path(id): Path<String>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Handshake,
 ) -> Response {
     if !valid_id(&id) {
         return (
@@ -90,17 +95,18 @@ pub async fn upgrade<E: Engine>(
     let max = app.config.max_message_bytes;
     let write_limit = write_buffer_limit(&app.config);
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
-    // (shared/notes/crates.md §3).
-    ws.read_buffer_size(1024)
+    // (shared/notes/crates.md §3); bursts are read in gulps below it (`upgrade::BurstReader`).
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(write_limit)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            Connection::new(app, id, client).run(socket).await;
-            drop(permit);
-            drop(address_slot);
-        })
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    ws.accept(config, move |socket| async move {
+        Connection::new(app, id, client).run(socket).await;
+        drop(permit);
+        drop(address_slot);
+    })
 }
 
 /// The write buffer must hold the largest frame we ever write whole: a member list at the room
@@ -145,12 +151,12 @@ impl End {
 
     /// A read error: RFC 6455 §7.4.1 close codes for what the client did wrong (1002 protocol
     /// error, 1007 invalid UTF-8, 1009 too big); a vanished peer just ends.
-    fn on_error(e: axum::Error) -> Self {
+    fn on_error(e: tungstenite::Error) -> Self {
         use tungstenite::Error as WsError;
-        match e.into_inner().downcast::<WsError>().map(|e| *e) {
-            Ok(WsError::Protocol(_)) => End::close(1002, "protocol error"),
-            Ok(WsError::Utf8(_)) => End::close(1007, "invalid UTF-8"),
-            Ok(WsError::Capacity(_)) => End::close(1009, "message too big"),
+        match e {
+            WsError::Protocol(_) => End::close(1002, "protocol error"),
+            WsError::Utf8(_) => End::close(1007, "invalid UTF-8"),
+            WsError::Capacity(_) => End::close(1009, "message too big"),
             _ => End::silent(),
         }
     }
@@ -243,7 +249,7 @@ impl<E: Engine> Connection<E> {
         }
     }
 
-    async fn run(mut self, socket: WebSocket) {
+    async fn run(mut self, socket: Socket) {
         let (mut sink, mut stream) = socket.split();
         let mut queue = self.app.engine.connect(&self.peer_id);
         let end = self.serve(&mut sink, &mut stream, &mut queue).await;
@@ -259,7 +265,7 @@ impl<E: Engine> Connection<E> {
         }
         if let Some((code, reason)) = end.close {
             let frame = Message::Close(Some(CloseFrame {
-                code,
+                code: code.into(),
                 reason: reason.into(),
             }));
             let _ = tokio::time::timeout(self.app.config.write_timeout, sink.send(frame)).await;
@@ -343,7 +349,7 @@ impl<E: Engine> Connection<E> {
                             Box::pin(self.handle(sink, &bytes, &mut relays)).await
                         }
                         Message::Close(_) => return End::echo(),
-                        Message::Ping(_) | Message::Pong(_) => true,
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => true,
                     };
                     if !ok {
                         return End::silent();
