@@ -227,7 +227,10 @@ impl<E: Engine> Connection<E> {
                 e.client_message().into()
             }
         };
-        self.error(sink, message).await
+        // Every undelivered relay is told, outside the bad-frame budget: a sender must learn
+        // of each loss. It costs the server nothing it would not spend anyway: the sender's
+        // pace bounds the rate, and a sender that stops reading blocks on its own replies.
+        self.reply(sink, &ServerMessage::error(message)).await
     }
 
     /// `debug` goes to the room's server peer, wrapped as a custom-transport signal.

@@ -46,8 +46,9 @@ pub const HOST_SLOTS: usize = 4;
 /// A member's PeerInfo, serialized, at most: a room's member list (`join_success`) is then at
 /// most `max_room_peers` times this, whatever its members sent.
 pub const MAX_PEER_INFO_BYTES: usize = 4096;
-/// `error` replies per socket per window; further bad frames are dropped silently, so a client
-/// that streams garbage (e.g. the generation-2 fallback socket) gets no error storm back.
+/// `error` replies to bad frames per socket per window; further bad frames are dropped
+/// silently, so a client that streams garbage (e.g. the generation-2 fallback socket) gets no
+/// error storm back. A relay that was not delivered is always reported (see `report`).
 const ERROR_BURST: u32 = 5;
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
 /// Relays to other instances one socket may have under way at once; its next frame is read
