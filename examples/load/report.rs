@@ -206,10 +206,7 @@ pub fn run(a: &Args) {
         fmt(pub1, 0),
         fmt(pub16, 0)
     );
-    println!(
-        "(beach-road sends a socket at most 5 error frames per 10 s, so error counts are a floor; \
-         lost is exact)"
-    );
+    println!("(beach-road reports every relay it could not deliver to its sender: one error frame each; lost is exact)");
     let foreign: Vec<f64> = t
         .results
         .iter()

@@ -310,7 +310,7 @@ impl<E: Engine> Connection<E> {
                     Some(frame) => {
                         let closing = queue.closing();
                         tokio::select! {
-                            ok = self.write_batch(sink, frame, queue) => if !ok {
+                            ok = Box::pin(self.write_batch(sink, frame, queue)) => if !ok {
                                 return End::silent();
                             },
                             // Closed by the server while this write waits on a full socket (a
@@ -325,7 +325,7 @@ impl<E: Engine> Connection<E> {
                     }
                 },
                 Some((to, outcome)) = relays.next(), if !relays.is_empty() => {
-                    if !self.report(sink, &to, outcome).await {
+                    if !Box::pin(self.report(sink, &to, outcome)).await {
                         return End::silent();
                     }
                 }
@@ -361,7 +361,7 @@ impl<E: Engine> Connection<E> {
                         tracing::debug!(peer = %self.peer_id, "idle timeout");
                         return End::close(1001, "idle timeout");
                     }
-                    if !self.write(sink, Message::Ping(Default::default())).await {
+                    if !Box::pin(self.write(sink, Message::Ping(Default::default()))).await {
                         return End::silent();
                     }
                 }

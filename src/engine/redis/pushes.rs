@@ -177,10 +177,8 @@ pub(crate) async fn reporter(
                 None => return,
             },
         };
-        let cmd = redis::cmd("PUBLISH")
-            .arg(inner.keys.channel(&owner))
-            .arg(payload)
-            .clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(inner.keys.channel(&owner)).arg(payload);
         if let Err(e) = inner.query::<i64>(&cmd).await {
             tracing::debug!(%owner, error = %e, "refusal report not published");
         }

@@ -53,7 +53,8 @@ impl Inner {
             .room_event(room, groups, frame, joined, left)
             .into_iter()
             .map(|(channel, payload)| async move {
-                let cmd = redis::cmd("PUBLISH").arg(&channel).arg(payload).clone();
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(&channel).arg(payload);
                 if let Err(e) = self.query::<i64>(&cmd).await {
                     tracing::warn!(%channel, error = %e, "publish to instance failed");
                 }
@@ -305,10 +306,9 @@ impl Inner {
             left: None,
             from: Some((from.to_owned(), self.current().id)),
         };
-        let cmd = redis::cmd("PUBLISH")
-            .arg(self.keys.channel(&owner))
-            .arg(encode(&bus, Some(&frame)))
-            .clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(self.keys.channel(&owner))
+            .arg(encode(&bus, Some(&frame)));
         let (inner, room, to) = (self.clone(), room.to_owned(), to.to_owned());
         Ok(Sent::Pending(Box::pin(async move {
             let receivers = inner.query::<i64>(&cmd).await.inspect_err(|e| {
