@@ -130,6 +130,21 @@ async fn join_as(e: &RedisEngine, room: &str, role: Role) -> (String, PeerQueue)
     (id, q)
 }
 
+/// A fresh room with a peer on `a` and one on `b`, once `a`'s has heard of `b`'s.
+async fn pair_across(
+    a: &RedisEngine,
+    b: &RedisEngine,
+) -> (String, (String, PeerQueue), (String, PeerQueue)) {
+    let room = new_id();
+    let (pa, mut qa) = join(a, &room).await;
+    let (pb, qb) = join(b, &room).await;
+    assert_eq!(
+        next(&mut qa, Duration::from_secs(2)).await["type"],
+        "peer_joined"
+    );
+    (room, (pa, qa), (pb, qb))
+}
+
 /// Connects and joins a fresh `client` peer; returns its id and queue.
 async fn join(e: &RedisEngine, room: &str) -> (String, PeerQueue) {
     join_as(e, room, Role::Client).await
@@ -842,13 +857,7 @@ async fn a_cut_off_instance_fences_itself_and_serves_fresh_peers() {
     bounded(async {
         let r = RedisServer::start();
         let (a, b) = (engine(&r).await, engine(&r).await);
-        let room = new_id();
-        let (_pa, mut qa) = join(&a, &room).await;
-        let (pb, mut qb) = join(&b, &room).await;
-        assert_eq!(
-            next(&mut qa, Duration::from_secs(2)).await["type"],
-            "peer_joined"
-        );
+        let (room, (_pa, mut qa), (pb, mut qb)) = pair_across(&a, &b).await;
         let old_id = b.instance_id();
 
         b.pause_heartbeat(true);
@@ -1088,14 +1097,8 @@ async fn a_refusal_on_another_instance_is_reported_to_the_sender() {
     bounded(async {
         let r = RedisServer::start();
         let (a, b) = (engine(&r).await, engine(&r).await);
-        let room = new_id();
         // pa never reads: its relay share (192 of 256) fills up.
-        let (pa, mut qa) = join(&a, &room).await;
-        let (pb, mut qb) = join(&b, &room).await;
-        assert_eq!(
-            next(&mut qa, Duration::from_secs(2)).await["type"],
-            "peer_joined"
-        );
+        let (room, (pa, mut qa), (pb, mut qb)) = pair_across(&a, &b).await;
         for i in 0..300 {
             let d = b
                 .deliver(&room, &pb, &pa, format!("{{\"n\":{i}}}").into())

@@ -39,26 +39,16 @@ impl Inner {
             .collect()
     }
 
-    /// Publishes a room event to each remote owner's channel, all at once (pipelined on the
-    /// shared connection). A failure is only logged: the room event has happened in Redis.
-    async fn broadcast(
-        &self,
-        room: &str,
-        groups: Groups,
-        frame: &Frame,
-        joined: Option<&Known>,
-        left: Option<&str>,
-    ) {
-        let publishes = self
-            .room_event(room, groups, frame, joined, left)
-            .into_iter()
-            .map(|(channel, payload)| async move {
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(&channel).arg(payload);
-                if let Err(e) = self.query::<i64>(&cmd).await {
-                    tracing::warn!(%channel, error = %e, "publish to instance failed");
-                }
-            });
+    /// Publishes a room event's messages (see [`Inner::room_event`]) all at once (pipelined on
+    /// the shared connection). A failure is only logged: the room event has happened in Redis.
+    async fn broadcast(&self, messages: Vec<(String, Vec<u8>)>) {
+        let publishes = messages.into_iter().map(|(channel, payload)| async move {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&channel).arg(payload);
+            if let Err(e) = self.query::<i64>(&cmd).await {
+                tracing::warn!(%channel, error = %e, "publish to instance failed");
+            }
+        });
         futures::future::join_all(publishes).await;
     }
 
@@ -120,7 +110,8 @@ impl Inner {
                 .collect();
             if !survivors.is_empty() {
                 let (frame, groups) = self.tell_left(room, peer, survivors);
-                self.broadcast(room, groups, &frame, None, Some(peer)).await;
+                let messages = self.room_event(room, groups, &frame, None, Some(peer));
+                self.broadcast(messages).await;
             }
         }
         if srem {
@@ -218,7 +209,8 @@ impl Inner {
             Some(groups) => {
                 if let Some(frame) = frame {
                     let me = me.to_known();
-                    self.broadcast(room, groups, &frame, Some(&me), None).await;
+                    let messages = self.room_event(room, groups, &frame, Some(&me), None);
+                    self.broadcast(messages).await;
                 }
             }
             None => {
