@@ -399,8 +399,22 @@ impl SilentPeer {
         self.tcp.write_all(&frame).await.unwrap();
     }
 
-    /// The next frame the server sent: (opcode, payload); `None` at EOF.
+    /// The next message the server sent: (opcode, payload), its fragments (RFC 6455 §5.4: the
+    /// server writes large texts in pieces) put together; `None` at EOF.
     async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let (fin, op, mut payload) = self.one_frame().await?;
+        let mut last = fin;
+        while !last {
+            let (fin, cont, more) = self.one_frame().await?;
+            assert_eq!(cont, 0, "a continuation follows a fragment");
+            payload.extend_from_slice(&more);
+            last = fin;
+        }
+        Some((op, payload))
+    }
+
+    /// One frame: (fin, opcode, payload).
+    async fn one_frame(&mut self) -> Option<(bool, u8, Vec<u8>)> {
         use tokio::io::AsyncReadExt;
         let b0 = self.tcp.read_u8().await.ok()?;
         let b1 = self.tcp.read_u8().await.ok()?;
@@ -412,7 +426,7 @@ impl SilentPeer {
         };
         let mut payload = vec![0; len];
         self.tcp.read_exact(&mut payload).await.ok()?;
-        Some((b0 & 0x0f, payload))
+        Some((b0 & 0x80 != 0, b0 & 0x0f, payload))
     }
 
     /// Joins; returns the assigned peer id.

@@ -54,13 +54,14 @@ const ERROR_WINDOW: Duration = Duration::from_secs(10);
 /// Relays to other instances one socket may have under way at once; its next frame is read
 /// when one of them is done (their outcomes are reported to it as they come).
 const MAX_IN_FLIGHT: usize = 64;
+/// tungstenite's own write buffer: every frame goes straight through it, so it holds one
+/// frame (a piece of at most `upgrade::FRAGMENT` bytes) at a time; this is only its bound.
+const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// Frames written in one go at most (then flushed): every frame ready in the queue is taken,
 /// so a burst costs one write per batch instead of one per frame.
 const MAX_BATCH: usize = 64;
-/// Bytes tungstenite buffers before it writes to the socket within a batch.
-const WRITE_BUFFER: usize = 32 * 1024;
 
-use self::upgrade::{Handshake, Socket};
+use self::upgrade::{text_frames, Cork, Handshake, Socket};
 
 type Sink = SplitSink<Socket, Message>;
 type Stream = SplitStream<Socket>;
@@ -94,27 +95,20 @@ pub async fn upgrade<E: Engine>(
             .into_response();
     };
     let max = app.config.max_message_bytes;
-    let write_limit = write_buffer_limit(&app.config);
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
     // (shared/notes/crates.md §3); bursts are read in gulps below it (`upgrade::BurstReader`).
     let config = WebSocketConfig::default()
         .read_buffer_size(1024)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(write_limit)
+        // Every frame straight through to `BurstIo`, which collects the batch until the flush.
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
-    ws.accept(config, move |socket| async move {
-        Connection::new(app, id, client).run(socket).await;
+    ws.accept(config, move |socket, cork| async move {
+        Connection::new(app, id, client, cork).run(socket).await;
         drop(permit);
         drop(address_slot);
     })
-}
-
-/// The write buffer must hold the largest frame we ever write whole: a member list at the room
-/// limit, or a client's largest relayed message (our own queue bounds the rest).
-fn write_buffer_limit(config: &crate::config::Config) -> usize {
-    let member_list = (config.max_room_peers + HOST_SLOTS) * (MAX_PEER_INFO_BYTES + 256);
-    member_list.max(2 * config.max_message_bytes) + 64 * 1024
 }
 
 /// How a connection ends: the close frame to send, if any.
@@ -227,6 +221,8 @@ struct Connection<E: Engine> {
     errors_sent: u32,
     errors_since: Instant,
     budget: Budget,
+    /// Batches collect under the socket until their flush.
+    cork: Cork,
 }
 
 /// Relays under way, polled in the order they were sent (so they reach the wire in it). Owned
@@ -234,7 +230,7 @@ struct Connection<E: Engine> {
 type Relays<E> = FuturesUnordered<InFlight<<E as Engine>::Publish>>;
 
 impl<E: Engine> Connection<E> {
-    fn new(app: App<E>, path_id: String, client: IpAddr) -> Self {
+    fn new(app: App<E>, path_id: String, client: IpAddr, cork: Cork) -> Self {
         let now = Instant::now();
         let budget = Budget::new(&app.config);
         Self {
@@ -247,6 +243,7 @@ impl<E: Engine> Connection<E> {
             errors_sent: 0,
             errors_since: now,
             budget,
+            cork,
         }
     }
 
@@ -264,6 +261,8 @@ impl<E: Engine> Connection<E> {
         if end.echo {
             let _ = tokio::time::timeout(self.app.config.write_timeout, sink.flush()).await;
         }
+        // A batch cut short (the queue closed under it) left the cork in.
+        self.cork.set(false);
         if let Some((code, reason)) = end.close {
             let frame = Message::Close(Some(CloseFrame {
                 code: code.into(),
@@ -396,18 +395,22 @@ impl<E: Engine> Connection<E> {
     /// Writes `first` and every frame queued behind it (up to [`MAX_BATCH`]), then flushes once,
     /// all within the write timeout; false means the socket is done for.
     async fn write_batch(&self, sink: &mut Sink, first: Frame, queue: &mut PeerQueue) -> bool {
+        self.cork.set(true);
         let batch = async {
-            sink.feed(Message::Text(first)).await?;
-            for _ in 1..MAX_BATCH {
-                let Some(frame) = queue.try_recv() else { break };
-                sink.feed(Message::Text(frame)).await?;
+            let mut next = Some(first);
+            for _ in 0..MAX_BATCH {
+                let Some(frame) = next.take().or_else(|| queue.try_recv()) else {
+                    break;
+                };
+                for piece in text_frames(frame) {
+                    sink.feed(piece).await?;
+                }
             }
             sink.flush().await
         };
-        matches!(
-            tokio::time::timeout(self.app.config.write_timeout, batch).await,
-            Ok(Ok(()))
-        )
+        let done = tokio::time::timeout(self.app.config.write_timeout, batch).await;
+        self.cork.set(false);
+        matches!(done, Ok(Ok(())))
     }
 
     /// Writes one frame within the write timeout; false means the socket is done for.
@@ -419,7 +422,16 @@ impl<E: Engine> Connection<E> {
     }
 
     async fn reply(&self, sink: &mut Sink, msg: &ServerMessage) -> bool {
-        self.write(sink, Message::Text(msg.to_frame())).await
+        self.cork.set(true);
+        let send = async {
+            for piece in text_frames(msg.to_frame()) {
+                sink.feed(piece).await?;
+            }
+            sink.flush().await
+        };
+        let done = tokio::time::timeout(self.app.config.write_timeout, send).await;
+        self.cork.set(false);
+        matches!(done, Ok(Ok(())))
     }
 
     /// Replies `error`, within the socket's error budget.

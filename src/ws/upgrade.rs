@@ -1,12 +1,18 @@
 //! The WebSocket handshake (RFC 6455 §4.2) and the socket under tungstenite.
 //!
 //! Done here rather than by axum's `WebSocketUpgrade`, which hides the upgraded connection:
-//! the socket goes to tungstenite through a [`BurstReader`], so an idle socket keeps a 1 KiB
-//! read buffer and a burst is still read from the kernel in 16 KiB gulps (tungstenite reads at
-//! most its buffer's size per call: with 1 KiB alone, one `recv` per three signals).
+//! the socket goes to tungstenite through a [`BurstIo`], which holds buffers only while a
+//! burst is under way. Reads: an idle socket keeps tungstenite's 1 KiB read buffer, and a burst
+//! is still read from the kernel in 16 KiB gulps (tungstenite reads at most its buffer's size
+//! per call: with 1 KiB alone, one `recv` per three signals). Writes: tungstenite writes each
+//! frame through at once (its own buffer, which never shrinks, then holds one frame at most,
+//! and [`FRAGMENT`] bounds that); they collect here until the socket task flushes its batch,
+//! in one `send`, and the buffer is given back.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use axum::extract::FromRequestParts;
@@ -21,7 +27,14 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 /// The upgraded connection as the socket task sees it.
-pub type Socket = WebSocketStream<BurstReader<TokioIo<hyper::upgrade::Upgraded>>>;
+pub type Socket = WebSocketStream<BurstIo<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// Text frames are written in pieces of at most this many bytes (a fragmented message, RFC 6455
+/// §5.4), so tungstenite's write buffer, which keeps the capacity of the largest frame it ever
+/// wrote, stays small on sockets that once got a large `join_success` or SDP.
+pub const FRAGMENT: usize = 1024;
+/// Bytes collected for one flush at most; a larger batch is written as it grows.
+const WRITE_GULP: usize = 64 * 1024;
 
 /// What the kernel is asked for at once when tungstenite wants less than this.
 const GULP: usize = 16 * 1024;
@@ -86,7 +99,7 @@ impl Handshake {
     /// task of its own (it ends with the socket; the caller's permits go with `serve`).
     pub fn accept<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(Socket, Cork) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let accept = derive_accept_key(self.key.as_bytes());
@@ -95,9 +108,10 @@ impl Handshake {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            let io = BurstReader::new(TokioIo::new(upgraded));
+            let cork = Cork::default();
+            let io = BurstIo::new(TokioIo::new(upgraded), cork.clone());
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            serve(socket).await;
+            serve(socket, cork).await;
         });
         Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -111,27 +125,67 @@ impl Handshake {
 
 /// Reads a burst in gulps: when a read fills the reader's buffer to the brim (more is likely
 /// waiting), up to [`GULP`] bytes more are taken from the kernel at once and served to the next
-/// reads. The gulp buffer exists only while it holds bytes, so an idle socket keeps none.
-pub struct BurstReader<T> {
+/// reads. Writes collect until a flush. Both buffers exist only while they hold bytes, so an
+/// idle socket keeps none.
+pub struct BurstIo<T> {
     io: T,
     buf: Vec<u8>,
     pos: usize,
     /// An error the gulp read met, reported once the gulp is served.
     err: Option<std::io::Error>,
+    out: Vec<u8>,
+    /// Bytes of `out` written already.
+    sent: usize,
+    /// Set while the socket task writes a batch (see [`Cork`]); otherwise (tungstenite's own
+    /// pongs and close replies) writes go straight through.
+    cork: Cork,
 }
 
-impl<T> BurstReader<T> {
-    fn new(io: T) -> Self {
+/// Held by the socket task: while corked, writes collect in [`BurstIo`] until the flush.
+#[derive(Clone, Default)]
+pub struct Cork(Arc<AtomicBool>);
+
+impl Cork {
+    pub fn set(&self, corked: bool) {
+        self.0.store(corked, Ordering::Relaxed);
+    }
+
+    fn corked(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl<T> BurstIo<T> {
+    fn new(io: T, cork: Cork) -> Self {
         Self {
             io,
             buf: Vec::new(),
             pos: 0,
             err: None,
+            out: Vec::new(),
+            sent: 0,
+            cork,
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
+impl<T: AsyncWrite + Unpin> BurstIo<T> {
+    /// Writes out what was collected; the buffer is given back once empty.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.out = Vec::new();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for BurstIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -174,34 +228,52 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for BurstReader<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for BurstIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        let this = self.get_mut();
+        if !this.cork.corked() || this.out.len() + buf.len() > WRITE_GULP {
+            ready!(this.poll_drain(cx))?;
+            if !this.cork.corked() {
+                return Pin::new(&mut this.io).poll_write(cx, buf);
+            }
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
+}
+
+/// The frames that carry one text message: itself, or pieces of at most [`FRAGMENT`] bytes
+/// (a first text frame, then continuations; the payload is shared, not copied).
+pub fn text_frames(text: crate::protocol::Frame) -> impl Iterator<Item = tungstenite::Message> {
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tungstenite::protocol::frame::Frame as WsFrame;
+    let bytes = axum::body::Bytes::from(text);
+    let pieces = bytes.len().div_ceil(FRAGMENT).max(1);
+    (0..pieces).map(move |i| {
+        if pieces == 1 {
+            let text = tungstenite::Utf8Bytes::try_from(bytes.clone()).expect("was text");
+            return tungstenite::Message::Text(text);
+        }
+        let piece = bytes.slice(i * FRAGMENT..((i + 1) * FRAGMENT).min(bytes.len()));
+        let opcode = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
+        tungstenite::Message::Frame(WsFrame::message(piece, opcode, i + 1 == pieces))
+    })
 }
 
 #[cfg(test)]
@@ -216,7 +288,7 @@ mod tests {
         let data: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
         tx.write_all(&data).await.unwrap();
         drop(tx);
-        let mut r = BurstReader::new(rx);
+        let mut r = BurstIo::new(rx, Cork::default());
         let mut got = Vec::new();
         let mut chunk = [0u8; 1000];
         let mut gulps = 0;
@@ -231,5 +303,45 @@ mod tests {
         assert_eq!(got, data);
         assert!(gulps >= 2, "the burst came in gulps ({gulps})");
         assert_eq!(r.buf.capacity(), 0, "an idle reader keeps no buffer");
+    }
+
+    #[tokio::test]
+    async fn writes_collect_until_a_flush_and_the_buffer_is_given_back() {
+        let (tx, mut rx) = tokio::io::duplex(256 * 1024);
+        let cork = Cork::default();
+        let mut w = BurstIo::new(tx, cork.clone());
+        cork.set(true);
+        for _ in 0..100 {
+            w.write_all(&[7u8; 300]).await.unwrap();
+        }
+        assert_eq!(w.out.len(), 30_000, "nothing written before the flush");
+        w.flush().await.unwrap();
+        cork.set(false);
+        assert_eq!(w.out.capacity(), 0);
+        w.write_all(b"uncorked").await.unwrap();
+        assert!(w.out.is_empty(), "uncorked writes go straight through");
+        let mut got = vec![0u8; 30_008];
+        rx.read_exact(&mut got).await.unwrap();
+        assert!(got[..30_000].iter().all(|b| *b == 7));
+        assert_eq!(&got[30_000..], b"uncorked");
+    }
+
+    #[test]
+    fn large_texts_go_out_in_pieces() {
+        let text: String = (0..2500)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let frames: Vec<_> = text_frames(text.clone().into()).collect();
+        assert_eq!(frames.len(), 3);
+        let mut back = Vec::new();
+        for f in frames {
+            let tungstenite::Message::Frame(f) = f else {
+                panic!("not a raw frame")
+            };
+            back.extend_from_slice(f.payload());
+        }
+        assert_eq!(back, text.as_bytes());
+        let small: Vec<_> = text_frames("hi".into()).collect();
+        assert!(matches!(&small[..], [tungstenite::Message::Text(t)] if t.as_str() == "hi"));
     }
 }
