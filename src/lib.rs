@@ -24,7 +24,7 @@
 //! | [`mailbox`] | offers and answers, acting for the peer of the URL's token |
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
-//! | [`ws`] | one WebSocket connection: join, relay, keep-alive, leave |
+//! | [`ws`] | one WebSocket connection: handshake, join, relay, batched writes, keep-alive, leave |
 //! | [`listener`] | TCP accept with a connection cap, a per-address cap and no stall on EMFILE |
 //! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |

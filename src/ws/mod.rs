@@ -8,6 +8,7 @@
 //! connection's life (upgrade, pacing, the loop, the ending); what its frames do is in
 //! [`messages`].
 
+mod end;
 mod messages;
 mod upgrade;
 
@@ -61,6 +62,7 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// so a burst costs one write per batch instead of one per frame.
 const MAX_BATCH: usize = 64;
 
+use self::end::End;
 use self::upgrade::{text_frames, Cork, Handshake, Socket};
 
 type Sink = SplitSink<Socket, Message>;
@@ -109,58 +111,6 @@ pub async fn upgrade<E: Engine>(
         drop(permit);
         drop(address_slot);
     })
-}
-
-/// How a connection ends: the close frame to send, if any.
-struct End {
-    close: Option<(u16, &'static str)>,
-    /// Drain: leave at once, close after a random delay within the jitter window.
-    jitter: bool,
-    /// The client sent a close frame: flush the reply tungstenite queued (its code echoed, or
-    /// 1002 for an invalid one, RFC 6455 §5.5.1).
-    echo: bool,
-}
-
-impl End {
-    fn silent() -> Self {
-        End {
-            close: None,
-            jitter: false,
-            echo: false,
-        }
-    }
-
-    fn close(code: u16, reason: &'static str) -> Self {
-        End {
-            close: Some((code, reason)),
-            ..End::silent()
-        }
-    }
-
-    fn echo() -> Self {
-        End {
-            echo: true,
-            ..End::silent()
-        }
-    }
-
-    /// A read error: RFC 6455 §7.4.1 close codes for what the client did wrong (1002 protocol
-    /// error, 1007 invalid UTF-8, 1009 too big); a vanished peer just ends.
-    fn on_error(e: tungstenite::Error) -> Self {
-        use tungstenite::Error as WsError;
-        match e {
-            WsError::Protocol(_) => End::close(1002, "protocol error"),
-            WsError::Utf8(_) => End::close(1007, "invalid UTF-8"),
-            WsError::Capacity(_) => End::close(1009, "message too big"),
-            _ => End::silent(),
-        }
-    }
-
-    /// The server closed the socket's queue (slow consumer, fenced, replaced).
-    fn closed_by(reason: CloseReason) -> Self {
-        let (code, why) = reason.close_frame();
-        End::close(code, why)
-    }
 }
 
 type Limiter = governor::DefaultDirectRateLimiter;
