@@ -117,27 +117,17 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
         return Ok(0);
     }
     let parsed: Vec<(&str, &str)> = entries.iter().filter_map(|e| e.split_once('|')).collect();
-    // Same KEYS and ARGV as `Inner::leave_in_redis` (`lua/leave.lua`), with the dead owner. A
-    // room this empties restarts its session's countdown in the script; its tokens are not
-    // refreshed here (one more round trip per room): they were by the last refresh round, so
-    // they expire at most one refresh period before their session, as after a crash.
+    // The leave of `Inner::leave_in_redis`, with the dead owner. A room this empties restarts
+    // its session's countdown in the script; its tokens are not refreshed here (one more round
+    // trip per room): they were by the last refresh round, so they expire at most one refresh
+    // period before their session, as after a crash.
     let mut leaves = redis::pipe();
     leaves
         .ignore_errors()
         .load_script(&inner.scripts.leave)
         .ignore();
     for (room, peer) in &parsed {
-        let mut inv = inner.scripts.leave.prepare_invoke();
-        inv.key(k.members(room))
-            .key(k.server(room))
-            .key(k.offers(room, peer))
-            .key(k.seq(room))
-            .key(k.session(room))
-            .key(k.tokens(room))
-            .arg(*peer)
-            .arg(dead)
-            .arg(Inner::ttl_ms(inner.config.session_ttl));
-        leaves.invoke_script(&inv);
+        leaves.invoke_script(&inner.leave_invocation(room, peer, dead));
     }
     let mut cm = inner.cm();
     let results: Vec<RedisResult<Vec<String>>> = inner.redis(leaves.query_async(&mut cm)).await?;

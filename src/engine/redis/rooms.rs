@@ -78,6 +78,28 @@ impl Inner {
         (frame, groups)
     }
 
+    /// `lua/leave.lua` for `peer`, owned by `owner`, in `room` (a room this empties restarts
+    /// its session's countdown in the script).
+    pub(super) fn leave_invocation(
+        &self,
+        room: &str,
+        peer: &str,
+        owner: &str,
+    ) -> redis::ScriptInvocation<'_> {
+        let k = &self.keys;
+        let mut inv = self.scripts.leave.prepare_invoke();
+        inv.key(k.members(room))
+            .key(k.server(room))
+            .key(k.offers(room, peer))
+            .key(k.seq(room))
+            .key(k.session(room))
+            .key(k.tokens(room))
+            .arg(peer)
+            .arg(owner)
+            .arg(Self::ttl_ms(self.config.session_ttl));
+        inv
+    }
+
     /// Removes `peer` (owned by `owner`) from `room` in Redis and tells the survivors. With
     /// `srem`, also drops the owner's record of it (the reaper removes its batch at once).
     pub(crate) async fn leave_in_redis(
@@ -89,16 +111,7 @@ impl Inner {
     ) -> EngineResult<()> {
         let k = &self.keys;
         let mut cm = self.cm();
-        let mut inv = self.scripts.leave.prepare_invoke();
-        inv.key(k.members(room))
-            .key(k.server(room))
-            .key(k.offers(room, peer))
-            .key(k.seq(room))
-            .key(k.session(room))
-            .key(k.tokens(room))
-            .arg(peer)
-            .arg(owner)
-            .arg(Self::ttl_ms(self.config.session_ttl));
+        let inv = self.leave_invocation(room, peer, owner);
         let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
         if flat.as_slice() == ["1"] {
             self.last_left(room).await;
