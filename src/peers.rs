@@ -73,20 +73,25 @@ impl PartialEq for Queued {
 }
 
 /// A full queue's promise to tell when its socket takes a frame. A sender whose frame found
-/// the recipient's queue full waits on it a little (a recipient draining at network speed
-/// frees room within microseconds) before giving up and telling the sender: the sender is
-/// slowed down, never the recipient cut off. Once a sender has waited in vain, the socket
-/// counts as not reading and further frames are refused at once until it takes one.
+/// the recipient's queue full waits on it a little, at most [`SPACE_WAIT`] per frame (a
+/// recipient draining at network speed frees room within microseconds), before giving up and
+/// telling the sender: the sender is slowed down, never the recipient cut off. Once a frame
+/// has waited in vain, the socket counts as not keeping up, and further frames are refused at
+/// once until it has emptied its queue: a reader that takes a frame now and then cannot hold
+/// its senders (the host, and through it the whole room) to its own pace.
 #[derive(Clone, Debug)]
 pub struct Space(Arc<PeerShared>);
 
-/// How long a sender waits for a full recipient to take one frame before it is refused.
-pub const SPACE_WAIT: Duration = Duration::from_millis(100);
+/// How long a sender waits in all for a full recipient to make room for one frame: far beyond
+/// what a socket writing at network speed needs (one batched write), yet short enough that a
+/// reader slower than one frame per 20 ms is given up on rather than followed (it could hold a
+/// sender to no more than the 50 messages per second real clients get anyway).
+pub const SPACE_WAIT: Duration = Duration::from_millis(20);
 
 impl Space {
-    /// Waits until the socket takes a frame, at most [`SPACE_WAIT`]; false if it took none
-    /// (or its queue is closed, or an earlier sender waited in vain since it last took one).
-    pub async fn wait(&self) -> bool {
+    /// Waits until the socket takes a frame, at most until `deadline`; false if it took none
+    /// (or its queue is closed, or it has not caught up since a frame last waited in vain).
+    pub async fn wait(&self, deadline: tokio::time::Instant) -> bool {
         if self.0.stalled.load(Ordering::Relaxed) {
             return false;
         }
@@ -97,7 +102,7 @@ impl Space {
         if self.0.close_reason().is_some() {
             return false;
         }
-        let took = tokio::time::timeout(SPACE_WAIT, notified).await.is_ok();
+        let took = tokio::time::timeout_at(deadline, notified).await.is_ok();
         if !took {
             self.0.stalled.store(true, Ordering::Relaxed);
         }
@@ -136,8 +141,8 @@ pub struct PeerShared {
     /// Wakes senders waiting for room in the queue (see [`Space`]), once `waiting` says any do.
     space: Notify,
     waiting: AtomicBool,
-    /// A sender waited `SPACE_WAIT` in vain: the socket is not reading, and further senders
-    /// are refused at once (not slowed down) until it takes a frame again.
+    /// A frame waited `SPACE_WAIT` in vain: the socket is not keeping up, and further frames
+    /// are refused at once (their senders not slowed down) until its queue is empty again.
     stalled: AtomicBool,
 }
 
@@ -200,14 +205,15 @@ impl PeerQueue {
             let mut frames = shared.frames();
             let frame = frames.queue.pop_front()?;
             frames.bytes -= frame.len();
-            if frames.queue.is_empty() && frames.queue.capacity() > KEEP_CAPACITY {
-                frames.queue.shrink_to(KEEP_CAPACITY);
+            if frames.queue.is_empty() {
+                // Caught up: senders may wait for it again.
+                shared.stalled.store(false, Ordering::Relaxed);
+                if frames.queue.capacity() > KEEP_CAPACITY {
+                    frames.queue.shrink_to(KEEP_CAPACITY);
+                }
             }
             frame
         };
-        if shared.stalled.load(Ordering::Relaxed) {
-            shared.stalled.store(false, Ordering::Relaxed);
-        }
         if shared.waiting.load(Ordering::Relaxed) && shared.waiting.swap(false, Ordering::AcqRel) {
             shared.space.notify_waiters();
         }

@@ -238,15 +238,17 @@ impl Router {
         })
     }
 
-    /// Like [`route`](Self::route), but a local recipient whose queue is full is waited for
-    /// while it takes frames: a burst at a peer that drains at network speed loses nothing,
-    /// and its sender is slowed down to that speed. One that takes nothing for `SPACE_WAIT`
-    /// is given up on (the sender is told).
+    /// Like [`route`](Self::route), but a local recipient whose queue is full is waited for,
+    /// up to `SPACE_WAIT` per frame: a burst at a peer that drains at network speed loses
+    /// nothing, and its sender is slowed down to that speed. A frame that finds no room in
+    /// time is refused (the sender is told), and so is every frame after it until that peer
+    /// has caught up (see [`crate::peers::Space`]).
     pub async fn relay(&self, room: &str, to: &str, frame: &Frame) -> Route {
+        let deadline = tokio::time::Instant::now() + crate::peers::SPACE_WAIT;
         loop {
             match self.route(room, to, frame) {
                 Route::Full(space) => {
-                    if !space.wait().await {
+                    if !space.wait(deadline).await {
                         return self.route(room, to, frame);
                     }
                 }
@@ -398,12 +400,43 @@ mod tests {
             }
         }
         assert_eq!(full, 44, "6 relay slots of 8");
-        // One SPACE_WAIT (100 ms), not 44 of them.
+        // One SPACE_WAIT, not 44 of them.
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "{:?}",
             start.elapsed()
         );
+    }
+
+    /// A reader that takes a frame now and then (every 50 ms) cannot hold its sender to that
+    /// pace: one frame waits out `SPACE_WAIT`, the rest are refused at once until it catches up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drip_reader_does_not_set_its_senders_pace() {
+        let r = router();
+        let mut q = member(&r, "room", "p");
+        for i in 0..6 {
+            assert!(matches!(
+                r.route("room", "p", &Frame::from(i.to_string())),
+                Route::Delivered
+            ));
+        }
+        let dripper = tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = q.try_recv();
+            }
+        });
+        let start = Instant::now();
+        for i in 0..20 {
+            r.relay("room", "p", &Frame::from(i.to_string())).await;
+        }
+        // Paced by the drip this would take 20 × 50 ms.
+        assert!(
+            start.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            start.elapsed()
+        );
+        dripper.abort();
     }
 
     #[test]
