@@ -408,8 +408,9 @@ mod tests {
         );
     }
 
-    /// A reader that takes a frame now and then (every 50 ms) cannot hold its sender to that
-    /// pace: one frame waits out `SPACE_WAIT`, the rest are refused at once until it catches up.
+    /// A reader that takes a frame now and then (every 150 ms) cannot hold its sender to that
+    /// pace: one frame waits out `SPACE_WAIT`, the rest are refused at once until it catches up
+    /// (once, each frame waited again after every frame the reader took: 20 × 100 ms here).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_drip_reader_does_not_set_its_senders_pace() {
         let r = router();
@@ -422,7 +423,7 @@ mod tests {
         }
         let dripper = tokio::spawn(async move {
             for _ in 0..20 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
                 let _ = q.try_recv();
             }
         });
@@ -430,7 +431,7 @@ mod tests {
         for i in 0..20 {
             r.relay("room", "p", &Frame::from(i.to_string())).await;
         }
-        // Paced by the drip this would take 20 × 50 ms.
+        // Paced by the drip this would take about 20 × 100 ms.
         assert!(
             start.elapsed() < Duration::from_millis(600),
             "{:?}",
