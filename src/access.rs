@@ -81,10 +81,12 @@ pub async fn admit<E: Engine>(
         CodeCheck::Correct => Ok(access),
         CodeCheck::Wrong => {
             tracing::info!(session = %session, %client, "wrong join code");
+            crate::metrics::code_failure();
             Err(Refusal::InvalidPassphrase)
         }
         CodeCheck::Locked(wait) => {
             tracing::info!(session = %session, %client, "join code refused: too many wrong codes");
+            crate::metrics::refused("code_locked");
             Err(Refusal::TooManyAttempts(wait))
         }
         CodeCheck::NotFound => Err(Refusal::NotFound),

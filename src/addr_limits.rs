@@ -151,6 +151,8 @@ pub struct SocketLimits {
 #[derive(Debug)]
 pub struct Refused {
     why: &'static str,
+    /// The `beach_road_refusals_total` reason.
+    metric: &'static str,
     retry_after: Duration,
 }
 
@@ -168,10 +170,12 @@ impl SocketLimits {
             .take(ip, Instant::now())
             .map_err(|wait| Refused {
                 why: "too many WebSocket upgrades from this address",
+                metric: "upgrade_rate",
                 retry_after: wait,
             })?;
         self.sockets.try_acquire(ip).ok_or(Refused {
             why: "too many WebSockets from this address",
+            metric: "sockets_per_address",
             // A socket's end cannot be predicted; a second is a polite pace for a retry.
             retry_after: Duration::from_secs(1),
         })
@@ -180,6 +184,7 @@ impl SocketLimits {
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
+        crate::metrics::refused(self.metric);
         crate::http::too_many(self.retry_after, json!({ "error": self.why }))
     }
 }

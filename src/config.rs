@@ -251,6 +251,31 @@ pub struct Config {
     /// Scheduling lag past which /health fails (the runtime is considered stuck).
     #[arg(long, env = "BEACH_ROAD_MAX_LAG", default_value = "2s", value_parser = duration)]
     pub max_lag: Duration,
+
+    /// Addresses allowed to scrape `GET /metrics` (comma-separated addresses or CIDRs), checked
+    /// against the TCP peer; a request relayed by a trusted proxy is refused whatever its
+    /// address (scrape instances directly, not through the load balancer). Others get 404.
+    #[arg(
+        long,
+        env = "BEACH_ROAD_METRICS_ALLOW",
+        value_delimiter = ',',
+        value_parser = ip_net,
+        default_value = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+    )]
+    pub metrics_allow: Vec<ipnet::IpNet>,
+
+    /// Log line format: `text` for a terminal, `json` (one object per line) for journald or
+    /// CloudWatch. The level and targets come from `RUST_LOG` (default `info`; e.g.
+    /// `RUST_LOG=beach_road=debug,info`); payload-carrying library targets stay capped.
+    #[arg(long, env = "BEACH_ROAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// See [`Config::log_format`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Config {

@@ -64,6 +64,11 @@ impl Health {
         Duration::from_micros(self.inner.lag_us.load(Ordering::Relaxed))
     }
 
+    /// Log lines dropped so far.
+    pub fn dropped_logs(&self) -> u64 {
+        (self.inner.dropped_logs)()
+    }
+
     pub async fn report<E: Engine>(&self, engine: &E) -> Report {
         let local_peers = engine.local_peers();
         let lag = self.lag();

@@ -72,6 +72,7 @@ impl From<EngineError> for ApiError {
             cause = e.cause(),
             "request refused: engine error"
         );
+        crate::metrics::refused("store_unavailable");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, e.client_message().into())
     }
 }
@@ -186,6 +187,71 @@ pub async fn ready<E: Engine>(State(app): State<App<E>>) -> Response {
         Json(json!({ "ready": false, "reason": reason })),
     )
         .into_response()
+}
+
+/// Runs every request inside a `request` span naming its route pattern (never the path itself:
+/// it may hold a token); handlers record `session` and `peer` once they know them.
+pub async fn request_span(
+    route: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tracing::Instrument;
+    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route,
+        session = tracing::field::Empty,
+        peer = tracing::field::Empty
+    );
+    next.run(req).instrument(span).await
+}
+
+/// Records the request's session (and acting peer) on its span (see [`request_span`]).
+pub fn record_session(session: &str, peer: Option<&str>) {
+    let span = tracing::Span::current();
+    span.record("session", session);
+    if let Some(peer) = peer {
+        span.record("peer", peer);
+    }
+}
+
+/// `GET /metrics`: every series of [`crate::metrics`], for scrapers on `--metrics-allow`
+/// addresses that reach this instance directly; anyone else gets the 404 of an unknown path.
+pub async fn metrics<E: Engine>(
+    State(app): State<App<E>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    let ip = crate::client::canonical(peer.ip());
+    let direct = !crate::client::trusted(ip, &app.config.trusted_proxies);
+    if !direct || !app.config.metrics_allow.iter().any(|net| net.contains(&ip)) {
+        crate::metrics::refused("metrics_not_allowed");
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let (peers_joined, rooms_local) = app.engine.router().occupancy();
+    let (pubsub_self_ping_age, heartbeat_age) = app.engine.liveness_ages();
+    let scrape = crate::metrics::Scrape {
+        websockets_open: app.engine.local_peers(),
+        peers_joined,
+        rooms_local,
+        lag: app.health.lag(),
+        draining: app.shutdown.phase() != Phase::Serving,
+        log_lines_dropped: app.health.dropped_logs(),
+        pubsub_self_ping_age,
+        heartbeat_age,
+    };
+    match crate::metrics::render(scrape) {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder").into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! A host registers a session, clients join it with a code, and beach-road relays their
 //! signaling (offers, answers, ICE candidates) over HTTP and WebSocket until the peers talk
-//! directly. The wire format is fixed by existing clients: `../shared/protocol.md`.
+//! directly. The wire format is fixed by existing clients: `docs/protocol.md`.
 //!
 //! # Layout
 //!
@@ -23,7 +23,8 @@
 //! | [`sessions`] | register, status, HTTP join, attach: capabilities handed out |
 //! | [`mailbox`] | offers and answers, acting for the peer of the URL's token |
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
-//! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime |
+//! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime; text or JSON lines |
+//! | [`metrics`] | every exported series (Prometheus text at `/metrics`) and how it is recorded |
 //! | [`ws`] | one WebSocket connection: handshake, join, relay, batched writes, keep-alive, leave |
 //! | [`listener`] | TCP accept with a connection cap, a per-address cap and no stall on EMFILE |
 //! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |
@@ -48,6 +49,7 @@ pub mod http_conn;
 pub mod listener;
 pub mod logging;
 pub mod mailbox;
+pub mod metrics;
 pub mod peers;
 pub mod protocol;
 pub mod router;

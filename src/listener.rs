@@ -97,6 +97,7 @@ impl LimitedListener {
                 match self.per_address.try_acquire(crate::client::limit_key(ip)) {
                     Some(slot) => Some(slot),
                     None => {
+                        crate::metrics::refused("connections_per_address");
                         self.warn("per-address connection limit reached; refusing", None);
                         drop(stream);
                         continue;
@@ -124,6 +125,7 @@ impl LimitedListener {
                     return (counted, addr);
                 }
                 None => {
+                    crate::metrics::refused("connections_full");
                     self.warn("connection limit reached; refusing new connections", None);
                     drop(stream);
                 }

@@ -31,6 +31,9 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+
+use crate::config::LogFormat;
 
 /// The most verbose level each payload-logging target may log at (see the module doc).
 pub const CAPS: &[(&str, LevelFilter)] = &[
@@ -66,9 +69,11 @@ impl Dropped {
     }
 }
 
-/// Installs the global subscriber (level from `RUST_LOG`, default `info`). Keep the guard alive
-/// for the life of the process: dropping it flushes and stops the writer thread.
-pub fn init() -> (Dropped, WorkerGuard) {
+/// Installs the global subscriber (level from `RUST_LOG`, default `info`; lines in `format`).
+/// Keep the guard alive for the life of the process: dropping it flushes and stops the writer
+/// thread. JSON lines carry the event's fields at the top level and the current span's fields
+/// (a connection's `peer` and `session`) under `span`.
+pub fn init(format: LogFormat) -> (Dropped, WorkerGuard) {
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(BUFFERED_LINES)
@@ -76,11 +81,21 @@ pub fn init() -> (Dropped, WorkerGuard) {
     let dropped = Dropped(writer.error_counter());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let caps = caps(&filter);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(writer)
-        .with_ansi(false)
-        .finish()
+        .with_ansi(false);
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(lines)
+        .with(filter)
         .with(caps)
         .init();
     (dropped, guard)

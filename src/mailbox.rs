@@ -52,6 +52,7 @@ async fn acting_peer<E: Engine>(
             "peer {peer} has left this session"
         )));
     }
+    crate::http::record_session(&room, Some(&peer));
     Ok((room, peer))
 }
 
@@ -64,6 +65,7 @@ pub async fn post_sdp<E: Engine>(
     body: Bytes,
 ) -> ApiResult {
     if body.len() > app.config.max_sdp_bytes {
+        crate::metrics::refused("too_large");
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("SDP payload over {} bytes", app.config.max_sdp_bytes),
@@ -102,6 +104,7 @@ pub async fn post_sdp<E: Engine>(
         .put_answer(&room, &me, &payload.to_peer, &payload.handshake_id, stored)
         .await?
     {
+        crate::metrics::refused("mailbox_full");
         return Err(ApiError(
             StatusCode::TOO_MANY_REQUESTS,
             "too many answers waiting for that peer".into(),

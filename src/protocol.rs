@@ -42,6 +42,15 @@ pub enum Role {
     Client,
 }
 
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Client => "client",
+        }
+    }
+}
+
 /// A room member as every peer sees it (`join_success.peers`, `peer_joined.peer`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {

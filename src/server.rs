@@ -32,7 +32,12 @@ const HTTP_HEADROOM: usize = 32;
 
 /// The process entry point: returns the exit code.
 pub fn main(config: Config) -> ExitCode {
-    let (dropped, _log_guard) = crate::logging::init();
+    let (dropped, _log_guard) = crate::logging::init(config.log_format);
+    crate::metrics::install(if config.redis_url.is_some() {
+        "redis"
+    } else {
+        "memory"
+    });
     let fd_limit = raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,6 +136,7 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
     Router::new()
         .route("/health", get(http::health::<E>))
         .route("/ready", get(http::ready::<E>))
+        .route("/metrics", get(http::metrics::<E>))
         .route("/sessions", post(sessions::register::<E>))
         .route("/sessions/{id}", get(sessions::session_status::<E>))
         .route("/sessions/{id}/join", post(sessions::join::<E>))
@@ -152,6 +158,7 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
             post(mailbox::post_sdp::<E>).get(mailbox::get_answer::<E>),
         )
         .route("/ws/{id}", get(ws::upgrade::<E>))
+        .layer(axum::middleware::from_fn(http::request_span))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -187,6 +194,7 @@ async fn serve<E: Engine>(
         )),
     };
     let watchdog = tokio::spawn(health.watchdog());
+    let upkeep = tokio::spawn(crate::metrics::upkeep());
 
     let max_tcp = max_sockets + HTTP_HEADROOM;
     let listener = LimitedListener::new(
@@ -213,6 +221,7 @@ async fn serve<E: Engine>(
         _ = shutdown::signal() => {}
         result = &mut server => {
             watchdog.abort();
+            upkeep.abort();
             let why = result.err().map(|e| e.to_string());
             let why = why.unwrap_or_else(|| "stopped accepting".into());
             return Err(std::io::Error::other(format!("the HTTP server ended: {why}")));
@@ -244,6 +253,7 @@ async fn serve<E: Engine>(
         server.abort();
     }
     watchdog.abort();
+    upkeep.abort();
     tracing::info!("stopped");
     Ok(())
 }

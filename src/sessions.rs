@@ -70,10 +70,16 @@ pub async fn register<E: Engine>(
     for (key, max, message) in limits {
         if let Some(wait) = app.engine.rate(&key, max, MINUTE).await? {
             tracing::info!(%client, key, "registration refused: rate limit");
+            crate::metrics::refused(if key == "reg" {
+                "registration_budget"
+            } else {
+                "registration_rate"
+            });
             return Ok(too_many(wait, register_failure(message)));
         }
     }
     let id = req.session_id;
+    crate::http::record_session(&id, None);
     let record = SessionRecord {
         id: id.clone(),
         created_at: unix_now(),
@@ -84,6 +90,7 @@ pub async fn register<E: Engine>(
         return Ok(Json(register_failure("Session already exists")).into_response());
     }
     tracing::info!(session = %id, %client, "session registered");
+    crate::metrics::registered();
     let base = base_url(&app.config, &headers);
     let (_, transports, ws) = transports(&base, &host, "offerer", None);
     Ok(Json(json!({
@@ -160,7 +167,10 @@ pub async fn join<E: Engine>(
     )
     .await
     {
-        Ok(a) => a,
+        Ok(a) => {
+            crate::http::record_session(&a.session.id, None);
+            a
+        }
         Err(Refusal::Unavailable(e)) => return Err(e.into()),
         Err(refusal @ Refusal::TooManyAttempts(wait)) => {
             return Ok(too_many(wait, join_failure(&refusal.message())))
@@ -168,6 +178,7 @@ pub async fn join<E: Engine>(
         Err(refusal) => return Ok(Json(join_failure(&refusal.message())).into_response()),
     };
     let Some(token) = token_for(&app, &id, &access).await? else {
+        crate::metrics::refused("tokens_spent");
         return Ok(Json(join_failure(TOKENS_SPENT)).into_response());
     };
     let base = base_url(&app.config, &headers);
@@ -214,7 +225,10 @@ pub async fn attach<E: Engine>(
     )
     .await
     {
-        Ok(a) => a,
+        Ok(a) => {
+            crate::http::record_session(&a.session.id, None);
+            a
+        }
         Err(Refusal::Unavailable(e)) => return Err(e.into()),
         Err(Refusal::NotFound) => {
             return Err(ApiError(StatusCode::NOT_FOUND, "Session not found".into()))
@@ -225,6 +239,7 @@ pub async fn attach<E: Engine>(
         Err(refusal) => return Err(ApiError(StatusCode::UNAUTHORIZED, refusal.message())),
     };
     let Some(token) = token_for(&app, id, &access).await? else {
+        crate::metrics::refused("tokens_spent");
         return Err(ApiError(StatusCode::TOO_MANY_REQUESTS, TOKENS_SPENT.into()));
     };
     Ok(

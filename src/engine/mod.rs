@@ -391,6 +391,12 @@ pub trait Engine: Clone + Send + Sync + 'static {
         self.router().count()
     }
 
+    /// Redis engine: how long ago the last pub/sub self-message arrived and the last heartbeat
+    /// went through (`None` before the first), for `/metrics`.
+    fn liveness_ages(&self) -> (Option<Duration>, Option<Duration>) {
+        (None, None)
+    }
+
     /// Ends the engine's background work (heartbeats, subscriptions); called once, after the
     /// sockets have left their rooms during the drain.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;

@@ -10,6 +10,9 @@ pub(super) struct End {
     /// The client sent a close frame: flush the reply tungstenite queued (its code echoed, or
     /// 1002 for an invalid one, RFC 6455 §5.5.1).
     pub(super) echo: bool,
+    /// Why the server ended it (the `beach_road_disconnects_total` reason); `None` when the
+    /// client did (closed, vanished).
+    pub(super) metric: Option<&'static str>,
 }
 
 impl End {
@@ -18,12 +21,14 @@ impl End {
             close: None,
             jitter: false,
             echo: false,
+            metric: None,
         }
     }
 
-    pub(super) fn close(code: u16, reason: &'static str) -> Self {
+    pub(super) fn close(code: u16, reason: &'static str, metric: &'static str) -> Self {
         End {
             close: Some((code, reason)),
+            metric: Some(metric),
             ..End::silent()
         }
     }
@@ -40,9 +45,9 @@ impl End {
     pub(super) fn on_error(e: tungstenite::Error) -> Self {
         use tungstenite::Error as WsError;
         match e {
-            WsError::Protocol(_) => End::close(1002, "protocol error"),
-            WsError::Utf8(_) => End::close(1007, "invalid UTF-8"),
-            WsError::Capacity(_) => End::close(1009, "message too big"),
+            WsError::Protocol(_) => End::close(1002, "protocol error", "protocol_error"),
+            WsError::Utf8(_) => End::close(1007, "invalid UTF-8", "protocol_error"),
+            WsError::Capacity(_) => End::close(1009, "message too big", "too_big"),
             _ => End::silent(),
         }
     }
@@ -50,6 +55,6 @@ impl End {
     /// The server closed the socket's queue (slow consumer, fenced, replaced).
     pub(super) fn closed_by(reason: CloseReason) -> Self {
         let (code, why) = reason.close_frame();
-        End::close(code, why)
+        End::close(code, why, reason.metric())
     }
 }

@@ -13,6 +13,7 @@ use crate::access::admit;
 use crate::engine::{
     Delivery, Engine, EngineError, EngineResult, Grant, JoinResult, NewPeer, Sent,
 };
+use crate::metrics;
 use crate::protocol::{
     common_transports, valid_id, ClientMessage, Frame, Relayed, Role, ServerMessage,
 };
@@ -60,7 +61,7 @@ impl<E: Engine> Connection<E> {
                 payload,
             } => {
                 let frame = kind.frame(&self.peer_id, payload);
-                self.relay(sink, &to_peer, frame, relays).await
+                self.relay(sink, kind, &to_peer, frame, relays).await
             }
             ClientMessage::Debug { request } => Box::pin(self.debug(sink, request, relays)).await,
         }
@@ -144,12 +145,14 @@ impl<E: Engine> Connection<E> {
             Ok(JoinResult::Joined(joined)) => joined,
             Ok(JoinResult::Full) => {
                 tracing::info!(session = %room, peer = %self.peer_id, "join refused: room full");
+                metrics::refused("room_full");
                 let reason = "Session is full".to_owned();
                 return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
             Err(e) => return self.engine_refused(sink, "join", e).await,
         };
         self.room = Some(room.clone());
+        tracing::Span::current().record("session", room.as_str());
         // Bound before join_success, so the mailbox acts for this peer as soon as it knows it.
         if joined.fresh && matches!(grant, Some(Grant::Host | Grant::Joiner)) {
             if let Err(e) = self
@@ -162,8 +165,19 @@ impl<E: Engine> Connection<E> {
             }
         }
         if joined.fresh {
+            metrics::joined(joined.me.role.as_str());
+            // The client names its transport: logged only when it is a short plain name.
+            let transport = peer
+                .preferred_transport
+                .as_ref()
+                .and_then(|t| t.as_str())
+                .filter(|t| {
+                    t.len() <= 32 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                })
+                .unwrap_or("");
             tracing::info!(
-                session = %room, peer = %self.peer_id, role = ?joined.me.role,
+                session = %room, peer = %self.peer_id, role = joined.me.role.as_str(),
+                instance = %self.app.engine.router().id(), transport,
                 client = %self.client, "peer joined"
             );
         }
@@ -189,6 +203,7 @@ impl<E: Engine> Connection<E> {
     async fn relay(
         &mut self,
         sink: &mut Sink,
+        kind: Relayed,
         to: &str,
         frame: Frame,
         relays: &mut Relays<E>,
@@ -200,8 +215,14 @@ impl<E: Engine> Connection<E> {
             return self.error(sink, "invalid to_peer".into()).await;
         }
         match self.app.engine.send(&room, &self.peer_id, to, frame).await {
-            Ok(Sent::Done(delivery)) => self.report(sink, to, Ok(delivery)).await,
+            Ok(Sent::Done(delivery)) => {
+                if matches!(delivery, Delivery::Sent) {
+                    metrics::relayed(kind, metrics::Path::Local);
+                }
+                self.report(sink, to, Ok(delivery)).await
+            }
             Ok(Sent::Pending(publish)) => {
+                metrics::relayed(kind, metrics::Path::Redis);
                 let to = to.to_owned();
                 relays.push(InFlight { to, publish });
                 true
@@ -217,16 +238,23 @@ impl<E: Engine> Connection<E> {
         to: &str,
         outcome: EngineResult<Delivery>,
     ) -> bool {
-        let message = match outcome {
+        let (reason, message) = match outcome {
             Ok(Delivery::Sent) => return true,
-            Ok(Delivery::NotMember) => format!("peer {to} is not in this session"),
-            Ok(Delivery::Full) => format!("peer {to} is not keeping up; message dropped"),
-            Ok(Delivery::Unreachable) => format!("peer {to} is unreachable; message dropped"),
+            Ok(Delivery::NotMember) => ("not_member", format!("peer {to} is not in this session")),
+            Ok(Delivery::Full) => (
+                "recipient_full",
+                format!("peer {to} is not keeping up; message dropped"),
+            ),
+            Ok(Delivery::Unreachable) => (
+                "unreachable",
+                format!("peer {to} is unreachable; message dropped"),
+            ),
             Err(e) => {
                 tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
-                e.client_message().into()
+                ("publish_failed", e.client_message().into())
             }
         };
+        metrics::relay_error(reason);
         // Every undelivered relay is told, outside the bad-frame budget: a sender must learn
         // of each loss. It costs the server nothing it would not spend anyway: the sender's
         // pace bounds the rate, and a sender that stops reading blocks on its own replies.
@@ -261,6 +289,7 @@ impl<E: Engine> Connection<E> {
         });
         let raw = serde_json::value::to_raw_value(&signal).expect("a JSON value serializes");
         let frame = Relayed::Signal.frame(&self.peer_id, &raw);
-        self.relay(sink, &server, frame, relays).await
+        self.relay(sink, Relayed::Signal, &server, frame, relays)
+            .await
     }
 }

@@ -26,6 +26,7 @@ use futures::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::json;
+use tracing::Instrument;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::Message;
@@ -90,6 +91,7 @@ pub async fn upgrade<E: Engine>(
         Err(refused) => return refused.into_response(),
     };
     let Ok(permit) = app.sockets.clone().try_acquire_owned() else {
+        crate::metrics::refused("sockets_full");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({ "error": "too many connections" })),
@@ -107,7 +109,15 @@ pub async fn upgrade<E: Engine>(
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
     ws.accept(config, move |socket, cork| async move {
-        Connection::new(app, id, client, cork).run(socket).await;
+        let connection = Connection::new(app, id, client, cork);
+        // Every event of the connection carries its peer id, and its session once joined
+        // (never the URL's id: it may be a token).
+        let span = tracing::info_span!(
+            "ws",
+            peer = %connection.peer_id,
+            session = tracing::field::Empty
+        );
+        connection.run(socket).instrument(span).await;
         drop(permit);
         drop(address_slot);
     })
@@ -201,6 +211,9 @@ impl<E: Engine> Connection<E> {
         let (mut sink, mut stream) = socket.split();
         let mut queue = self.app.engine.connect(&self.peer_id);
         let end = self.serve(&mut sink, &mut stream, &mut queue).await;
+        if let Some(why) = end.metric {
+            crate::metrics::disconnected(why);
+        }
         // Boxed like the join, so idle sockets do not carry the leave's state.
         Box::pin(self.leave()).await;
         if end.jitter {
@@ -228,6 +241,7 @@ impl<E: Engine> Connection<E> {
                 tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
             }
             tracing::info!(session = %room, peer = %self.peer_id, "peer left");
+            crate::metrics::left();
         }
         self.app.engine.disconnect(&self.peer_id).await;
     }
@@ -253,7 +267,7 @@ impl<E: Engine> Connection<E> {
                 }
                 _ = &mut join_deadline, if self.room.is_none() => {
                     tracing::debug!(peer = %self.peer_id, "no join within the join timeout");
-                    return End::close(1008, "join timeout");
+                    return End::close(1008, "join timeout", "join_timeout");
                 }
                 frame = queue.recv() => match frame {
                     Some(frame) => {
@@ -308,7 +322,7 @@ impl<E: Engine> Connection<E> {
                 _ = ping.tick() => {
                     if self.last_seen.elapsed() >= config.idle_timeout {
                         tracing::debug!(peer = %self.peer_id, "idle timeout");
-                        return End::close(1001, "idle timeout");
+                        return End::close(1001, "idle timeout", "idle_timeout");
                     }
                     if !Box::pin(self.write(sink, Message::Ping(Default::default()))).await {
                         return End::silent();
@@ -338,6 +352,7 @@ impl<E: Engine> Connection<E> {
                 },
                 Err(not_until) => not_until.wait_time_from(governor::clock::Clock::now(&clock)),
             };
+            crate::metrics::paced();
             tokio::time::sleep(wait).await;
         }
     }

@@ -46,6 +46,7 @@ pub struct Handshake {
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response {
+    crate::metrics::refused("bad_upgrade");
     (status, axum::Json(json!({ "error": why }))).into_response()
 }
 

@@ -81,20 +81,28 @@ impl Liveness {
         let inner = &self.inner;
         let id = inner.current().id;
         let mut cm = inner.cm();
-        if let Err(e) = inner.redis(cm.subscribe(inner.keys.channel(&id))).await {
+        if let Err(e) = inner
+            .redis("subscribe", cm.subscribe(inner.keys.channel(&id)))
+            .await
+        {
             tracing::debug!(error = %e, "subscribe failed; will retry");
             return;
         }
         let mut inv = inner.scripts.instance_register.prepare_invoke();
         inv.key(inner.keys.alive()).key(inner.keys.dead()).arg(&id);
         let sent = Instant::now();
-        match inner.redis(inv.invoke_async::<u64>(&mut cm)).await {
+        match inner
+            .redis("instance_register", inv.invoke_async::<u64>(&mut cm))
+            .await
+        {
             Ok(0) => {
                 // Written off already: continue under a fresh id; the next tick registers it.
                 let fresh = crate::protocol::new_id();
                 tracing::warn!(old = %id, new = %fresh, "instance id written off; taking a fresh one");
                 self.take_id(fresh);
-                let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
+                let _ = inner
+                    .redis("unsubscribe", cm.unsubscribe(inner.keys.channel(&id)))
+                    .await;
             }
             Ok(_) => {
                 inner.mark_alive(sent);
@@ -167,11 +175,14 @@ impl Liveness {
         ) {
             Ok(cm) => {
                 tracing::warn!(gen, why, "replacing the Redis connection");
+                crate::metrics::connection_replaced();
                 self.gen.store(gen, Ordering::Release);
                 self.conn.send_replace(cm);
                 let id = inner.current().id;
                 let mut cm = inner.cm();
-                let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
+                let _ = inner
+                    .redis("subscribe", cm.subscribe(inner.keys.channel(&id)))
+                    .await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
         }
@@ -199,7 +210,11 @@ impl Liveness {
                 let mut inv = self.inner.scripts.heartbeat.prepare_invoke();
                 inv.key(self.inner.keys.alive()).arg(&inst.id);
                 let sent = Instant::now();
-                match self.inner.redis(inv.invoke_async::<i64>(&mut cm)).await {
+                match self
+                    .inner
+                    .redis("heartbeat", inv.invoke_async::<i64>(&mut cm))
+                    .await
+                {
                     Ok(1) => {
                         self.inner.mark_alive(sent);
                         self.last_ok = Instant::now();
@@ -236,7 +251,9 @@ impl Liveness {
         if self.last_resubscribe.is_none_or(|t| t.elapsed() >= stale) {
             self.last_resubscribe = Some(Instant::now());
             let mut cm = inner.cm();
-            let _ = inner.redis(cm.subscribe(inner.keys.channel(&id))).await;
+            let _ = inner
+                .redis("subscribe", cm.subscribe(inner.keys.channel(&id)))
+                .await;
             return;
         }
         // Still deaf after a resubscribe. Replace the manager only when Redis does answer (a
@@ -290,6 +307,7 @@ impl Liveness {
         // No join completes under the old id after this point.
         self.take_id(new_id.clone());
         tracing::warn!(old = %old, new = %new_id, why, "instance fenced");
+        crate::metrics::fenced();
         // Best effort: hand the old id to the reapers now rather than after the timeout.
         let mut cm = inner.cm();
         let mut inv = inner.scripts.deregister.prepare_invoke();
@@ -297,8 +315,12 @@ impl Liveness {
             .key(inner.keys.dead())
             .arg(&old)
             .arg("1");
-        let _ = inner.redis(inv.invoke_async::<i64>(&mut cm)).await;
-        let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&old))).await;
+        let _ = inner
+            .redis("deregister", inv.invoke_async::<i64>(&mut cm))
+            .await;
+        let _ = inner
+            .redis("unsubscribe", cm.unsubscribe(inner.keys.channel(&old)))
+            .await;
         self.last_resubscribe = None;
         self.try_register().await;
     }
@@ -322,8 +344,13 @@ pub(crate) async fn deregister(inner: &Inner) {
         .key(inner.keys.dead())
         .arg(&id)
         .arg(if remaining > 0 { "1" } else { "0" });
-    if let Err(e) = inner.redis(inv.invoke_async::<i64>(&mut cm)).await {
+    if let Err(e) = inner
+        .redis("deregister", inv.invoke_async::<i64>(&mut cm))
+        .await
+    {
         tracing::warn!(error = %e, "deregistration failed; other instances will reap this one");
     }
-    let _ = inner.redis(cm.unsubscribe(inner.keys.channel(&id))).await;
+    let _ = inner
+        .redis("unsubscribe", cm.unsubscribe(inner.keys.channel(&id)))
+        .await;
 }

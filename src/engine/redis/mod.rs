@@ -249,18 +249,32 @@ impl Inner {
         self.alive_until.store(0, Ordering::Release);
     }
 
-    /// Bounds one Redis call by `call_timeout`.
-    async fn redis<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> EngineResult<T> {
-        match tokio::time::timeout(self.config.call_timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.store_error(&e)),
-            Err(_) => Err(unavailable("Redis call timed out")),
-        }
+    /// Bounds one Redis call by `call_timeout`, and records its latency and failure under
+    /// `what` (the command, script or pipeline: a fixed name).
+    async fn redis<T>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> EngineResult<T> {
+        let start = Instant::now();
+        let (result, error) = match tokio::time::timeout(self.config.call_timeout, fut).await {
+            Ok(Ok(v)) => (Ok(v), None),
+            Ok(Err(e)) => {
+                let err = self.store_error(&e);
+                let kind = err.kind();
+                (Err(err), Some(kind))
+            }
+            Err(_) => (Err(unavailable("Redis call timed out")), Some("timeout")),
+        };
+        crate::metrics::redis_call(what, start.elapsed(), error);
+        result
     }
 
+    /// One command, recorded under its name.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> EngineResult<T> {
         let mut cm = self.cm();
-        self.redis(cmd.query_async(&mut cm)).await
+        self.redis(command_name(cmd), cmd.query_async(&mut cm))
+            .await
     }
 
     /// Queues a leave whose Redis part failed, for the liveness task to retry.
@@ -281,9 +295,49 @@ impl Inner {
     }
 }
 
+/// A command's name as a fixed label (the commands this engine sends).
+fn command_name(cmd: &redis::Cmd) -> &'static str {
+    let Some(redis::Arg::Simple(name)) = cmd.args_iter().next() else {
+        return "other";
+    };
+    const KNOWN: &[&str] = &[
+        "PUBLISH",
+        "GET",
+        "HGET",
+        "HEXISTS",
+        "HMGET",
+        "EXISTS",
+        "DEL",
+        "SADD",
+        "SREM",
+        "ZREM",
+        "SMEMBERS",
+        "SRANDMEMBER",
+        "PING",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes().eq_ignore_ascii_case(name))
+        .copied()
+        .unwrap_or("other")
+}
+
 impl Engine for RedisEngine {
     fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    fn liveness_ages(&self) -> (Option<Duration>, Option<Duration>) {
+        let i = &self.inner;
+        let now = i.origin.elapsed().as_millis() as u64;
+        let age = |ms: u64| Duration::from_millis(now.saturating_sub(ms));
+        let tick = i.last_tick.load(Ordering::Acquire);
+        let until = i.alive_until.load(Ordering::Acquire);
+        let timeout = i.settings.instance_timeout.as_millis() as u64;
+        (
+            (tick != 0).then(|| age(tick)),
+            (until != 0).then(|| age(until.saturating_sub(timeout))),
+        )
     }
 
     async fn register(&self, session: SessionRecord, host_token: &str) -> EngineResult<bool> {

@@ -70,14 +70,21 @@ impl Pushes {
                 };
                 match decode(payload) {
                     Some((bus, frame)) => self.bus(bus, frame),
-                    None => tracing::warn!("unparsable bus message ignored"),
+                    None => {
+                        crate::metrics::push_dropped("unparsable");
+                        tracing::warn!("unparsable bus message ignored");
+                    }
                 }
             }
             // Broadcasts may be missed until the subscription is back: routes are suspect.
-            PushKind::Disconnection => self.router.clear_routes(),
+            PushKind::Disconnection => {
+                crate::metrics::pubsub_disconnected();
+                self.router.clear_routes();
+            }
             PushKind::Subscribe => {
                 // Subscribed (again): whatever was published in the gap is lost, so the rooms
                 // are re-read now, after the subscription took effect.
+                crate::metrics::pubsub_resubscribed();
                 self.router.clear_routes();
                 self.router.want_repair_all();
             }
@@ -115,6 +122,11 @@ impl Pushes {
                 let refused = self.router.deliver_remote(&room, &to, &frame, ev);
                 if let (true, Some((sender, owner))) = (relayed, from) {
                     for (peer, full) in refused {
+                        crate::metrics::relay_error(if full {
+                            "recipient_full"
+                        } else {
+                            "not_member"
+                        });
                         self.report(&owner, &room, &sender, &peer, full);
                     }
                 }
@@ -144,6 +156,10 @@ impl Pushes {
             .reports
             .try_send((owner.to_owned(), encode(&bus, None)))
             .is_err()
+            && {
+                crate::metrics::push_dropped("report_backlog_full");
+                true
+            }
             && self
                 .lost_reports
                 .fetch_add(1, Ordering::Relaxed)

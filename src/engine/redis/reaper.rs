@@ -72,7 +72,10 @@ async fn claim(inner: &Inner, me: &str) -> Option<String> {
         .arg(me)
         .arg(ms(inner.settings.instance_timeout))
         .arg(ms(lease(inner)));
-    let v: Vec<String> = inner.redis(inv.invoke_async(&mut cm)).await.ok()?;
+    let v: Vec<String> = inner
+        .redis("reap_claim", inv.invoke_async(&mut cm))
+        .await
+        .ok()?;
     let dead = v.into_iter().next()?;
     tracing::warn!(dead = %dead, "reaping the peers of a dead instance");
     Some(dead)
@@ -91,9 +94,13 @@ async fn reap(inner: &Inner, me: &str, dead: &str, stop: &watch::Receiver<bool>)
             Ok(0) => {
                 let _ = lease_op(inner, me, dead, "done").await;
                 tracing::info!(dead = %dead, reaped, "dead instance fully reaped");
+                crate::metrics::reaped_instance();
                 return true;
             }
-            Ok(n) => reaped += n,
+            Ok(n) => {
+                reaped += n;
+                crate::metrics::reaped(n as u64);
+            }
             Err(e) => {
                 tracing::warn!(dead = %dead, error = %e, "reaping paused until the next tick");
                 return false;
@@ -130,7 +137,9 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
         leaves.invoke_script(&inner.leave_invocation(room, peer, dead));
     }
     let mut cm = inner.cm();
-    let results: Vec<RedisResult<Vec<String>>> = inner.redis(leaves.query_async(&mut cm)).await?;
+    let results: Vec<RedisResult<Vec<String>>> = inner
+        .redis("reap_leaves", leaves.query_async(&mut cm))
+        .await?;
 
     // Survivors here are told by the router; the others' instances get one message each.
     let mut done: Vec<String> = entries
@@ -172,7 +181,9 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
     }
     publishes.cmd("SREM").arg(&set).arg(&done);
     let mut cm = inner.cm();
-    let _: Vec<i64> = inner.redis(publishes.query_async(&mut cm)).await?;
+    let _: Vec<i64> = inner
+        .redis("reap_publish", publishes.query_async(&mut cm))
+        .await?;
     Ok(done.len())
 }
 
@@ -186,7 +197,7 @@ async fn lease_op(inner: &Inner, me: &str, dead: &str, op: &str) -> Option<bool>
         .arg(ms(lease(inner)))
         .arg(op);
     inner
-        .redis(inv.invoke_async::<i64>(&mut cm))
+        .redis("reap_lease", inv.invoke_async::<i64>(&mut cm))
         .await
         .ok()
         .map(|v| v == 1)

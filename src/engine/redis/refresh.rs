@@ -77,7 +77,7 @@ impl Inner {
                 pipe.invoke_script(&inv);
             }
             let mut cm = self.cm();
-            let listed: Vec<Vec<String>> = self.redis(pipe.query_async(&mut cm)).await?;
+            let listed: Vec<Vec<String>> = self.redis("touch", pipe.query_async(&mut cm)).await?;
             let tokens: Vec<String> = listed.into_iter().flatten().collect();
             self.expire_tokens(&tokens, ttl).await?;
         }
@@ -95,7 +95,8 @@ impl Inner {
                     .ignore();
             }
             let mut cm = self.cm();
-            self.redis(pipe.query_async::<()>(&mut cm)).await?;
+            self.redis("expire_tokens", pipe.query_async::<()>(&mut cm))
+                .await?;
         }
         Ok(())
     }

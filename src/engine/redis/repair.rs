@@ -30,6 +30,9 @@ pub(crate) async fn run(inner: Arc<Inner>, wake: Arc<Notify>, mut stop: watch::R
             _ = tokio::time::sleep(RETRY_AFTER), if !failed.is_empty() => {}
         }
         let mut rooms = inner.router.take_repairs();
+        if !rooms.is_empty() {
+            crate::metrics::pubsub_gap();
+        }
         for f in failed.drain(..) {
             if !rooms.iter().any(|(room, _)| *room == f.0) {
                 rooms.push(f);
@@ -74,8 +77,9 @@ async fn read(inner: &Inner, room: &str) -> EngineResult<(Option<u64>, Vec<Membe
         .cmd("HGETALL")
         .arg(inner.keys.members(room));
     let mut cm = inner.cm();
-    let (counter, records): (Option<u64>, HashMap<String, String>) =
-        inner.redis(pipe.query_async(&mut cm)).await?;
+    let (counter, records): (Option<u64>, HashMap<String, String>) = inner
+        .redis("repair_read", pipe.query_async(&mut cm))
+        .await?;
     let flat: Vec<String> = records.into_iter().flat_map(|(k, v)| [k, v]).collect();
     let members = parse_members(&flat);
     // Without the counter (cannot happen while the room has members), the last listed join

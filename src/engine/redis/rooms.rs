@@ -112,7 +112,7 @@ impl Inner {
         let k = &self.keys;
         let mut cm = self.cm();
         let inv = self.leave_invocation(room, peer, owner);
-        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        let flat: Vec<String> = self.redis("leave", inv.invoke_async(&mut cm)).await?;
         if flat.as_slice() == ["1"] {
             self.last_left(room).await;
         }
@@ -180,7 +180,7 @@ impl Inner {
             .arg(Self::ttl_ms(self.config.session_ttl))
             .arg(role)
             .arg(max_peers);
-        let flat: Vec<String> = self.redis(inv.invoke_async(&mut cm)).await?;
+        let flat: Vec<String> = self.redis("join", inv.invoke_async(&mut cm)).await?;
         if flat.first().map(String::as_str) == Some("full") {
             let cmd = redis::cmd("SREM")
                 .arg(k.instance_peers(&inst.id))

@@ -51,7 +51,7 @@ impl Inner {
             .arg(&session.code)
             .arg(ttl)
             .arg(host_token);
-        let created: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        let created: u64 = i.redis("register", inv.invoke_async(&mut cm)).await?;
         if created == 0 {
             let undo = redis::cmd("DEL").arg(i.keys.token(host_token)).clone();
             i.query::<i64>(&undo).await?;
@@ -98,7 +98,7 @@ impl Inner {
             .arg(i.config.max_tokens_per_session)
             .arg(Inner::ttl_ms(i.config.session_ttl))
             .arg(&token);
-        let ttl: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        let ttl: i64 = i.redis("token_quota", inv.invoke_async(&mut cm)).await?;
         if ttl <= 0 {
             return Ok(None);
         }
@@ -114,7 +114,7 @@ impl Inner {
         inv.key(i.keys.token(token))
             .arg(peer)
             .arg(Inner::ttl_ms(i.config.session_ttl));
-        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        let _: i64 = i.redis("token_bind", inv.invoke_async(&mut cm)).await?;
         Ok(())
     }
 
@@ -135,7 +135,7 @@ impl Inner {
             .arg(i.config.max_code_failures)
             .arg(i.config.max_session_code_failures)
             .arg(crate::protocol::new_id());
-        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        let v: Vec<String> = i.redis("code_check", inv.invoke_async(&mut cm)).await?;
         Ok(match v.first().map(String::as_str) {
             Some("correct") => CodeCheck::Correct,
             Some("wrong") => CodeCheck::Wrong,
@@ -159,7 +159,7 @@ impl Inner {
         inv.key(i.keys.rate(key))
             .arg(max)
             .arg(Inner::ttl_ms(window));
-        let wait: u64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        let wait: u64 = i.redis("rate", inv.invoke_async(&mut cm)).await?;
         Ok((wait > 0).then(|| Duration::from_millis(wait)))
     }
 
@@ -176,7 +176,7 @@ impl Inner {
             .arg(payload)
             .arg(i.config.max_queued_offers.max(1))
             .arg(Inner::ttl_ms(i.config.mailbox_ttl));
-        let _: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        let _: i64 = i.redis("offer_push", inv.invoke_async(&mut cm)).await?;
         Ok(())
     }
 
@@ -186,7 +186,7 @@ impl Inner {
         let mut inv = i.scripts.offer_pop.prepare_invoke();
         inv.key(i.keys.offers(room, to))
             .arg(Inner::ttl_ms(i.config.mailbox_ttl));
-        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        let v: Vec<String> = i.redis("offer_pop", inv.invoke_async(&mut cm)).await?;
         Ok(v.into_iter().next())
     }
 
@@ -208,7 +208,7 @@ impl Inner {
             .arg(Inner::ttl_ms(i.config.mailbox_ttl))
             .arg(i.config.max_queued_answers)
             .arg(from);
-        let stored: i64 = i.redis(inv.invoke_async(&mut cm)).await?;
+        let stored: i64 = i.redis("answer_put", inv.invoke_async(&mut cm)).await?;
         Ok(stored == 1)
     }
 
@@ -222,7 +222,7 @@ impl Inner {
         let mut cm = i.cm();
         let mut inv = i.scripts.answer_take.prepare_invoke();
         inv.key(i.keys.answer(room, to, handshake));
-        let v: Vec<String> = i.redis(inv.invoke_async(&mut cm)).await?;
+        let v: Vec<String> = i.redis("answer_take", inv.invoke_async(&mut cm)).await?;
         let Some((from, answer)) = v.into_iter().next().and_then(|stored| {
             let (from, answer) = stored.split_once('|')?;
             Some((from.to_owned(), answer.to_owned()))
@@ -258,7 +258,8 @@ impl Inner {
                 .ignore();
         }
         let mut cm = self.cm();
-        self.redis(pipe.query_async::<()>(&mut cm)).await
+        self.redis("expire_tokens", pipe.query_async::<()>(&mut cm))
+            .await
     }
 
     /// Writes a token (never overwriting one); false when it existed.
@@ -275,7 +276,7 @@ impl Inner {
             .arg(session)
             .arg(grant.as_str())
             .arg(ttl);
-        let put: i64 = self.redis(inv.invoke_async(&mut cm)).await?;
+        let put: i64 = self.redis("token_put", inv.invoke_async(&mut cm)).await?;
         Ok(put == 1)
     }
 }
