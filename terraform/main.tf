@@ -195,14 +195,16 @@ resource "aws_elasticache_replication_group" "redis" {
   multi_az_enabled           = true
 
   # TLS required and AUTH on: the token comes from secrets.tf (it is in the state, see there).
-  # ROTATE: a changed token is added next to the old one, so instances still on the old token
-  # keep working until the instance refresh has replaced them (README: rotating the token).
+  # ROTATE (default): a changed token is added next to the old one (or, on a group without AUTH,
+  # unauthenticated clients stay allowed), so instances still on the old settings keep working
+  # until the instance refresh has replaced them; SET afterwards drops the old one (README).
   transit_encryption_enabled = true
   transit_encryption_mode    = "required"
   auth_token                 = local.redis_auth_token
-  auth_token_update_strategy = "ROTATE"
+  auth_token_update_strategy = var.redis_auth_token_update_strategy
   at_rest_encryption_enabled = true
-  kms_key_id                 = aws_kms_key.this.arn
+  # Changing the key of an existing group replaces it (all live sessions lost): see redis_at_rest_cmk.
+  kms_key_id = var.redis_at_rest_cmk ? aws_kms_key.this.arn : null
 
   subnet_group_name  = aws_elasticache_subnet_group.redis.name
   security_group_ids = [aws_security_group.redis.id]

@@ -227,6 +227,23 @@ variable "redis_auth_token_kms_key_arn" {
   default     = ""
 }
 
+variable "redis_auth_token_update_strategy" {
+  description = "How a changed AUTH token is applied: ROTATE keeps the old token (or no-AUTH access) valid beside the new one, so running instances keep working through the refresh; SET, applied after the refresh, leaves only the new token."
+  type        = string
+  default     = "ROTATE"
+
+  validation {
+    condition     = contains(["ROTATE", "SET"], var.redis_auth_token_update_strategy)
+    error_message = "redis_auth_token_update_strategy: ROTATE or SET."
+  }
+}
+
+variable "redis_at_rest_cmk" {
+  description = "Encrypt Redis at rest with the stack's KMS key (true) or ElastiCache's default key (false). ElastiCache cannot change the key of an existing replication group: turning this on for a group made without it replaces the group, and every live session, room and mailbox is lost. Set false to upgrade such a deployment in place."
+  type        = bool
+  default     = true
+}
+
 variable "redis_auth_token" {
   description = "The Redis AUTH token itself (e.g. TF_VAR_redis_auth_token from a CI secret store), when redis_auth_token_secret_arn is empty. Null: a random 64-character token. Stored in a Secrets Manager secret of this stack, and in the state."
   type        = string
