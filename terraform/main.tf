@@ -202,6 +202,9 @@ resource "aws_elasticache_replication_group" "redis" {
   transit_encryption_mode    = "required"
   auth_token                 = local.redis_auth_token
   auth_token_update_strategy = var.redis_auth_token_update_strategy
+  # At once (default): the token must be in effect before the refreshed instances use it, and
+  # Terraform waits for an immediate modification before it updates the launch template.
+  apply_immediately          = var.redis_apply_immediately
   at_rest_encryption_enabled = true
   # Changing the key of an existing group replaces it (all live sessions lost): see redis_at_rest_cmk.
   kms_key_id = var.redis_at_rest_cmk ? aws_kms_key.this.arn : null

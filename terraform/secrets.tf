@@ -51,7 +51,7 @@ data "aws_secretsmanager_secret_version" "redis_auth" {
   secret_id = var.redis_auth_token_secret_arn
 }
 
-# Letters and digits only: ElastiCache forbids / " @ and spaces, and a plain token needs no
+# Letters and digits only: ElastiCache forbids / " @ % and spaces, and a plain token needs no
 # escaping anywhere (the boot helper percent-encodes it into REDIS_URL all the same).
 resource "random_password" "redis_auth" {
   count   = !local.redis_auth_external && !local.redis_auth_from_var ? 1 : 0

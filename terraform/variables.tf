@@ -211,7 +211,7 @@ variable "server_secret_version" {
 # --- Redis ---------------------------------------------------------------------------------------
 
 variable "redis_auth_token_secret_arn" {
-  description = "ARN of an existing Secrets Manager secret whose SecretString is the Redis AUTH token (16-128 printable characters without / \" @ or spaces). Empty: this stack makes the secret, with redis_auth_token or a random token. Either way the token ends up in the Terraform state (see secrets.tf)."
+  description = "ARN of an existing Secrets Manager secret whose SecretString is the Redis AUTH token (16-128 printable characters without / \" @ % or spaces). Empty: this stack makes the secret, with redis_auth_token or a random token. Either way the token ends up in the Terraform state (see secrets.tf)."
   type        = string
   default     = ""
 
@@ -238,6 +238,12 @@ variable "redis_auth_token_update_strategy" {
   }
 }
 
+variable "redis_apply_immediately" {
+  description = "Apply Redis changes at once rather than in the next maintenance window. True by default so that a new or changed AUTH token is in effect before the instance refresh that starts using it (Terraform waits for the modification); engine or node type changes then also happen at once (a failover per node)."
+  type        = bool
+  default     = true
+}
+
 variable "redis_at_rest_cmk" {
   description = "Encrypt Redis at rest with the stack's KMS key (true) or ElastiCache's default key (false). ElastiCache cannot change the key of an existing replication group: turning this on for a group made without it replaces the group, and every live session, room and mailbox is lost. Set false to upgrade such a deployment in place."
   type        = bool
@@ -251,8 +257,8 @@ variable "redis_auth_token" {
   sensitive   = true
 
   validation {
-    condition     = var.redis_auth_token == null || can(regex("^[!#-.0-?A-~]{16,128}$", var.redis_auth_token))
-    error_message = "redis_auth_token: 16-128 printable ASCII characters without /, \", @ or spaces (ElastiCache's rule)."
+    condition     = var.redis_auth_token == null || can(regex("^[!#$&-.0-?A-~]{16,128}$", var.redis_auth_token))
+    error_message = "redis_auth_token: 16-128 printable ASCII characters without /, \", @, % or spaces (ElastiCache's rule)."
   }
 }
 

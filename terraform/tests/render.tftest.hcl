@@ -71,12 +71,6 @@ mock_provider "aws" {
   }
 }
 
-# The two secrets get different ARNs, so that the checks can tell them apart.
-override_resource {
-  target = aws_secretsmanager_secret.redis_auth[0]
-  values = { arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:beach-road-redis-auth-GhIjKl" }
-}
-
 # The ALB's subnets, and so the trusted proxies.
 override_data {
   target = data.aws_subnet.alb["subnet-0000000000000000a"]
@@ -99,6 +93,12 @@ variables {
 
 run "s3_binary" {
   command = apply
+
+  # The two secrets get different ARNs, so that the checks can tell them apart.
+  override_resource {
+    target = aws_secretsmanager_secret.redis_auth[0]
+    values = { arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:beach-road-redis-auth-GhIjKl" }
+  }
 
   assert {
     condition     = aws_launch_template.road.user_data == base64gzip(local.user_data)
