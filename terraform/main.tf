@@ -29,20 +29,24 @@ locals {
   binary_s3 = local.binary_from_s3 ? regex("^s3://([^/]+)/(.+)$", var.binary_url) : []
 
   redis_port = 6379
-  # rediss:// = TLS, required because the replication group has encryption in transit on.
-  redis_url = "rediss://${aws_elasticache_replication_group.redis.primary_endpoint_address}:${local.redis_port}"
+  # REDIS_URL is rediss://:<AUTH token>@<this>:6379 (TLS: the replication group has encryption in
+  # transit on). It holds the token, so it is not in the env file below: each instance composes
+  # it at boot into the root-only /etc/beach-road/redis.env (see the user data).
+  redis_host = aws_elasticache_replication_group.redis.primary_endpoint_address
 
   # The ALB's nodes live in its subnets: their X-Forwarded-For is the only one to believe (the
   # ALB appends the address it saw, the server takes the right-most hop it does not trust).
   trusted_proxies = join(",", [for id in var.public_subnet_ids : data.aws_subnet.alb[id].cidr_block])
 
-  # /etc/beach-road/env. The settings this file depends on win over var.extra_env. No secret in
-  # it: user data is readable by anyone allowed to describe the instances (the server secret
-  # comes from Secrets Manager, see below).
-  env = merge(var.extra_env, {
+  # /etc/beach-road/env. The settings this file depends on win over var.extra_env, and REDIS_URL
+  # never comes from it (redis.env sets it). No secret in it: user data is readable by anyone
+  # allowed to describe the instances (both secrets come from Secrets Manager, see secrets.tf).
+  # JSON log lines: the journal ships them to CloudWatch Logs as they are (Logs Insights parses
+  # them); a build without --log-format ignores the variable.
+  env = merge({ for k, v in var.extra_env : k => v if k != "REDIS_URL" }, {
     BEACH_ROAD_BIND            = "0.0.0.0"
     BEACH_ROAD_PORT            = tostring(var.instance_port)
-    REDIS_URL                  = local.redis_url
+    BEACH_ROAD_LOG_FORMAT      = "json"
     BEACH_SESSION_SERVER       = "https://${var.domain_name}"
     BEACH_ROAD_TRUSTED_PROXIES = local.trusted_proxies
     BEACH_ROAD_DRAIN_DELAY     = "${var.drain_delay_seconds}s"
@@ -57,13 +61,22 @@ locals {
     binary_url            = var.binary_url
     binary_sha256         = var.binary_sha256
     binary_from_s3        = local.binary_from_s3
+    binary_s3_bucket      = local.binary_from_s3 ? local.binary_s3[0] : ""
+    binary_s3_key         = local.binary_from_s3 ? local.binary_s3[1] : ""
     env_file              = local.env_file
     unit                  = file("${path.module}/../deploy/beach-road.service")
     secret_dropin         = file("${path.module}/../deploy/beach-road-secret.conf")
+    aws_fetch             = file("${path.module}/templates/aws_fetch.py")
     timeout_stop_sec      = local.timeout_stop_sec
     region                = var.region
+    dns_suffix            = local.dns_suffix
     server_secret_arn     = aws_secretsmanager_secret.server_secret.arn
     server_secret_version = var.server_secret_version
+    redis_auth_secret_arn = local.redis_auth_secret_arn
+    redis_host            = local.redis_host
+    redis_port            = local.redis_port
+    log_group             = aws_cloudwatch_log_group.instances.name
+    install_ssm_agent     = var.install_ssm_agent
   })
 }
 
@@ -124,19 +137,7 @@ resource "aws_vpc_security_group_egress_rule" "instance_to_redis" {
   to_port                      = local.redis_port
 }
 
-# Outbound web access for the boot script: the binary (S3 or HTTPS), Debian packages (awscli for
-# s3:// URLs; Debian mirrors may be plain HTTP) and the SSM agent. DNS, NTP and instance metadata
-# use link-local or VPC resolver addresses that security groups do not filter.
-resource "aws_vpc_security_group_egress_rule" "instance_web" {
-  for_each = toset(["80", "443"])
-
-  security_group_id = aws_security_group.instance.id
-  description       = "boot-time downloads and SSM"
-  cidr_ipv4         = "0.0.0.0/0"
-  ip_protocol       = "tcp"
-  from_port         = tonumber(each.value)
-  to_port           = tonumber(each.value)
-}
+# The instances' other egress (HTTPS to the VPC endpoints only) is in endpoints.tf.
 
 # Redis accepts connections from the instances on 6379 and nothing else; no egress rules (Terraform
 # removes the default allow-all egress rule of a security group it creates).
@@ -179,7 +180,7 @@ resource "aws_elasticache_subnet_group" "redis" {
 
 # Cluster mode disabled: one primary and replicas in other AZs. The primary endpoint is a DNS name
 # that follows the primary through an automatic failover; beach-road reconnects and /ready is 503
-# while Redis is away (the ALB does not replace instances for that, see the ASG below).
+# while Redis is away (see the ASG below for what the health check does with that).
 resource "aws_elasticache_replication_group" "redis" {
   replication_group_id = var.name
   description          = "beach-road shared state (sessions, rooms, mailbox, instance liveness)"
@@ -193,8 +194,20 @@ resource "aws_elasticache_replication_group" "redis" {
   automatic_failover_enabled = true
   multi_az_enabled           = true
 
+  # TLS required and AUTH on: the token comes from secrets.tf (it is in the state, see there).
+  # ROTATE (default): a changed token is added next to the old one (or, on a group without AUTH,
+  # unauthenticated clients stay allowed), so instances still on the old settings keep working
+  # until the instance refresh has replaced them; SET afterwards drops the old one (README).
   transit_encryption_enabled = true
+  transit_encryption_mode    = "required"
+  auth_token                 = local.redis_auth_token
+  auth_token_update_strategy = var.redis_auth_token_update_strategy
+  # At once (default): the token must be in effect before the refreshed instances use it, and
+  # Terraform waits for an immediate modification before it updates the launch template.
+  apply_immediately          = var.redis_apply_immediately
   at_rest_encryption_enabled = true
+  # Changing the key of an existing group replaces it (all live sessions lost): see redis_at_rest_cmk.
+  kms_key_id = var.redis_at_rest_cmk ? aws_kms_key.this.arn : null
 
   subnet_group_name  = aws_elasticache_subnet_group.redis.name
   security_group_ids = [aws_security_group.redis.id]
@@ -220,6 +233,18 @@ resource "aws_lb" "this" {
   idle_timeout = 3600
 
   drop_invalid_header_fields = true
+
+  # On by default (var.alb_deletion_protection): `terraform destroy` then needs it turned off first.
+  enable_deletion_protection = var.alb_deletion_protection
+
+  access_logs {
+    bucket  = aws_s3_bucket.alb_logs.id
+    prefix  = local.alb_log_prefix
+    enabled = true
+  }
+
+  # The ALB checks at creation that it may write to the bucket.
+  depends_on = [aws_s3_bucket_policy.alb_logs]
 }
 
 resource "aws_lb_target_group" "road" {
@@ -267,6 +292,29 @@ resource "aws_lb_listener" "https" {
   default_action {
     type             = "forward"
     target_group_arn = aws_lb_target_group.road.arn
+  }
+}
+
+# GET /metrics (Prometheus, beach_road_* series) is for scrapers inside the VPC, not for the
+# internet: the public listener answers 404 for it and never forwards it to an instance.
+resource "aws_lb_listener_rule" "no_public_metrics" {
+  listener_arn = aws_lb_listener.https.arn
+  priority     = 1
+
+  condition {
+    path_pattern {
+      values = ["/metrics", "/metrics/*"]
+    }
+  }
+
+  action {
+    type = "fixed-response"
+
+    fixed_response {
+      content_type = "text/plain"
+      message_body = "not found"
+      status_code  = "404"
+    }
   }
 }
 
@@ -326,36 +374,18 @@ resource "aws_iam_role_policy" "binary" {
   policy = data.aws_iam_policy_document.binary[0].json
 }
 
-# --- Server secret -------------------------------------------------------------------------------
-
-# The HMAC-SHA-256 key of join codes, one for all instances, never stored in Redis, written to
-# Secrets Manager through a write-only argument, so that it is in no plan and no state: two
-# random UUIDs without their hyphens, 64 hex digits (uuid() formats 16 bytes from crypto/rand; it
-# changes on every run, but a write-only value is written only when server_secret_version
-# changes). Each instance reads it at boot into a root-only file that systemd hands to the
-# service (deploy/beach-road-secret.conf).
-resource "aws_secretsmanager_secret" "server_secret" {
-  name_prefix = "${var.name}-server-secret-"
-  description = "beach-road: HMAC key of join codes, shared by all instances"
-}
-
-resource "aws_secretsmanager_secret_version" "server_secret" {
-  secret_id                = aws_secretsmanager_secret.server_secret.id
-  secret_string_wo         = replace("${uuid()}${uuid()}", "-", "")
-  secret_string_wo_version = var.server_secret_version
-}
-
-data "aws_iam_policy_document" "server_secret" {
+# The CloudWatch agent writes the instances' journal into their log group (observability.tf).
+data "aws_iam_policy_document" "logs" {
   statement {
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = [aws_secretsmanager_secret.server_secret.arn]
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"]
+    resources = [aws_cloudwatch_log_group.instances.arn, "${aws_cloudwatch_log_group.instances.arn}:*"]
   }
 }
 
-resource "aws_iam_role_policy" "server_secret" {
-  name   = "read-beach-road-server-secret"
+resource "aws_iam_role_policy" "logs" {
+  name   = "write-beach-road-logs"
   role   = aws_iam_role.instance.id
-  policy = data.aws_iam_policy_document.server_secret.json
+  policy = data.aws_iam_policy_document.logs.json
 }
 
 resource "aws_iam_instance_profile" "instance" {
@@ -367,7 +397,9 @@ resource "aws_launch_template" "road" {
   name_prefix   = "${var.name}-"
   image_id      = local.ami_id
   instance_type = var.instance_type
-  user_data     = base64encode(local.user_data)
+  # gzip: cloud-init unpacks it, and the script (with the unit, the drop-ins and the boot helper)
+  # is larger than EC2's 16 KB limit on user data as given; compressed it is about 7.5 KB.
+  user_data = base64gzip(local.user_data)
 
   vpc_security_group_ids = [aws_security_group.instance.id]
 
@@ -387,6 +419,14 @@ resource "aws_launch_template" "road" {
   }
 
   update_default_version = true
+
+  lifecycle {
+    precondition {
+      # 16384 bytes once base64 is undone.
+      condition     = length(base64gzip(local.user_data)) * 3 / 4 <= 16384
+      error_message = "The compressed user data exceeds EC2's 16 KB limit."
+    }
+  }
 }
 
 resource "aws_autoscaling_group" "road" {
@@ -397,27 +437,71 @@ resource "aws_autoscaling_group" "road" {
   vpc_zone_identifier = var.private_subnet_ids
   target_group_arns   = [aws_lb_target_group.road.arn]
 
-  # EC2, not ELB: the target group checks /ready, which fails on every instance at once while Redis
-  # fails over or is unreachable. Replacing instances for that would only churn the fleet and drop
-  # every WebSocket. A stuck process is systemd's job (WatchdogSec, Restart=always).
-  health_check_type         = "EC2"
-  health_check_grace_period = 120
+  # ELB: an instance the target group finds not ready (/ready) for 2 checks after the grace period
+  # is replaced, so one that never becomes ready (bad binary, wrong token, no route to Redis) does
+  # not linger. The cost: /ready also fails on every instance at once while Redis fails over or is
+  # away, so an outage longer than ~12 s marks the whole fleet unhealthy. The maintenance policy
+  # below makes that harmless for capacity: replacements are launched first and the old instances
+  # are terminated (deregistered, drained) only once the new ones are ready, i.e. after Redis is
+  # back; the clients then reconnect once, spread by the drain. asg_health_check_type = "EC2"
+  # restores the old behaviour (no replacement for readiness; systemd's watchdog restarts a
+  # stuck process either way). See README "What heals".
+  health_check_type         = var.asg_health_check_type
+  health_check_grace_period = var.asg_health_check_grace_period
+  default_instance_warmup   = 60
+
+  # Launch before terminate, for health replacements and scaling-related replacements alike:
+  # capacity never drops below desired while instances are replaced.
+  instance_maintenance_policy {
+    min_healthy_percentage = 100
+    max_healthy_percentage = 200
+  }
 
   launch_template {
     id      = aws_launch_template.road.id
     version = aws_launch_template.road.latest_version
   }
 
-  # Instances read the secret at boot: it and their permission to read it must exist first.
-  depends_on = [aws_secretsmanager_secret_version.server_secret, aws_iam_role_policy.server_secret]
+  # Instances read both secrets at boot and ship logs: those, their permissions and the VPC
+  # endpoints they go through must exist first.
+  depends_on = [
+    aws_secretsmanager_secret_version.server_secret,
+    aws_secretsmanager_secret_version.redis_auth,
+    aws_iam_role_policy.secrets,
+    aws_iam_role_policy.logs,
+    aws_vpc_endpoint.interface,
+    aws_vpc_endpoint.s3,
+  ]
 
-  # A new launch template (new binary_url, new unit) replaces instances a few at a time.
+  # A new launch template (binary_url, unit, server_secret_version, ...) starts a refresh: new
+  # instances are launched before old ones go (100-200 %), a batch becomes "done" only once the
+  # target group finds it ready, and at each checkpoint the refresh waits checkpoint_delay while
+  # the alarms watch it. Any of those alarms in ALARM rolls the group back to the previous launch
+  # template version (a refresh does not start while one of them is already in ALARM).
   instance_refresh {
     strategy = "Rolling"
     preferences {
-      min_healthy_percentage = 50
+      min_healthy_percentage = 100
+      max_healthy_percentage = 200
       instance_warmup        = 60
+      checkpoint_percentages = var.refresh_checkpoint_percentages
+      checkpoint_delay       = var.refresh_checkpoint_delay_seconds
+      auto_rollback          = true
+
+      alarm_specification {
+        alarms = [for a in local.refresh_alarms : a.alarm_name]
+      }
     }
+  }
+
+  enabled_metrics = [
+    "GroupDesiredCapacity", "GroupInServiceInstances", "GroupPendingInstances",
+    "GroupTerminatingInstances", "GroupTotalInstances",
+  ]
+
+  # The scaling policy (scaling.tf) moves desired_capacity; an apply must not undo that.
+  lifecycle {
+    ignore_changes = [desired_capacity]
   }
 
   tag {

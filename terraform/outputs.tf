@@ -32,3 +32,26 @@ output "target_group_arn" {
 output "autoscaling_group_name" {
   value = aws_autoscaling_group.road.name
 }
+
+output "redis_auth_secret_arn" {
+  description = "The Secrets Manager secret holding the Redis AUTH token (the ARN, not the value)."
+  value       = local.redis_auth_secret_arn
+}
+
+output "alarm_topic_arn" {
+  description = "SNS topic (KMS-encrypted) of every alarm; subscribe on-call tooling to it (alarm_emails for e-mail)."
+  value       = aws_sns_topic.alarms.arn
+}
+
+output "log_group_name" {
+  description = "CloudWatch Logs group of the instances: streams <instance id>/beach-road (server JSON lines), /journal, /bootstrap."
+  value       = aws_cloudwatch_log_group.instances.name
+}
+
+output "alb_access_logs_bucket" {
+  value = aws_s3_bucket.alb_logs.id
+}
+
+output "kms_key_arn" {
+  value = aws_kms_key.this.arn
+}

@@ -8,6 +8,11 @@ terraform {
       # aws_secretsmanager_secret_version.secret_string_wo; checked with 5.100.
       version = ">= 5.90, < 6.0"
     }
+    # random_password: the default Redis AUTH token.
+    random = {
+      source  = "hashicorp/random"
+      version = ">= 3.5, < 4.0"
+    }
   }
 }
 
