@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -114,12 +115,12 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
-/// `5s`, or `2.5s`.
+/// `5s`, or `2.5s` (to a tenth).
 fn secs(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
+    let tenths = (d.as_secs_f64() * 10.0).round() as u64;
+    match tenths % 10 {
+        0 => format!("{}s", tenths / 10),
+        t => format!("{}.{t}s", tenths / 10),
     }
 }
 
@@ -166,19 +167,25 @@ impl Report {
 
 /// The subcommand: runs the probe on its own small runtime and prints its report.
 pub fn main(args: CheckArgs) -> ExitCode {
-    // The provider of the server's own rustls (redis), whatever else the tree enables.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Reading the system's roots is blocking file I/O: done before the runtime runs.
+    let clients = match Clients::new() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("check failed: setup: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            println!("check failed: start: cannot start the runtime: {e}");
+            println!("check failed: setup: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(run(&args.url, args.timeout));
+    let report = runtime.block_on(run(&args.url, args.timeout, &clients));
     // A resolver thread stuck in getaddrinfo must not hold the exit.
     runtime.shutdown_timeout(Duration::from_millis(100));
     if args.json {
@@ -193,15 +200,44 @@ pub fn main(args: CheckArgs) -> ExitCode {
     }
 }
 
+/// The host's and the joiner's HTTP clients (two pools, so behind a load balancer they can
+/// reach different instances) and the TLS settings of every connection: rustls with ring and
+/// the system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured), as the Redis
+/// connection uses.
+pub struct Clients {
+    host: reqwest::Client,
+    joiner: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Clients {
+    pub fn new() -> Result<Clients, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        // No root at all only matters for https://, where the handshake then says so.
+        let _ = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Clients {
+            host: http_client(&tls)?,
+            joiner: http_client(&tls)?,
+            tls: Arc::new(tls),
+        })
+    }
+}
+
 /// Runs every step against `base` within `timeout`.
-pub async fn run(base: &str, timeout: Duration) -> Report {
+pub async fn run(base: &str, timeout: Duration, clients: &Clients) -> Report {
     let start = Instant::now();
     let mut clock = Clock {
         deadline: start + timeout,
         timeout,
         steps: Vec::new(),
     };
-    let failure = flow(&mut clock, base).await.err();
+    let failure = flow(&mut clock, base, clients).await.err();
     Report {
         url: base.to_owned(),
         total: start.elapsed(),
@@ -251,28 +287,18 @@ struct Urls {
     ws: String,
 }
 
-async fn flow(clock: &mut Clock, base: &str) -> Result<(), Failure> {
-    let (host_http, joiner_http) = match (http_client(), http_client()) {
-        (Ok(h), Ok(j)) => (h, j),
-        (Err(reason), _) | (_, Err(reason)) => {
-            return Err(Failure {
-                step: REGISTER,
-                reason,
-            })
-        }
-    };
+async fn flow(clock: &mut Clock, base: &str, clients: &Clients) -> Result<(), Failure> {
+    let (host_http, joiner_http, tls) = (&clients.host, &clients.joiner, &clients.tls);
     let id = new_id();
-    let (code, host) = clock
-        .step(REGISTER, register(&host_http, base, &id))
-        .await?;
+    let (code, host) = clock.step(REGISTER, register(host_http, base, &id)).await?;
     let (mut host_ws, host_id) = clock
-        .step(HOST_WS, open(&host.ws, &id, &code, "server"))
+        .step(HOST_WS, open(&host.ws, tls, &id, &code, "server"))
         .await?;
     let joiner = clock
-        .step(JOIN, join(&joiner_http, base, &id, &code))
+        .step(JOIN, join(joiner_http, base, &id, &code))
         .await?;
     let (mut joiner_ws, joiner_id) = clock
-        .step(JOINER_WS, open(&joiner.ws, &id, &code, "client"))
+        .step(JOINER_WS, open(&joiner.ws, tls, &id, &code, "client"))
         .await?;
     clock
         .step(PEER_JOINED, async {
@@ -307,18 +333,18 @@ async fn flow(clock: &mut Clock, base: &str) -> Result<(), Failure> {
     let offer = sdp("offer", &host_id, &joiner_id);
     let answer = sdp("answer", &joiner_id, &host_id);
     let offers = format!("{}/offer", host.signaling);
-    clock.step(OFFER, post(&host_http, &offers, &offer)).await?;
+    clock.step(OFFER, post(host_http, &offers, &offer)).await?;
     let my_offers = format!("{}/offer?peer_id={joiner_id}", joiner.signaling);
     clock
-        .step(FETCH_OFFER, poll(&joiner_http, &my_offers, &offer))
+        .step(FETCH_OFFER, poll(joiner_http, &my_offers, &offer))
         .await?;
     let answers = format!("{}/answer", joiner.signaling);
     clock
-        .step(ANSWER, post(&joiner_http, &answers, &answer))
+        .step(ANSWER, post(joiner_http, &answers, &answer))
         .await?;
     let my_answer = format!("{}/answer?handshake_id={h}", host.signaling);
     clock
-        .step(TAKE_ANSWER, poll(&host_http, &my_answer, &answer))
+        .step(TAKE_ANSWER, poll(host_http, &my_answer, &answer))
         .await?;
 
     clock
@@ -335,8 +361,9 @@ async fn flow(clock: &mut Clock, base: &str) -> Result<(), Failure> {
         .await
 }
 
-fn http_client() -> Result<reqwest::Client, String> {
+fn http_client(tls: &rustls::ClientConfig) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
+        .use_preconfigured_tls(tls.clone())
         .timeout(STEP_TIMEOUT)
         .connect_timeout(STEP_TIMEOUT)
         // The sockets take no proxy either: both go where the URL says.
@@ -453,8 +480,15 @@ async fn poll(http: &reqwest::Client, url: &str, want: &Value) -> Result<(), Str
 
 /// Opens a socket, joins as generation 1 does and pings; checks the role. Returns the
 /// socket and its peer id.
-async fn open(url: &str, session: &str, code: &str, role: &str) -> Result<(Ws, String), String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(url, None, true, None)
+async fn open(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    session: &str,
+    code: &str,
+    role: &str,
+) -> Result<(Ws, String), String> {
+    let tls = Some(tokio_tungstenite::Connector::Rustls(tls.clone()));
+    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(url, None, true, tls)
         .await
         .map_err(|e| match e {
             tungstenite::Error::Http(resp) => {
@@ -570,6 +604,7 @@ mod tests {
         assert!(positive_duration("0s").is_err());
         assert_eq!(secs(Duration::from_secs(5)), "5s");
         assert_eq!(secs(Duration::from_millis(2500)), "2.5s");
+        assert_eq!(secs(Duration::from_micros(999_990)), "1s");
     }
 
     #[test]
