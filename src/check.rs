@@ -80,22 +80,6 @@ pub const ANSWER: Step = Step("answer", "answer");
 pub const TAKE_ANSWER: Step = Step("take_answer", "take answer");
 pub const LEAVE: Step = Step("leave", "leave");
 
-/// Every step, in the order of a run.
-pub const STEPS: [Step; 12] = [
-    REGISTER,
-    HOST_WS,
-    JOIN,
-    JOINER_WS,
-    PEER_JOINED,
-    RELAY_HOST,
-    RELAY_JOINER,
-    OFFER,
-    FETCH_OFFER,
-    ANSWER,
-    TAKE_ANSWER,
-    LEAVE,
-];
-
 #[derive(Debug)]
 pub struct Failure {
     pub step: Step,

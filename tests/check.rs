@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use common::{bounded, free_port, uuid, RedisServer, Server, ServerBuilder};
+use common::{bounded, free_port, uuid, RedisServer, Server, ServerBuilder, TempDir};
 
 /// Upper bound of one run of the binary (the probe's default --timeout is 10 s).
 const PROBE_LIMIT: Duration = Duration::from_secs(20);
@@ -64,9 +65,17 @@ impl Run {
 
 /// Runs `beach-road ARGS` (bounded by [`PROBE_LIMIT`]; killed if it overruns).
 async fn run_bin(args: &[&str]) -> Run {
+    run_bin_env(args, &[]).await
+}
+
+/// As [`run_bin`], with the system's roots replaced by those of `env` (`SSL_CERT_FILE`).
+async fn run_bin_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let start = Instant::now();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_beach-road"))
         .args(args)
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -87,9 +96,13 @@ async fn run_bin(args: &[&str]) -> Run {
 
 /// `beach-road check --url URL EXTRA...`
 async fn probe(url: &str, extra: &[&str]) -> Run {
+    probe_env(url, extra, &[]).await
+}
+
+async fn probe_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Run {
     let mut args = vec!["check", "--url", url];
     args.extend_from_slice(extra);
-    run_bin(&args).await
+    run_bin_env(&args, env).await
 }
 
 #[track_caller]
@@ -194,7 +207,9 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
-        let redis = RedisServer::start();
+        let redis = tokio::task::spawn_blocking(RedisServer::start)
+            .await
+            .unwrap();
         let secret = format!("check-{}-{}", uuid(), uuid());
         let starts = (0..2).map(|_| {
             ServerBuilder::new()
@@ -220,6 +235,134 @@ async fn wait_ready(s: &Server) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("instance on {} not ready within 10 s", s.port());
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS in front, as the ALB terminates it
+// ---------------------------------------------------------------------------------------------
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A throwaway CA (`ca.pem`) and a certificate for localhost / 127.0.0.1 signed by it
+/// (`front.pem`, `front.key`). Blocking: run it off the runtime.
+fn make_certs(dir: &Path) {
+    let days = ["-days", "1"];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes"][..],
+            &days,
+            &[
+                "-subj",
+                "/CN=beach-road check CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "front.key",
+            "-out",
+            "front.csr",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "front.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-extfile",
+                "san.ext",
+                "-out",
+                "front.pem",
+            ][..],
+            &days,
+        ]
+        .concat(),
+    );
+}
+
+/// Terminates TLS on `listener` with `dir`'s certificate and forwards the plain bytes to the
+/// instance on `upstream`. Owns its connection tasks (aborted with it).
+struct TlsFront(JoinHandle<()>);
+
+impl TlsFront {
+    fn start(listener: TcpListener, dir: &Path, upstream: u16) -> TlsFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(dir.join("front.pem"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(dir.join("front.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        TlsFront(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                conns.spawn(async move {
+                    let accept = acceptor.accept(client);
+                    let Ok(Ok(mut tls)) =
+                        tokio::time::timeout(Duration::from_secs(5), accept).await
+                    else {
+                        return;
+                    };
+                    if let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }))
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,7 +406,7 @@ async fn green_on_the_in_process_engine() {
 async fn red_when_redis_is_gone() {
     bounded(async {
         let mut cluster = Cluster::start().await;
-        cluster.redis.kill();
+        tokio::task::block_in_place(|| cluster.redis.kill());
         let run = probe(&cluster.lb.url(), &[]).await;
         let line = run.line();
         assert_eq!(run.code, Some(1), "{line}");
@@ -369,6 +512,39 @@ async fn the_server_command_line_is_unchanged() {
         assert_eq!(run.code, Some(2), "{}", run.stderr);
         let run = run_bin(&["check", "--url", "ftp://127.0.0.1"]).await;
         assert_eq!(run.code, Some(2), "{}", run.stderr);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_over_https_and_wss() {
+    bounded(async {
+        let dir = TempDir::new("check-tls");
+        let at = dir.path().to_owned();
+        tokio::task::spawn_blocking(move || make_certs(&at))
+            .await
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        // The instance hands out the front's URLs (https://, wss://), as behind the ALB.
+        let server = ServerBuilder::new()
+            .args(["--public-url", &url])
+            .start()
+            .await;
+        let _front = TlsFront::start(listener, dir.path(), server.port());
+        let ca = dir.join("ca.pem");
+        let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+        let run = probe_env(&url, &[], &env).await;
+        assert_green(&run, &url);
+        // Without the CA among the roots the certificate is refused, and the line says so.
+        let run = probe(&url, &[]).await;
+        let line = run.line();
+        assert_eq!(run.code, Some(1), "{line}");
+        assert!(line.starts_with("check failed: register: "), "{line}");
+        assert!(line.contains("certificate"), "{line}");
     })
     .await;
 }
