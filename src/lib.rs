@@ -8,6 +8,7 @@
 //!
 //! | module | what it is |
 //! |---|---|
+//! | [`cli`] | the command line: the server's flags, or the `check` subcommand |
 //! | [`config`] | flags with environment fallbacks |
 //! | [`protocol`] | wire types and id validation |
 //! | [`code`] | join codes: generation, salted hashing, constant-time check |
@@ -30,6 +31,7 @@
 //! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |
 //! | [`server`] | wiring: router, listener, connection limit, serve until shutdown |
 //! | [`shutdown`] | graceful drain on SIGTERM/SIGINT |
+//! | [`check`] | `beach-road check`: the end-to-end probe for alerting (HTTP and WebSocket client) |
 //!
 //! # Rules every module follows
 //!
@@ -39,6 +41,8 @@
 
 pub mod access;
 pub mod addr_limits;
+pub mod check;
+pub mod cli;
 pub mod client;
 pub mod code;
 pub mod config;

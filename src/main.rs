@@ -1,6 +1,11 @@
 use clap::Parser;
 
+use beach_road::cli::{Cli, Command};
+
 fn main() -> std::process::ExitCode {
-    let config = beach_road::config::Config::parse();
-    beach_road::server::main(config)
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check(args)) => beach_road::check::main(args),
+        None => beach_road::server::main(cli.config),
+    }
 }
