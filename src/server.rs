@@ -75,6 +75,9 @@ async fn run(
     let secret = config
         .load_secret()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let admin = crate::admin::Admin::from_config(&config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+        .map(Arc::new);
     let addr = SocketAddr::new(config.bind, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let max_tcp = fd_limit.saturating_sub(FD_RESERVE).max(2) as usize;
@@ -91,6 +94,7 @@ async fn run(
                 "memory",
                 config,
                 secret,
+                admin,
                 listener,
                 max_sockets,
                 dropped,
@@ -115,6 +119,7 @@ async fn run(
                 "redis",
                 config,
                 secret,
+                admin,
                 listener,
                 max_sockets,
                 dropped,
@@ -152,6 +157,7 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
             post(mailbox::post_sdp::<E>).get(mailbox::get_answer::<E>),
         )
         .route("/ws/{id}", get(ws::upgrade::<E>))
+        .merge(crate::admin::routes::<E>(app.admin.is_some()))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -166,6 +172,7 @@ async fn serve<E: Engine>(
     engine_name: &'static str,
     config: Config,
     secret: crate::code::Secret,
+    admin: Option<Arc<crate::admin::Admin>>,
     listener: tokio::net::TcpListener,
     max_sockets: usize,
     dropped: crate::logging::Dropped,
@@ -185,6 +192,7 @@ async fn serve<E: Engine>(
             config.max_sockets_per_address,
             config.upgrades_per_address,
         )),
+        admin,
     };
     let watchdog = tokio::spawn(health.watchdog());
 
