@@ -92,14 +92,13 @@ impl Admin {
         bool::from(digest(presented.trim().as_bytes()).ct_eq(&self.digest))
     }
 
-    /// Admits a request from `client` with the token in `headers`, or answers it.
-    fn authorize(&self, headers: &HeaderMap, client: IpAddr) -> Result<(), Response> {
+    /// Admits a request from `client` with the token in `headers`, or says why not.
+    fn authorize(&self, headers: &HeaderMap, client: IpAddr) -> Result<(), Refused> {
         let key = limit_key(client);
         let now = Instant::now();
         if let Err(wait) = self.failures.check(key, now) {
             tracing::debug!(%client, "admin request refused: too many wrong tokens");
-            let body = json!({ "error": "too many wrong admin tokens; try again later" });
-            return Err(too_many(wait, body));
+            return Err(Refused::Locked(wait));
         }
         let presented = headers
             .get(header::AUTHORIZATION)
@@ -113,24 +112,46 @@ impl Admin {
             Some(_) => {
                 let _ = self.failures.take(key, now);
                 tracing::warn!(%client, "admin request refused: wrong token");
-                Err(unauthorized("invalid admin token"))
+                Err(Refused::Wrong)
             }
-            None => Err(unauthorized("admin token required")),
+            None => Err(Refused::Missing),
         }
     }
 }
 
-/// 401 with `WWW-Authenticate: Bearer` and the usual JSON error.
-fn unauthorized(message: &str) -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(
-            header::WWW_AUTHENTICATE,
-            "Bearer realm=\"beach-road admin\"",
-        )],
-        Json(json!({ "error": message })),
-    )
-        .into_response()
+/// Why an admin request was not admitted.
+#[derive(Debug)]
+enum Refused {
+    /// The Admin API is off: as an unknown path.
+    Off,
+    Missing,
+    Wrong,
+    /// Too many wrong tokens from this address: no comparison until this long has passed.
+    Locked(Duration),
+}
+
+impl IntoResponse for Refused {
+    /// 401 with `WWW-Authenticate: Bearer` and the usual JSON error; 429 when locked.
+    fn into_response(self) -> Response {
+        let message = match self {
+            Refused::Off => return StatusCode::NOT_FOUND.into_response(),
+            Refused::Locked(wait) => {
+                let body = json!({ "error": "too many wrong admin tokens; try again later" });
+                return too_many(wait, body);
+            }
+            Refused::Missing => "admin token required",
+            Refused::Wrong => "invalid admin token",
+        };
+        (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"beach-road admin\"",
+            )],
+            Json(json!({ "error": message })),
+        )
+            .into_response()
+    }
 }
 
 /// The Admin API's routes when `on`, else none (its paths are then unknown paths).
@@ -149,12 +170,10 @@ fn admit<E: Engine>(
     app: &App<E>,
     headers: &HeaderMap,
     peer: SocketAddr,
-) -> Result<IpAddr, Response> {
+) -> Result<IpAddr, Refused> {
     let client = client_ip(headers, peer, &app.config.trusted_proxies);
-    // Routes exist only with a token configured; without one, as an unknown path.
-    let Some(admin) = app.admin.as_deref() else {
-        return Err(StatusCode::NOT_FOUND.into_response());
-    };
+    // Routes exist only with a token configured.
+    let admin = app.admin.as_deref().ok_or(Refused::Off)?;
     admin.authorize(headers, client)?;
     Ok(client)
 }
@@ -171,7 +190,7 @@ async fn session<E: Engine>(
     headers: HeaderMap,
 ) -> ApiResult {
     if let Err(refused) = admit(&app, &headers, peer) {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     check_id("session id", &id)?;
     let view = app.engine.admin_session(&id).await?.ok_or_else(not_found)?;
@@ -187,7 +206,7 @@ async fn close<E: Engine>(
 ) -> ApiResult {
     let client = match admit(&app, &headers, peer) {
         Ok(client) => client,
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(refused.into_response()),
     };
     check_id("session id", &id)?;
     let (peers, already) = match app.engine.admin_close(&id).await? {
@@ -212,7 +231,7 @@ async fn instances<E: Engine>(
     headers: HeaderMap,
 ) -> ApiResult {
     if let Err(refused) = admit(&app, &headers, peer) {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let instances = app.engine.admin_instances().await?;
     Ok(Json(json!({ "instances": instances })).into_response())
@@ -246,14 +265,18 @@ mod tests {
         let operator: IpAddr = "2.2.2.2".parse().unwrap();
         assert!(admin.authorize(&bearer(TOKEN), guesser).is_ok());
         let missing = admin.authorize(&HeaderMap::new(), guesser).unwrap_err();
+        let missing = missing.into_response();
         assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
         assert!(missing.headers().contains_key(header::WWW_AUTHENTICATE));
         for _ in 0..FAILURE_BURST {
             let wrong = admin.authorize(&bearer("nope"), guesser).unwrap_err();
-            assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+            assert!(matches!(wrong, Refused::Wrong), "{wrong:?}");
         }
         let locked = admin.authorize(&bearer(TOKEN), guesser).unwrap_err();
-        assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            locked.into_response().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
         assert!(admin.authorize(&bearer(TOKEN), operator).is_ok());
     }
 }

@@ -167,6 +167,7 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
         .with_state(app)
 }
 
+#[allow(clippy::too_many_arguments)] // the wiring's inputs, each built once in `run`
 async fn serve<E: Engine>(
     engine: E,
     engine_name: &'static str,
