@@ -4,7 +4,7 @@
 -- KEYS[1]  members hash            {S}:peers   (peer -> "seq|role|joined_at|owner|blob")
 -- KEYS[2]  join counter            {S}:seq     (orders members by join)
 -- KEYS[3]  server peer string      {S}:server
--- KEYS[4]  session hash            {S}:session (ttl refreshed)
+-- KEYS[4]  session hash            {S}:session (ttl refreshed; a tombstone of close.lua refuses)
 -- KEYS[5]  the session's tokens    {S}:tokens  (ttl refreshed; the caller refreshes each token)
 -- ARGV[1]  peer id
 -- ARGV[2]  owner instance id
@@ -12,8 +12,12 @@
 -- ARGV[4]  session ttl (ms)
 -- ARGV[5]  role: 'server' or 'client'
 -- ARGV[6]  members a room holds at most
--- Returns {'full'} when the room is full, else {fresh ('1'|'0'), id1, rec1, id2, rec2, ...}:
+-- Returns {'closed'} when the session was closed (close.lua) after the caller resolved it,
+-- {'full'} when the room is full, else {fresh ('1'|'0'), id1, rec1, id2, rec2, ...}:
 -- every member, the joiner included.
+if redis.call('HEXISTS', KEYS[4], 'closed_at') == 1 then
+  return {'closed'}
+end
 local fresh = 0
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[6]) then

@@ -78,9 +78,11 @@ impl Drop for Slot {
 /// Map size below which buckets are never pruned.
 const MIN_PRUNE: usize = 1024;
 
-/// A token bucket per address: `burst` tokens, refilled at `burst` per second.
+/// A token bucket per address: `burst` tokens, refilled at `refill` per second (`burst` for
+/// [`Rate::per_second`]).
 pub struct Rate {
     burst: f64,
+    refill: f64,
     buckets: Mutex<Buckets>,
 }
 
@@ -97,8 +99,14 @@ struct Bucket {
 
 impl Rate {
     pub fn per_second(burst: u32) -> Self {
+        Self::new(burst, f64::from(burst.max(1)))
+    }
+
+    /// `burst` tokens per address, refilled at `refill` tokens per second (at least one a day).
+    pub fn new(burst: u32, refill: f64) -> Self {
         Self {
             burst: f64::from(burst.max(1)),
+            refill: refill.max(1.0 / 86_400.0),
             buckets: Mutex::new(Buckets {
                 map: HashMap::new(),
                 prune_at: MIN_PRUNE,
@@ -107,8 +115,22 @@ impl Rate {
     }
 
     fn refilled(&self, b: &Bucket, now: Instant) -> f64 {
-        let earned = now.saturating_duration_since(b.at).as_secs_f64() * self.burst;
+        let earned = now.saturating_duration_since(b.at).as_secs_f64() * self.refill;
         (b.tokens + earned).min(self.burst)
+    }
+
+    /// Whether `ip` has a token, without taking it; `Err(wait)` until the next one.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let buckets = lock(&self.buckets);
+        let tokens = buckets
+            .map
+            .get(&ip)
+            .map_or(self.burst, |b| self.refilled(b, now));
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.refill))
+        }
     }
 
     /// Takes a token for `ip`; `Err(wait)` until the next one when there is none.
@@ -131,7 +153,7 @@ impl Rate {
             Ok(())
         } else {
             bucket.tokens = tokens;
-            Err(Duration::from_secs_f64((1.0 - tokens) / self.burst))
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.refill))
         }
     }
 
@@ -223,6 +245,20 @@ mod tests {
         r.take(ip("2.2.2.2"), t0).unwrap();
         r.take(ip("1.1.1.1"), t0 + Duration::from_millis(260))
             .unwrap();
+    }
+
+    #[test]
+    fn a_slow_bucket_can_be_checked_without_taking() {
+        let r = Rate::new(2, 0.5);
+        let t0 = Instant::now();
+        assert!(r.check(ip("1.1.1.1"), t0).is_ok());
+        r.take(ip("1.1.1.1"), t0).unwrap();
+        r.take(ip("1.1.1.1"), t0).unwrap();
+        let wait = r.check(ip("1.1.1.1"), t0).unwrap_err();
+        assert!(wait > Duration::from_millis(1900), "{wait:?}");
+        assert!(r.check(ip("1.1.1.1"), t0).is_err(), "a check takes nothing");
+        assert!(r.check(ip("2.2.2.2"), t0).is_ok());
+        assert!(r.check(ip("1.1.1.1"), t0 + Duration::from_secs(2)).is_ok());
     }
 
     #[test]

@@ -87,6 +87,15 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_SECRET_FILE")]
     pub secret_file: Option<std::path::PathBuf>,
 
+    /// Bearer token of the Admin API (`/admin/...`; at least 32 bytes). Unset, with no
+    /// --admin-token-file: the Admin API is off and its paths answer 404.
+    #[arg(long, env = "BEACH_ROAD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File holding the Admin API's bearer token.
+    #[arg(long, env = "BEACH_ROAD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+
     /// Wrong join codes tolerated per session from one client address within the window;
     /// past it that address is refused (HTTP 429) until the window frees up.
     #[arg(long, env = "BEACH_ROAD_MAX_CODE_FAILURES", default_value_t = 5)]

@@ -37,6 +37,8 @@ pub struct App<E> {
     pub sockets: Arc<tokio::sync::Semaphore>,
     /// Per-client WebSocket limits (sockets and upgrade rate), checked before `sockets`.
     pub per_address: Arc<crate::addr_limits::SocketLimits>,
+    /// The Admin API's token and limiter; `None`: the Admin API is off.
+    pub admin: Option<Arc<crate::admin::Admin>>,
 }
 
 /// An error answered as `{"error": message}` with a status.

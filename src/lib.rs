@@ -18,11 +18,13 @@
 //! | [`engine`] | the [`engine::Engine`] trait: all shared state and routing |
 //! | [`engine::memory`] | in-process engine (no `REDIS_URL`): state behind one `std::sync::Mutex` |
 //! | [`engine::redis`] | Redis engine: stateless instances, Lua scripts in `lua/`, pub/sub routing |
+//! | [`engine::admin`] | what the Admin API reads and does through an engine |
 //! | [`router`] | this instance's sockets, memberships and room views: the one local delivery path |
 //! | [`peers`] | the sockets' bounded outbound queues |
 //! | [`http`] | HTTP plumbing (state, errors, public URLs), health and readiness |
 //! | [`sessions`] | register, status, HTTP join, attach: capabilities handed out |
 //! | [`mailbox`] | offers and answers, acting for the peer of the URL's token |
+//! | [`admin`] | the Admin API (off without a token): a room across instances, closing a session, the live instances |
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime; text or JSON lines |
 //! | [`metrics`] | every exported series (Prometheus text at `/metrics`) and how it is recorded |
@@ -41,6 +43,7 @@
 
 pub mod access;
 pub mod addr_limits;
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod client;

@@ -140,11 +140,15 @@ pub const DISCONNECTS: &[&str] = &[
     "too_big",
     "join_timeout",
     "idle_timeout",
+    "admin_close",
 ];
 
 /// Why a request, an upgrade or a connection was refused.
 pub const REFUSALS: &[&str] = &[
     "metrics_not_allowed",
+    "admin_off",
+    "admin_token",
+    "admin_locked",
     "registration_rate",
     "registration_budget",
     "code_locked",

@@ -29,6 +29,8 @@ pub enum CloseReason {
     Fenced,
     /// The server is shutting down.
     GoingAway,
+    /// The session was closed through the Admin API: it is gone, reconnecting will not help.
+    SessionClosed,
 }
 
 impl CloseReason {
@@ -38,6 +40,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => (1008, "send queue full"),
             CloseReason::Fenced => (1012, "instance restarted"),
             CloseReason::GoingAway => (1001, "server shutting down"),
+            CloseReason::SessionClosed => (1000, "session closed by the operator"),
         }
     }
 
@@ -47,6 +50,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Fenced => "fenced",
             CloseReason::GoingAway => "shutdown",
+            CloseReason::SessionClosed => "admin_close",
         }
     }
 }

@@ -80,6 +80,9 @@ async fn run(
     let secret = config
         .load_secret()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let admin = crate::admin::Admin::from_config(&config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+        .map(Arc::new);
     let addr = SocketAddr::new(config.bind, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let max_tcp = fd_limit.saturating_sub(FD_RESERVE).max(2) as usize;
@@ -96,6 +99,7 @@ async fn run(
                 "memory",
                 config,
                 secret,
+                admin,
                 listener,
                 max_sockets,
                 dropped,
@@ -120,6 +124,7 @@ async fn run(
                 "redis",
                 config,
                 secret,
+                admin,
                 listener,
                 max_sockets,
                 dropped,
@@ -158,6 +163,7 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
             post(mailbox::post_sdp::<E>).get(mailbox::get_answer::<E>),
         )
         .route("/ws/{id}", get(ws::upgrade::<E>))
+        .merge(crate::admin::routes::<E>(app.admin.is_some()))
         .layer(axum::middleware::from_fn(http::request_span))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(TimeoutLayer::with_status_code(
@@ -168,11 +174,13 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
         .with_state(app)
 }
 
+#[allow(clippy::too_many_arguments)] // the wiring's inputs, each built once in `run`
 async fn serve<E: Engine>(
     engine: E,
     engine_name: &'static str,
     config: Config,
     secret: crate::code::Secret,
+    admin: Option<Arc<crate::admin::Admin>>,
     listener: tokio::net::TcpListener,
     max_sockets: usize,
     dropped: crate::logging::Dropped,
@@ -192,6 +200,7 @@ async fn serve<E: Engine>(
             config.max_sockets_per_address,
             config.upgrades_per_address,
         )),
+        admin,
     };
     let watchdog = tokio::spawn(health.watchdog());
     let upkeep = tokio::spawn(crate::metrics::upkeep());

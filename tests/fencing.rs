@@ -90,7 +90,7 @@ async fn join(e: &RedisEngine, room: &str) -> (String, PeerQueue) {
     let q = e.connect(&id);
     match e.join(room, new_peer(&id), 32).await.unwrap() {
         JoinResult::Joined(_) => (id, q),
-        JoinResult::Full => panic!("room full"),
+        JoinResult::Full | JoinResult::Closed => panic!("refused"),
     }
 }
 

@@ -113,7 +113,7 @@ async fn ten_thousand_peers_of_a_dead_instance_are_reaped_within_seconds() {
                     };
                     match a.join(&room, peer, 64).await.unwrap() {
                         JoinResult::Joined(_) => q,
-                        JoinResult::Full => panic!("full"),
+                        JoinResult::Full | JoinResult::Closed => panic!("refused"),
                     }
                 }
             })

@@ -119,6 +119,7 @@ fn joined(r: JoinResult) -> Joined {
     match r {
         JoinResult::Joined(j) => j,
         JoinResult::Full => panic!("room full"),
+        JoinResult::Closed => panic!("session closed"),
     }
 }
 
@@ -585,6 +586,7 @@ async fn the_room_limit_holds_across_instances() {
                     members.push((e, id));
                 }
                 (e, id, JoinResult::Full) => refused.push((e, id)),
+                (_, _, JoinResult::Closed) => panic!("session closed"),
             }
         }
         assert_eq!(members.len(), max);

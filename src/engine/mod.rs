@@ -11,6 +11,7 @@
 //! [`EngineError`] and the caller answers 503 (or an `error` frame) at once, with the error's
 //! fixed client message; the cause goes to the log.
 
+pub mod admin;
 pub mod memory;
 pub mod redis;
 
@@ -166,6 +167,8 @@ pub enum JoinResult {
     Joined(Joined),
     /// The room has `max_peers` members already.
     Full,
+    /// The session was closed through the Admin API (after the caller resolved it).
+    Closed,
 }
 
 /// A successful join.
@@ -396,6 +399,25 @@ pub trait Engine: Clone + Send + Sync + 'static {
     fn liveness_ages(&self) -> (Option<Duration>, Option<Duration>) {
         (None, None)
     }
+
+    /// Admin API: the session `id` and its room across every instance; `None` when unknown.
+    fn admin_session(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = EngineResult<Option<admin::SessionView>>> + Send;
+
+    /// Admin API: closes session `id` for good. Its id, tokens and code stop resolving at once
+    /// (so it cannot be joined again) and every member, on every instance, has its socket
+    /// closed (`CloseReason::SessionClosed`). Idempotent.
+    fn admin_close(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = EngineResult<admin::CloseOutcome>> + Send;
+
+    /// Admin API: the live instances and the age of their heartbeats.
+    fn admin_instances(
+        &self,
+    ) -> impl Future<Output = EngineResult<Vec<admin::InstanceView>>> + Send;
 
     /// Ends the engine's background work (heartbeats, subscriptions); called once, after the
     /// sockets have left their rooms during the drain.

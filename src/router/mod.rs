@@ -327,6 +327,31 @@ impl Router {
         self.with(|t| t.repair(room, epoch, counter, members))
     }
 
+    /// The session `room` was closed: closes the local sockets that are its members, by the
+    /// router's record or because the storage named them in `named` (a join still in flight is
+    /// not recorded here yet; peer ids are never reused, so a named local socket is that
+    /// member). Each socket then leaves as usual. Returns how many were closed.
+    pub fn close_room(&self, room: &str, named: &[String], reason: CloseReason) -> usize {
+        self.with(|t| {
+            let mut ids: Vec<String> = t
+                .joined
+                .iter()
+                .filter(|(id, m)| m.room == room && t.peers.contains(id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in named {
+                let elsewhere = t.joined.get(id).is_some_and(|m| m.room != room);
+                if !elsewhere && t.peers.contains(id) && !ids.contains(id) {
+                    ids.push(id.clone());
+                }
+            }
+            for id in &ids {
+                t.peers.close(id, reason);
+            }
+            ids.len()
+        })
+    }
+
     /// Closes every local socket (shutdown).
     pub fn close_all(&self, reason: CloseReason) {
         self.with(|t| {

@@ -149,6 +149,11 @@ impl<E: Engine> Connection<E> {
                 let reason = "Session is full".to_owned();
                 return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
+            Ok(JoinResult::Closed) => {
+                tracing::info!(session = %room, peer = %self.peer_id, "join refused: session closed");
+                let reason = crate::access::Refusal::NotFound.message();
+                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+            }
             Err(e) => return self.engine_refused(sink, "join", e).await,
         };
         self.room = Some(room.clone());

@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use self::state::State;
+use super::admin::{CloseOutcome, InstanceView, SessionView};
 use super::{
     Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, JoinResult, NewPeer, Sent,
     SessionRecord,
 };
+use crate::peers::CloseReason;
 use crate::protocol::{Frame, PeerInfo, ServerMessage};
 use crate::router::{Known, Route, Router};
 
@@ -220,6 +222,35 @@ impl Engine for MemoryEngine {
 
     async fn ready(&self) -> EngineResult<()> {
         Ok(())
+    }
+
+    async fn admin_session(&self, id: &str) -> EngineResult<Option<SessionView>> {
+        Ok(self.with(|s| s.admin_view(id, LOCAL)))
+    }
+
+    async fn admin_close(&self, id: &str) -> EngineResult<CloseOutcome> {
+        Ok(self.with(|state| {
+            let Some((again, members)) = state.admin_close(id) else {
+                return CloseOutcome::NotFound;
+            };
+            // Under the state's lock, as joins and leaves tell the router (state, then router).
+            self.router
+                .close_room(id, &members, CloseReason::SessionClosed);
+            let peers = members.len();
+            if again {
+                CloseOutcome::AlreadyClosed { peers }
+            } else {
+                CloseOutcome::Closed { peers }
+            }
+        }))
+    }
+
+    async fn admin_instances(&self) -> EngineResult<Vec<InstanceView>> {
+        Ok(vec![InstanceView {
+            id: LOCAL.to_owned(),
+            heartbeat_age_ms: 0,
+            this: true,
+        }])
     }
 
     async fn shutdown(&self) {}

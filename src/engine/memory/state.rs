@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::code::digests_match;
+use crate::engine::admin::{PeerView, SessionView};
 use crate::engine::{
     Access, CodeCheck, EngineConfig, Grant, JoinResult, Joined, NewPeer, SessionRecord,
 };
@@ -69,6 +70,9 @@ pub(super) struct State {
     rooms: HashMap<String, Vec<PeerInfo>>,
     /// Room → its current `server` peer.
     servers: HashMap<String, String>,
+    /// Sessions closed through the Admin API → (created_at, closed_at), for the session ttl:
+    /// the id cannot be registered or joined again, and a repeated close is recognised.
+    closed: HashMap<String, Expiring<(u64, u64)>>,
 }
 
 impl State {
@@ -84,6 +88,7 @@ impl State {
             answers: HashMap::new(),
             rooms: HashMap::new(),
             servers: HashMap::new(),
+            closed: HashMap::new(),
         }
     }
 
@@ -126,11 +131,17 @@ impl State {
             answers.retain(|_, a| a.live(now));
         }
         self.answers.retain(|_, box_| !box_.is_empty());
+        self.closed.retain(|_, c| c.live(now));
+    }
+
+    fn is_closed(&self, id: &str, now: Instant) -> bool {
+        self.closed.get(id).is_some_and(|c| c.live(now))
     }
 
     pub(super) fn register(&mut self, session: SessionRecord, token: String) -> bool {
         let now = Instant::now();
         if self.session(&session.id, now).is_some()
+            || self.is_closed(&session.id, now)
             || self.tokens.contains_key(&session.id)
             || self.tokens.contains_key(&token)
         {
@@ -310,6 +321,9 @@ impl State {
 
     pub(super) fn join(&mut self, room: String, peer: NewPeer, max_peers: usize) -> JoinResult {
         let now = Instant::now();
+        if self.is_closed(&room, now) {
+            return JoinResult::Closed;
+        }
         if let Some(entry) = self.sessions.get_mut(&room) {
             entry.until = now + self.config.session_ttl;
         }
@@ -371,5 +385,72 @@ impl State {
 
     pub(super) fn server_peer(&self, room: &str) -> Option<String> {
         self.servers.get(room).cloned()
+    }
+}
+
+/// The Admin API's reads and the close (see `crate::engine::admin`).
+impl State {
+    /// The session and its members, with their owner (`owner` for all: one instance).
+    pub(super) fn admin_view(&self, id: &str, owner: &str) -> Option<SessionView> {
+        let now = Instant::now();
+        let unix = |until: Instant| unix_now() + until.saturating_duration_since(now).as_secs();
+        if let Some(c) = self.closed.get(id).filter(|c| c.live(now)) {
+            return Some(SessionView {
+                id: id.to_owned(),
+                created_at: c.value.0,
+                expires_at: Some(unix(c.until)),
+                closed_at: Some(c.value.1),
+                peers: Vec::new(),
+            });
+        }
+        self.session(id, now)?;
+        let entry = self.sessions.get(id)?;
+        let peers = self
+            .rooms
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|p| PeerView {
+                id: p.id.clone(),
+                role: p.role,
+                instance: owner.to_owned(),
+                joined_at: p.joined_at,
+                supported_transports: p.supported_transports.clone(),
+                preferred_transport: p.preferred_transport.clone(),
+            })
+            .collect();
+        Some(SessionView {
+            id: id.to_owned(),
+            created_at: entry.value.record.created_at,
+            expires_at: Some(unix(entry.until)),
+            closed_at: None,
+            peers,
+        })
+    }
+
+    /// Closes session `id` for good: it, its tokens, its room and its mailbox go; a tombstone
+    /// stays for the session ttl. Returns whether it was closed before, and the members to
+    /// disconnect; `None` for an unknown session.
+    pub(super) fn admin_close(&mut self, id: &str) -> Option<(bool, Vec<String>)> {
+        let now = Instant::now();
+        let again = self.is_closed(id, now);
+        if !again {
+            let created_at = self.session(id, now)?.record.created_at;
+            let until = now + self.config.session_ttl;
+            let tombstone = Expiring {
+                value: (created_at, unix_now()),
+                until,
+            };
+            self.closed.insert(id.to_owned(), tombstone);
+            self.sessions.remove(id);
+            self.tokens.retain(|_, t| t.session != id);
+            self.failures.remove(id);
+            self.client_failures.retain(|(s, _), _| s != id);
+            self.offers.retain(|(room, _), _| room != id);
+            self.answers.retain(|(room, _), _| room != id);
+        }
+        self.servers.remove(id);
+        let members = self.rooms.remove(id).unwrap_or_default();
+        Some((again, members.into_iter().map(|p| p.id).collect()))
     }
 }

@@ -35,6 +35,9 @@ pub(crate) enum Bus {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<(String, String)>,
     },
+    /// Session `room` was closed (Admin API): the receiver closes the sockets of `peers` (the
+    /// members it owns) and any other local member of the room.
+    Close { room: String, peers: Vec<String> },
     /// A relayed frame from local member `to` could not be delivered to `peer`.
     Refused {
         room: String,

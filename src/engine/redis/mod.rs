@@ -5,13 +5,14 @@
 //! its own sockets, in the shared [`Router`]. A frame for a peer on another instance is
 //! published to that instance's channel ([`bus`]); what arrives there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
 //! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
-//! [`reaper`]; keeping sessions with members alive in [`refresh`]; the connection and its errors
-//! in [`conn`].
+//! [`reaper`]; keeping sessions with members alive in [`refresh`]; the Admin API's reads and
+//! closes in [`admin`]; the connection and its errors in [`conn`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
 //! carries both commands and the subscription; every call is bounded by `call_timeout`.
 
+mod admin;
 mod bus;
 mod conn;
 mod keys;
@@ -39,6 +40,7 @@ use self::conn::build_manager;
 use self::keys::Keys;
 use self::pushes::Pushes;
 use self::scripts::Scripts;
+use crate::engine::admin::{CloseOutcome, InstanceView, SessionView};
 use crate::engine::{
     Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, JoinResult,
     NewPeer, Sent, SessionRecord,
@@ -447,6 +449,18 @@ impl Engine for RedisEngine {
 
     async fn ready(&self) -> EngineResult<()> {
         self.inner.ready().await
+    }
+
+    async fn admin_session(&self, id: &str) -> EngineResult<Option<SessionView>> {
+        self.inner.admin_session(id).await
+    }
+
+    async fn admin_close(&self, id: &str) -> EngineResult<CloseOutcome> {
+        self.inner.admin_close(id).await
+    }
+
+    async fn admin_instances(&self) -> EngineResult<Vec<InstanceView>> {
+        self.inner.admin_instances().await
     }
 
     async fn shutdown(&self) {

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::bus::{decode, encode, Bus};
 use super::Inner;
+use crate::peers::CloseReason;
 use crate::protocol::ServerMessage;
 use crate::router::{Event, Known, Router};
 
@@ -130,6 +131,12 @@ impl Pushes {
                         self.report(&owner, &room, &sender, &peer, full);
                     }
                 }
+            }
+            Bus::Close { room, peers } => {
+                let closed = self
+                    .router
+                    .close_room(&room, &peers, CloseReason::SessionClosed);
+                tracing::info!(session = %room, closed, "session closed by the operator");
             }
             Bus::Refused {
                 room,

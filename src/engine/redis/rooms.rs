@@ -181,13 +181,18 @@ impl Inner {
             .arg(role)
             .arg(max_peers);
         let flat: Vec<String> = self.redis("join", inv.invoke_async(&mut cm)).await?;
-        if flat.first().map(String::as_str) == Some("full") {
+        let refused = match flat.first().map(String::as_str) {
+            Some("full") => Some(JoinResult::Full),
+            Some("closed") => Some(JoinResult::Closed),
+            _ => None,
+        };
+        if let Some(refused) = refused {
             let cmd = redis::cmd("SREM")
                 .arg(k.instance_peers(&inst.id))
                 .arg(format!("{room}|{}", peer.id))
                 .clone();
             let _ = self.query::<i64>(&cmd).await;
-            return Ok(JoinResult::Full);
+            return Ok(refused);
         }
         let fresh = flat.first().map(String::as_str) == Some("1");
         let members = parse_members(flat.get(1..).unwrap_or_default());

@@ -23,6 +23,7 @@ pub(crate) struct Scripts {
     pub deregister: Script,
     pub reap_claim: Script,
     pub reap_lease: Script,
+    pub close: Script,
 }
 
 impl Scripts {
@@ -46,6 +47,7 @@ impl Scripts {
             deregister: Script::new(include_str!("../../../lua/deregister.lua")),
             reap_claim: Script::new(include_str!("../../../lua/reap_claim.lua")),
             reap_lease: Script::new(include_str!("../../../lua/reap_lease.lua")),
+            close: Script::new(include_str!("../../../lua/close.lua")),
         }
     }
 }
