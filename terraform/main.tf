@@ -128,6 +128,18 @@ resource "aws_vpc_security_group_ingress_rule" "instance_from_alb" {
   to_port                      = var.instance_port
 }
 
+# Prometheus scrapes each instance directly (GET /metrics on the instance port) from these
+# networks; none by default.
+resource "aws_vpc_security_group_ingress_rule" "instance_from_scrapers" {
+  for_each          = toset(var.metrics_scraper_cidrs)
+  security_group_id = aws_security_group.instance.id
+  description       = "Prometheus scrapes /metrics"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = var.instance_port
+  to_port           = var.instance_port
+}
+
 resource "aws_vpc_security_group_egress_rule" "instance_to_redis" {
   security_group_id            = aws_security_group.instance.id
   description                  = "to Redis"
@@ -295,15 +307,17 @@ resource "aws_lb_listener" "https" {
   }
 }
 
-# GET /metrics (Prometheus, beach_road_* series) is for scrapers inside the VPC, not for the
-# internet: the public listener answers 404 for it and never forwards it to an instance.
+# GET /metrics (Prometheus, beach_road_* series) is for scrapers inside the VPC, and the Admin
+# API (/admin/..., bearer token) for operators on an instance (SSM port forwarding), not for the
+# internet: the public listener answers 404 for both and never forwards them to an instance.
+# (The server refuses /metrics relayed by a trusted proxy anyway; this keeps it off the ALB.)
 resource "aws_lb_listener_rule" "no_public_metrics" {
   listener_arn = aws_lb_listener.https.arn
   priority     = 1
 
   condition {
     path_pattern {
-      values = ["/metrics", "/metrics/*"]
+      values = ["/metrics", "/metrics/*", "/admin", "/admin/*"]
     }
   }
 

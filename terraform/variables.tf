@@ -403,3 +403,14 @@ variable "waf_block_anonymous_ips" {
   type        = bool
   default     = false
 }
+
+variable "metrics_scraper_cidrs" {
+  description = "IPv4 CIDRs inside the VPC whose Prometheus scrapes GET /metrics on each instance directly (the instances' --metrics-allow default admits the private ranges). Empty: no scraper ingress."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.metrics_scraper_cidrs : can(cidrhost(c, 0))])
+    error_message = "Each entry must be an IPv4 CIDR."
+  }
+}

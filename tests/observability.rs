@@ -356,3 +356,61 @@ async fn json_logs_carry_events_and_span_fields() {
     })
     .await
 }
+
+/// Every `beach_road_*` name in `text`, histogram suffixes removed.
+fn series_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("beach_road_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|sfx| name.strip_suffix(sfx))
+            .unwrap_or(name);
+        names.push(name.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The Grafana dashboard is a dashboard (panels with queries and places) and, like the alert
+/// rules, asks only for series the server exports.
+#[test]
+fn dashboard_and_alerts_use_only_exported_series() {
+    let exported: Vec<&str> = beach_road::metrics::SERIES.iter().map(|s| s.0).collect();
+    let text = include_str!("../deploy/grafana/beach-road.json");
+    let dash: Value = serde_json::from_str(text).expect("the dashboard is JSON");
+    assert!(dash["uid"].is_string() && dash["title"].is_string());
+    assert!(dash["schemaVersion"].as_u64().is_some_and(|v| v >= 30));
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut queried = Vec::new();
+    for p in panels {
+        assert!(p["id"].is_u64() && p["title"].is_string() && p["type"].is_string(), "{p}");
+        for k in ["h", "w", "x", "y"] {
+            assert!(p["gridPos"][k].is_u64(), "gridPos.{k} of {}", p["title"]);
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has no query", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().expect("a PromQL expr");
+            let names = series_names(expr);
+            assert!(!names.is_empty(), "{expr} asks for no beach-road series");
+            queried.extend(names);
+        }
+    }
+    let alerts = include_str!("../deploy/prometheus/alerts.yml");
+    let alert_names = series_names(alerts);
+    assert!(alert_names.len() >= 8);
+    for name in queried.iter().chain(&alert_names) {
+        assert!(exported.contains(&name.as_str()), "{name} is not exported");
+    }
+    // And the dashboard shows every exported series.
+    for name in &exported {
+        assert!(queried.iter().any(|q| q == name), "{name} is on no panel");
+    }
+}
