@@ -1,6 +1,6 @@
 //! `beach-road check --url URL [--json] [--timeout 10s]`: a synthetic end-to-end probe for
 //! alerting. It plays a generation-1 host and joiner against a running deployment, through the
-//! URL and then through the URLs the answers carry, as the clients do (`shared/protocol.md` §1,
+//! URL and then through the URLs the answers carry, as the clients do (`docs/protocol.md` §1,
 //! `docs/protocol.md`): register, host socket (join, ping), HTTP join, joiner socket, the host's
 //! `peer_joined`, one `signal` each way, offer and answer through the mailbox, leave.
 //!

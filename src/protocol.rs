@@ -1,4 +1,4 @@
-//! Wire types of `../shared/protocol.md`, fixed by the existing beach clients.
+//! Wire types of `docs/protocol.md`, fixed by the existing beach clients.
 //!
 //! Field names, tags and shapes must not change: generation 1 and 2 CLIs and the browser client
 //! parse these strictly. Opaque client payloads (`signal`, transports) stay raw JSON and

@@ -1,4 +1,4 @@
-//! Conformance: every route and message of `../shared/protocol.md` with its success and failure
+//! Conformance: every route and message of `docs/protocol.md` with its success and failure
 //! shapes, as `docs/protocol.md` changes them (capability tokens, roles from the id a socket
 //! joined through, the mailbox acting for the token's peer, limits on codes, registrations and
 //! rooms), the full flows of both client generations and of the browser client, and every bug
@@ -1510,7 +1510,7 @@ async fn debug_forwarded_to_the_server_peer(ctx: &Ctx) {
 }
 
 async fn debug_from_the_server_peer_reaches_itself(ctx: &Ctx) {
-    // shared/protocol.md §4.1: `debug` goes to the room's server peer, an `error` only when
+    // docs/protocol.md §4.1: `debug` goes to the room's server peer, an `error` only when
     // there is none; docs/protocol.md changes nothing about it.
     let (_s, mut host) = ctx.hosted().await;
     let host_id = host.id();

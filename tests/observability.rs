@@ -390,7 +390,10 @@ fn dashboard_and_alerts_use_only_exported_series() {
     assert!(panels.len() >= 10);
     let mut queried = Vec::new();
     for p in panels {
-        assert!(p["id"].is_u64() && p["title"].is_string() && p["type"].is_string(), "{p}");
+        assert!(
+            p["id"].is_u64() && p["title"].is_string() && p["type"].is_string(),
+            "{p}"
+        );
         for k in ["h", "w", "x", "y"] {
             assert!(p["gridPos"][k].is_u64(), "gridPos.{k} of {}", p["title"]);
         }

@@ -219,13 +219,15 @@ if ((smoke)); then
     reply=$(curl -fsS --max-time 5 -H 'content-type: application/json' \
         -d "{\"session_id\":\"$id\"}" "$lb/sessions") || fail "POST /sessions"
     [[ $reply == *'"success":true'* ]] || fail "POST /sessions answered: $reply"
-    [[ $reply == *"ws://127.0.0.1:$lb_port/ws/$id"* ]] || fail "websocket_url is not the load balancer's: $reply"
+    [[ $reply == *"ws://127.0.0.1:$lb_port/ws/"* ]] || fail "websocket_url is not the load balancer's: $reply"
     # Round robin sends consecutive requests to different instances: each must see the session.
     for ((k = 0; k < 2 * instances; k++)); do
         reply=$(curl -fsS --max-time 5 "$lb/sessions/$id") || fail "GET /sessions/$id"
         [[ $reply == *'"exists":true'* ]] || fail "request $k did not see the session: $reply"
     done
-    echo "smoke: OK (session registered through the LB and seen by $((2 * instances)) round-robin requests)"
+    # The whole flow (register, two sockets, relays both ways, the mailbox) through the balancer.
+    "$bin" check --url "$lb" || fail "beach-road check through the load balancer"
+    echo "smoke: OK (session registered through the LB and seen by $((2 * instances)) round-robin requests; check passed)"
     exit 0
 fi
 
