@@ -618,6 +618,22 @@ async fn sigstop_then_sigcont_fences_without_ghosts() {
         let ready_after = ready_after.expect("the resumed instance is not ready again");
         eprintln!("cluster: SIGCONT → ready again (new instance id) after {ready_after:?}");
 
+        // An operator sees it: the fence and its two closed sockets on the resumed instance,
+        // the reaping of its two peers on the others.
+        let resumed = common::metrics::Scrape::of(c.s(1)).await;
+        assert_eq!(resumed.get("beach_road_fencings_total", &[]), 1.0);
+        let fenced = [("reason", "fenced")];
+        assert_eq!(resumed.get("beach_road_disconnects_total", &fenced), 2.0);
+        let mut reaped = 0.0;
+        let mut instances = 0.0;
+        for i in 0..3 {
+            let scrape = common::metrics::Scrape::of(c.s(i)).await;
+            reaped += scrape.get("beach_road_reaped_peers_total", &[]);
+            instances += scrape.get("beach_road_reaped_instances_total", &[]);
+        }
+        assert_eq!(reaped, 2.0, "peers reaped");
+        assert!(instances >= 1.0, "the dead id fully reaped");
+
         // A fresh peer elsewhere sees only the survivors.
         let (mut fresh_c, ok) = c.joiner(2, &s).await;
         let mut want = vec![host.id(), j.id(), fresh_c.id()];

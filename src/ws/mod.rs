@@ -237,11 +237,12 @@ impl<E: Engine> Connection<E> {
 
     async fn leave(&mut self) {
         if let Some(room) = self.room.take() {
+            // Counted before the room is told, so a scrape after `peer_left` includes it.
+            crate::metrics::left();
             if let Err(e) = self.app.engine.leave(&room, &self.peer_id).await {
                 tracing::warn!(peer = %self.peer_id, error = %e, "leave failed");
             }
             tracing::info!(session = %room, peer = %self.peer_id, "peer left");
-            crate::metrics::left();
         }
         self.app.engine.disconnect(&self.peer_id).await;
     }

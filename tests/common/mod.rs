@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod flows;
+pub mod metrics;
 pub mod redis;
 
 use std::fs::File;
