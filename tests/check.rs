@@ -241,81 +241,6 @@ async fn wait_ready(s: &Server) {
 // TLS in front, as the ALB terminates it
 // ---------------------------------------------------------------------------------------------
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let status = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success(), "openssl {args:?}");
-}
-
-/// A throwaway CA (`ca.pem`) and a certificate for localhost / 127.0.0.1 signed by it
-/// (`front.pem`, `front.key`). Blocking: run it off the runtime.
-fn make_certs(dir: &Path) {
-    let days = ["-days", "1"];
-    openssl(
-        dir,
-        &[
-            &["req", "-x509", "-newkey", "rsa:2048", "-nodes"][..],
-            &days,
-            &[
-                "-subj",
-                "/CN=beach-road check CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "front.key",
-            "-out",
-            "front.csr",
-        ],
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "front.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-extfile",
-                "san.ext",
-                "-out",
-                "front.pem",
-            ][..],
-            &days,
-        ]
-        .concat(),
-    );
-}
-
 /// Terminates TLS on `listener` with `dir`'s certificate and forwards the plain bytes to the
 /// instance on `upstream`. Owns its connection tasks (aborted with it).
 struct TlsFront(JoinHandle<()>);
@@ -521,7 +446,7 @@ async fn green_over_https_and_wss() {
     bounded(async {
         let dir = TempDir::new("check-tls");
         let at = dir.path().to_owned();
-        tokio::task::spawn_blocking(move || make_certs(&at))
+        tokio::task::spawn_blocking(move || common::tls::make_certs(&at, "front"))
             .await
             .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

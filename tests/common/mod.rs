@@ -12,6 +12,7 @@
 pub mod flows;
 pub mod metrics;
 pub mod redis;
+pub mod tls;
 
 use std::fs::File;
 use std::future::Future;
