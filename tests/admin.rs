@@ -504,8 +504,7 @@ async fn memory_engine_refuses_a_join_after_the_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_engine_refuses_a_join_after_the_close() {
-    use beach_road::engine::redis::{RedisEngine, RedisSettings};
-    use beach_road::engine::Engine as _;
+    use beach_road::engine::redis::RedisSettings;
     let redis = RedisServer::start();
     let settings = RedisSettings {
         url: redis.url(),
@@ -515,14 +514,7 @@ async fn redis_engine_refuses_a_join_after_the_close() {
     };
     let config = beach_road::engine::EngineConfig::default();
     bounded(async {
-        let e = RedisEngine::start(config, settings)
-            .await
-            .expect("valid URL");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while e.ready().await.is_err() {
-            assert!(Instant::now() < deadline, "engine not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let e = common::redis::ready_engine(config, settings).await;
         join_after_close_is_refused(e).await;
     })
     .await;

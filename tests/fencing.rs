@@ -47,14 +47,7 @@ fn settings(url: &str) -> RedisSettings {
 }
 
 async fn engine(r: &RedisServer) -> RedisEngine {
-    let e = RedisEngine::start(config(), settings(&r.url()))
-        .await
-        .expect("valid URL");
-    assert!(
-        wait_until(Duration::from_secs(5), || async { e.ready().await.is_ok() }).await,
-        "engine not ready"
-    );
-    e
+    redis_server::ready_engine(config(), settings(&r.url())).await
 }
 
 /// Polls `f` every 20 ms; false if it did not hold within `limit`.

@@ -49,15 +49,7 @@ fn config() -> EngineConfig {
 }
 
 async fn engine(r: &RedisServer) -> RedisEngine {
-    let e = RedisEngine::start(config(), settings(&r.url()))
-        .await
-        .expect("valid URL");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while e.ready().await.is_err() {
-        assert!(Instant::now() < deadline, "engine not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    e
+    redis_server::ready_engine(config(), settings(&r.url())).await
 }
 
 async fn bounded<F: Future>(limit: Duration, f: F) -> F::Output {

@@ -118,3 +118,20 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis engine in this test's own process, once it is ready (within 5 s).
+pub async fn ready_engine(
+    config: beach_road::engine::EngineConfig,
+    settings: beach_road::engine::redis::RedisSettings,
+) -> beach_road::engine::redis::RedisEngine {
+    use beach_road::engine::Engine as _;
+    let e = beach_road::engine::redis::RedisEngine::start(config, settings)
+        .await
+        .expect("valid URL");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while e.ready().await.is_err() {
+        assert!(Instant::now() < deadline, "engine not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    e
+}
