@@ -78,6 +78,8 @@ async fn a_killed_instance_fails_no_client_request() {
                 .redis_url(&redis.url())
                 .env("BEACH_ROAD_SECRET", &secret)
                 .env("BEACH_ROAD_TRUSTED_PROXIES", "127.0.0.1")
+                // Every HTTP join mints a joiner token: thousands here, one session.
+                .env("BEACH_ROAD_MAX_TOKENS_PER_SESSION", "1000000")
                 .start()
         };
         let (a, mut b, c) = (start().await, start().await, start().await);
