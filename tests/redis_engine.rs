@@ -769,6 +769,41 @@ async fn answers_go_to_exactly_one_reader_within_a_quota() {
     .await
 }
 
+/// After Redis lost its scripts (restart, SCRIPT FLUSH) a join still works, and the reaper's
+/// intent (the instance's peer set) is recorded for it.
+#[tokio::test]
+async fn a_join_survives_an_emptied_script_cache() {
+    bounded(async {
+        let r = RedisServer::start();
+        let e = engine(&r).await;
+        let room = new_id();
+        let (p1, _q1) = join(&e, &room).await;
+        let mut c = r.client().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let (p2, _q2) = join(&e, &room).await;
+        let members: Vec<String> = redis::cmd("HKEYS")
+            .arg(format!("t:{{{room}}}:peers"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(members.contains(&p1) && members.contains(&p2), "{members:?}");
+        let intents: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("t:{{inst:{}}}:peers", e.router().id()))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for p in [&p1, &p2] {
+            assert!(intents.contains(&format!("{room}|{p}")), "{intents:?}");
+        }
+        e.shutdown().await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn frames_cross_instances_and_membership_is_checked() {
     bounded(async {
