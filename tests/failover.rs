@@ -120,12 +120,7 @@ async fn a_failover_behind_a_moving_endpoint_recovers_within_seconds() {
             // The default instance timeout (4 s): with a shorter one an instance whose recovery
             // a loaded machine stretched past it is rightly written off by the other one (its
             // peers leave, it fences itself), which is not what this test is about.
-            .args([
-                "--heartbeat-interval",
-                "250ms",
-                "--instance-timeout",
-                "4s",
-            ])
+            .args(["--heartbeat-interval", "250ms", "--instance-timeout", "4s"])
             .args(["--secret", &secret])
             .start()
     });

@@ -790,7 +790,10 @@ async fn a_join_survives_an_emptied_script_cache() {
             .query_async(&mut c)
             .await
             .unwrap();
-        assert!(members.contains(&p1) && members.contains(&p2), "{members:?}");
+        assert!(
+            members.contains(&p1) && members.contains(&p2),
+            "{members:?}"
+        );
         let intents: Vec<String> = redis::cmd("SMEMBERS")
             .arg(format!("t:{{inst:{}}}:peers", e.router().id()))
             .query_async(&mut c)
