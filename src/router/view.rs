@@ -15,6 +15,7 @@
 //! present) rules out for good every member with a `seq` up to it that was not present.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{PeerInfo, ServerMessage};
@@ -62,12 +63,29 @@ pub enum Event {
     Left(String),
 }
 
+/// `names` is first pruned at this size, then whenever it doubles what was left.
+const PRUNE_AT: usize = 64;
+
+/// The shared copy of `id` in `names`, added if missing.
+fn intern(names: &mut HashSet<Arc<str>>, id: &str) -> Arc<str> {
+    if let Some(name) = names.get(id) {
+        return name.clone();
+    }
+    let name: Arc<str> = Arc::from(id);
+    names.insert(name.clone());
+    name
+}
+
 pub(crate) struct RoomView {
     /// Tells this view from a later one of the same room: a lookup made for an earlier view is
     /// not learned into a later one, which never saw the departures in between.
     pub epoch: u64,
-    /// Local member → the members it was told of, with their seq.
-    told: HashMap<String, HashMap<String, u64>>,
+    /// Local member → the members it was told of, with their seq. The ids are shared through
+    /// `names` (a room of n local members holds n² entries: one copy of each id, not n).
+    told: HashMap<String, HashMap<Arc<str>, u64>>,
+    /// The ids `told` refers to; pruned of unreferenced ones when it doubles (see [`intern`]).
+    names: HashSet<Arc<str>>,
+    prune_at: usize,
     /// Remote member → (owner, seq).
     routes: HashMap<String, (String, u64)>,
     gone: HashMap<String, Instant>,
@@ -82,6 +100,8 @@ impl RoomView {
         Self {
             epoch,
             told: HashMap::new(),
+            names: HashSet::new(),
+            prune_at: PRUNE_AT,
             routes: HashMap::new(),
             gone: HashMap::new(),
             gone_order: VecDeque::new(),
@@ -114,13 +134,15 @@ impl RoomView {
     /// Local `peer` (joined as `seq`) was sent `snapshot`, every member then, itself included.
     pub(crate) fn add_local(&mut self, instance: &str, peer: &str, seq: u64, snapshot: &[Known]) {
         self.observe(seq, snapshot);
+        let names = &mut self.names;
         let told = snapshot
             .iter()
             .filter(|k| k.id != peer)
             .take(MAX_PER_ROOM)
-            .map(|k| (k.id.clone(), k.seq))
+            .map(|k| (intern(names, &k.id), k.seq))
             .collect();
         self.told.insert(peer.to_owned(), told);
+        self.prune();
         for k in snapshot {
             self.learn(instance, k);
         }
@@ -133,14 +155,15 @@ impl RoomView {
                 self.learn(instance, k);
                 if let Some(told) = self.told.get_mut(peer) {
                     if k.id != peer && told.len() < MAX_PER_ROOM {
-                        told.insert(k.id.clone(), k.seq);
+                        told.insert(intern(&mut self.names, &k.id), k.seq);
                     }
                 }
+                self.prune();
             }
             Event::Left(id) => {
                 self.depart(id);
                 if let Some(told) = self.told.get_mut(peer) {
-                    told.remove(id);
+                    told.remove(id.as_str());
                 }
             }
         }
@@ -156,14 +179,23 @@ impl RoomView {
         let left: Vec<String> = told
             .iter()
             .filter(|(id, seq)| self.stale(id, **seq))
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id.to_string())
             .collect();
         if let Some(told) = self.told.get_mut(peer) {
             for id in &left {
-                told.remove(id);
+                told.remove(id.as_str());
             }
         }
         left
+    }
+
+    /// Forgets the names no member's record refers to any more, once `names` has doubled since
+    /// the last time: rooms live for days and see members come and go.
+    fn prune(&mut self) {
+        if self.names.len() >= self.prune_at {
+            self.names.retain(|name| Arc::strong_count(name) > 1);
+            self.prune_at = (2 * self.names.len()).max(PRUNE_AT);
+        }
     }
 
     /// Returns true when the room has no local member left (the view is to be dropped).
@@ -181,15 +213,16 @@ impl RoomView {
         };
         match ev {
             Event::Joined(k) => {
-                if stale || k.id == peer || told.contains_key(&k.id) {
+                if stale || k.id == peer || told.contains_key(k.id.as_str()) {
                     return false;
                 }
                 if told.len() < MAX_PER_ROOM {
-                    told.insert(k.id.clone(), k.seq);
+                    told.insert(intern(&mut self.names, &k.id), k.seq);
                 }
+                self.prune();
                 true
             }
-            Event::Left(id) => told.remove(id).is_some(),
+            Event::Left(id) => told.remove(id.as_str()).is_some(),
         }
     }
 
@@ -251,18 +284,18 @@ impl RoomView {
         }
         // Absent from the read and joined before it: gone. Joined after it: not judged here.
         let before = counter.unwrap_or(u64::MAX);
-        let absent = |(id, seq): (&String, u64)| !listed.contains(id.as_str()) && seq <= before;
+        let absent = |(id, seq): (&str, u64)| !listed.contains(id) && seq <= before;
         let departed: HashSet<String> = self
             .routes
             .iter()
-            .map(|(id, (_, seq))| (id, *seq))
+            .map(|(id, (_, seq))| (id.as_str(), *seq))
             .chain(
                 self.told
                     .values()
-                    .flat_map(|t| t.iter().map(|(id, s)| (id, *s))),
+                    .flat_map(|t| t.iter().map(|(id, s)| (&**id, *s))),
             )
             .filter(|e| absent(*e))
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| id.to_owned())
             .collect();
         for id in &departed {
             self.depart(id);
@@ -283,16 +316,17 @@ impl RoomView {
                 continue;
             }
             for m in &fresh {
-                if m.info.id == *local || told.contains_key(&m.info.id) {
+                if m.info.id == *local || told.contains_key(m.info.id.as_str()) {
                     continue;
                 }
                 if told.len() < MAX_PER_ROOM {
-                    told.insert(m.info.id.clone(), m.seq);
+                    told.insert(intern(&mut self.names, &m.info.id), m.seq);
                 }
                 let peer = m.info.clone();
                 out.push((local.clone(), ServerMessage::PeerJoined { peer }));
             }
         }
+        self.prune();
         for k in &known {
             self.learn(instance, k);
         }
@@ -303,6 +337,34 @@ impl RoomView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids are shared between the members' records, and a room's churn does not grow them.
+    #[test]
+    fn names_are_shared_and_pruned() {
+        let mut v = RoomView::new(1);
+        let k = |id: &str, seq| Known {
+            id: id.into(),
+            owner: "me".into(),
+            seq,
+        };
+        v.add_local("me", "a", 1, &[k("a", 1)]);
+        v.add_local("me", "b", 2, &[k("a", 1), k("b", 2)]);
+        assert!(v.tell("a", &Event::Joined(k("b", 2))));
+        // One copy of "a" and of "b", however many records name them.
+        assert_eq!(v.names.len(), 2);
+        for n in 3..1000u64 {
+            let id = format!("p{n}");
+            assert!(v.tell("a", &Event::Joined(k(&id, n))));
+            assert!(v.tell("b", &Event::Joined(k(&id, n))));
+            assert!(v.tell("a", &Event::Left(id.clone())));
+            assert!(v.tell("b", &Event::Left(id)));
+        }
+        assert!(
+            v.names.len() <= 2 * PRUNE_AT,
+            "{} names kept",
+            v.names.len()
+        );
+    }
     use crate::protocol::Role;
 
     const ME: &str = "me";
