@@ -99,10 +99,11 @@ pub async fn upgrade<E: Engine>(
             .into_response();
     };
     let max = app.config.max_message_bytes;
-    // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket
-    // (shared/notes/crates.md §3); bursts are read in gulps below it (`upgrade::BurstReader`).
+    // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket, 1 KiB still
+    // half a KiB more than 512 B (measured: docs/performance.md); an ICE candidate fits, larger
+    // frames and bursts are read in gulps below it (`upgrade::BurstIo`).
     let config = WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(512)
         // Every frame straight through to `BurstIo`, which collects the batch until the flush.
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
