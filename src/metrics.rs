@@ -97,38 +97,43 @@ fn describe() {
             Kind::Histogram => metrics::describe_histogram!(name, Unit::Seconds, help),
         }
     }
-    // Register the unlabelled series so they are scraped as 0 before their first event.
+    // Register every series with its known label values, so each is scraped as 0 before its
+    // first event. Labelled series not preset here appear at their first event.
     for &(name, kind, _) in SERIES {
-        if kind == Kind::Counter && !LABELLED.contains(&name) {
+        let preset = PRESET.iter().any(|p| p.0 == name) || EVENT_LABELLED.contains(&name);
+        if kind == Kind::Counter && !preset {
             counter!(name).absolute(0);
         }
     }
-    for reason in DISCONNECTS {
-        counter!("beach_road_disconnects_total", "reason" => *reason).absolute(0);
-    }
-    for reason in REFUSALS {
-        counter!("beach_road_refusals_total", "reason" => *reason).absolute(0);
-    }
-    for reason in ["unparsable", "report_backlog_full"] {
-        counter!("beach_road_pubsub_pushes_dropped_total", "reason" => reason).absolute(0);
-    }
-    for role in ["server", "client"] {
-        counter!("beach_road_peers_joined_total", "role" => role).absolute(0);
-    }
-    for reason in RELAY_ERRORS {
-        counter!("beach_road_relay_errors_total", "reason" => *reason).absolute(0);
+    for &(name, label, values) in PRESET {
+        for value in values {
+            counter!(name, label => *value).absolute(0);
+        }
     }
 }
 
-/// Counters with labels: registered per label value (below, or at first use).
-const LABELLED: &[&str] = &[
-    "beach_road_peers_joined_total",
+/// Labelled counters and their label values, registered at start.
+const PRESET: &[(&str, &str, &[&str])] = &[
+    ("beach_road_disconnects_total", "reason", DISCONNECTS),
+    ("beach_road_refusals_total", "reason", REFUSALS),
+    ("beach_road_relay_errors_total", "reason", RELAY_ERRORS),
+    (
+        "beach_road_pubsub_pushes_dropped_total",
+        "reason",
+        &["unparsable", "report_backlog_full"],
+    ),
+    (
+        "beach_road_peers_joined_total",
+        "role",
+        &["server", "client"],
+    ),
+];
+
+/// Labelled counters registered elsewhere: by [`HOT`], or at their first event (the
+/// command-by-kind pairs are too many to preset).
+const EVENT_LABELLED: &[&str] = &[
     "beach_road_messages_relayed_total",
-    "beach_road_relay_errors_total",
     "beach_road_redis_errors_total",
-    "beach_road_pubsub_pushes_dropped_total",
-    "beach_road_disconnects_total",
-    "beach_road_refusals_total",
 ];
 
 /// Why the server closed a WebSocket.
@@ -161,6 +166,9 @@ pub const REFUSALS: &[&str] = &[
     "connections_full",
     "bad_upgrade",
     "store_unavailable",
+    "store_full",
+    "fenced",
+    "busy",
     "mailbox_full",
     "too_large",
 ];
