@@ -74,7 +74,7 @@ impl From<EngineError> for ApiError {
             cause = e.cause(),
             "request refused: engine error"
         );
-        crate::metrics::refused("store_unavailable");
+        crate::metrics::refused(e.kind());
         ApiError(StatusCode::SERVICE_UNAVAILABLE, e.client_message().into())
     }
 }
