@@ -121,7 +121,7 @@ impl Inner {
         if pipe.cmd_iter().next().is_some() {
             let mut cm = self.cm();
             if let Err(e) = self
-                .redis("admin_close_tokens", pipe.query_async::<()>(&mut cm))
+                .redis("admin_close_tell", pipe.query_async::<()>(&mut cm))
                 .await
             {
                 // Closed in Redis whatever happens here; a repeated close tells them again.

@@ -163,10 +163,7 @@ impl Inner {
             metadata: peer.metadata,
         })
         .expect("blob serializes");
-        let role = match peer.role {
-            crate::protocol::Role::Server => "server",
-            crate::protocol::Role::Client => "client",
-        };
+        let role = peer.role.as_str();
         let mut cm = self.cm();
         let mut inv = self.scripts.join.prepare_invoke();
         inv.key(k.members(room))
