@@ -151,6 +151,15 @@ async fn join(e: &RedisEngine, room: &str) -> (String, PeerQueue) {
     join_as(e, room, Role::Client).await
 }
 
+/// Empties Redis's script cache, as a restart or `SCRIPT FLUSH` does.
+async fn flush_scripts(c: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(c)
+        .await
+        .unwrap();
+}
+
 async fn next(q: &mut PeerQueue, within: Duration) -> Value {
     let frame = tokio::time::timeout(within, q.recv())
         .await
@@ -751,11 +760,7 @@ async fn answers_go_to_exactly_one_reader_within_a_quota() {
 
         // An emptied script cache is harmless: EVALSHA reloads on NOSCRIPT.
         let mut c = r.client().get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("SCRIPT")
-            .arg("FLUSH")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        flush_scripts(&mut c).await;
         assert!(e
             .put_answer(&room, "j", "h", "h2", "again".into())
             .await
@@ -779,11 +784,7 @@ async fn a_join_survives_an_emptied_script_cache() {
         let room = new_id();
         let (p1, _q1) = join(&e, &room).await;
         let mut c = r.client().get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("SCRIPT")
-            .arg("FLUSH")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        flush_scripts(&mut c).await;
         let (p2, _q2) = join(&e, &room).await;
         let members: Vec<String> = redis::cmd("HKEYS")
             .arg(format!("t:{{{room}}}:peers"))
