@@ -65,6 +65,10 @@ pub async fn admit<E: Engine>(
     client: IpAddr,
 ) -> Result<Access, Refusal> {
     let access = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
+    // A relay joiner's token opens its one relay socket (`crate::relay::socket`), nothing here.
+    if access.grant == Grant::Relay {
+        return Err(Refusal::NotFound);
+    }
     if access.grant != Grant::Public {
         return Ok(access);
     }

@@ -199,6 +199,10 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub write_timeout: Duration,
 
+    /// The WebSocket relay's flags.
+    #[command(flatten)]
+    pub relay: crate::relay::RelayConfig,
+
     /// Frames queued for one peer at most; a peer that falls further behind is disconnected.
     #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_MESSAGES", default_value_t = 256)]
     pub peer_queue_messages: usize,

@@ -125,7 +125,7 @@ pub fn base_url(config: &Config, headers: &HeaderMap) -> String {
 }
 
 /// `base` with `http`→`ws`, `https`→`wss`.
-fn ws_base(base: &str) -> String {
+pub fn ws_base(base: &str) -> String {
     if let Some(rest) = base.strip_prefix("https") {
         format!("wss{rest}")
     } else if let Some(rest) = base.strip_prefix("http") {
@@ -237,6 +237,7 @@ pub async fn metrics<E: Engine>(
         websockets_open: app.engine.local_peers(),
         peers_joined,
         rooms_local,
+        relay_sockets: app.engine.router().relays().count(),
         lag: app.health.lag(),
         draining: app.shutdown.phase() != Phase::Serving,
         log_lines_dropped: app.health.dropped_logs(),

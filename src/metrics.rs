@@ -57,6 +57,9 @@ pub const SERIES: &[(&str, Kind, &str)] = &[
     ("beach_road_senders_paced_total", Kind::Counter, "Frames a sender had to wait for (over its message or byte rate)"),
     ("beach_road_refusals_total", Kind::Counter, "Requests, upgrades and connections refused, by reason"),
     ("beach_road_code_failures_total", Kind::Counter, "Wrong join codes"),
+    ("beach_road_relay_sockets", Kind::Gauge, "Relay sockets on this instance (held, waiting or paired)"),
+    ("beach_road_relay_events_total", Kind::Counter, "WebSocket relay events (pairing, refusals, limits, ends), by event"),
+    ("beach_road_relay_bytes_total", Kind::Counter, "Bytes of client frames written by the WebSocket relay"),
 ];
 
 /// Redis call latency buckets (seconds): loopback calls take ~0.1 ms, the call timeout is 2 s.
@@ -127,6 +130,25 @@ const PRESET: &[(&str, &str, &[&str])] = &[
         "role",
         &["server", "client"],
     ),
+    ("beach_road_relay_events_total", "event", RELAY_EVENTS),
+];
+
+/// What happened to relay sockets (`crate::relay`).
+pub const RELAY_EVENTS: &[&str] = &[
+    "host_held",
+    "host_late",
+    "host_timeout",
+    "paired",
+    "declined",
+    "joiner_gone",
+    "joiner_timeout",
+    "crowded",
+    "token_refused",
+    "limit_duration",
+    "paced",
+    "partner_unreachable",
+    "overrun",
+    "ended",
 ];
 
 /// Labelled counters registered elsewhere: by [`HOT`], or at their first event (the
@@ -171,6 +193,7 @@ pub const REFUSALS: &[&str] = &[
     "busy",
     "mailbox_full",
     "too_large",
+    "relay_only",
 ];
 
 /// Why a relayed message was not delivered.
@@ -291,11 +314,21 @@ pub fn code_failure() {
     counter!("beach_road_code_failures_total").increment(1);
 }
 
+/// `event` is one of [`RELAY_EVENTS`].
+pub fn relay_event(event: &'static str) {
+    counter!("beach_road_relay_events_total", "event" => event).increment(1);
+}
+
+pub fn relay_bytes(n: usize) {
+    counter!("beach_road_relay_bytes_total").increment(n as u64);
+}
+
 /// State read at scrape time.
 pub struct Scrape {
     pub websockets_open: usize,
     pub peers_joined: usize,
     pub rooms_local: usize,
+    pub relay_sockets: usize,
     pub lag: Duration,
     pub draining: bool,
     pub log_lines_dropped: u64,
@@ -310,6 +343,7 @@ pub fn render(s: Scrape) -> Option<String> {
     gauge!("beach_road_websockets_open").set(s.websockets_open as f64);
     gauge!("beach_road_peers_joined").set(s.peers_joined as f64);
     gauge!("beach_road_rooms_local").set(s.rooms_local as f64);
+    gauge!("beach_road_relay_sockets").set(s.relay_sockets as f64);
     gauge!("beach_road_runtime_scheduling_lag_seconds").set(s.lag.as_secs_f64());
     gauge!("beach_road_draining").set(if s.draining { 1.0 } else { 0.0 });
     counter!("beach_road_log_lines_dropped_total").absolute(s.log_lines_dropped);

@@ -27,6 +27,13 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// A fresh secret token of 128 random bits from the OS-seeded CSPRNG (32 hex digits): a
+/// relay host's only credential.
+pub fn new_token() -> String {
+    use rand::Rng;
+    hex::encode(rand::rng().random::<[u8; 16]>())
+}
+
 /// Unix seconds from the local clock (the in-process engine's clock; Redis scripts use `TIME`).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

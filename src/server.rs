@@ -163,6 +163,11 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
             post(mailbox::post_sdp::<E>).get(mailbox::get_answer::<E>),
         )
         .route("/ws/{id}", get(ws::upgrade::<E>))
+        // The relay base URL (`{base}/relay/`): the session routes again, registering relay
+        // sessions, and the relay sockets.
+        .route("/relay/sessions", post(sessions::register_relay::<E>))
+        .route("/relay/sessions/{id}", get(sessions::session_status::<E>))
+        .route("/relay/sessions/{id}/join", post(sessions::join::<E>))
         .merge(crate::admin::routes::<E>(app.admin.is_some()))
         .layer(axum::middleware::from_fn(http::request_span))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
@@ -171,6 +176,9 @@ pub fn router<E: Engine>(app: App<E>) -> Router {
             request_timeout,
         ))
         .layer(CorsLayer::permissive())
+        // A host's relay upgrade is held for `--relay-hold`, longer than any other request
+        // may take: outside the request timeout, bounded by its own hold.
+        .route("/relay/{token}", get(crate::relay::socket::upgrade::<E>))
         .with_state(app)
 }
 

@@ -18,7 +18,7 @@ use crate::client::client_ip;
 use crate::code;
 use crate::engine::{Access, Engine, Grant, SessionRecord};
 use crate::http::{base_url, check_id, parse, too_many, transports, ApiError, ApiResult, App};
-use crate::protocol::{new_id, unix_now};
+use crate::protocol::{new_id, new_token, unix_now};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -39,10 +39,34 @@ fn register_failure(message: &str) -> Value {
 /// `POST /sessions`. The host's URLs carry its token (see `docs/protocol.md`): whoever holds
 /// them is the host; everybody else is told only the session id.
 pub async fn register<E: Engine>(
+    state: State<App<E>>,
+    peer: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    let relay = state.config.relay.mode == crate::relay::RelayMode::All;
+    register_session(state, peer, headers, body, relay).await
+}
+
+/// `POST /relay/sessions`: registers a relay session (`crate::relay`), unless the relay is off.
+pub async fn register_relay<E: Engine>(
+    state: State<App<E>>,
+    peer: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    if !state.config.relay.enabled() {
+        return Err(ApiError(StatusCode::NOT_FOUND, "the relay is off".into()));
+    }
+    register_session(state, peer, headers, body, true).await
+}
+
+async fn register_session<E: Engine>(
     State(app): State<App<E>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
+    relay: bool,
 ) -> ApiResult {
     let req: RegisterRequest = parse(&body)?;
     check_id("session_id", &req.session_id)?;
@@ -84,15 +108,26 @@ pub async fn register<E: Engine>(
         id: id.clone(),
         created_at: unix_now(),
         code: app.secret.digest(&id, &code),
+        relay,
     };
-    let host = new_id();
+    // A relay host's token is its only credential for its relay sockets: 128 random bits.
+    let host = if relay { new_token() } else { new_id() };
     if !app.engine.register(record, &host).await? {
         return Ok(Json(register_failure("Session already exists")).into_response());
     }
-    tracing::info!(session = %id, %client, "session registered");
+    if relay {
+        // The host's first relay socket follows at once: it is fresh.
+        app.engine.relay_mark(&id).await?;
+    }
+    tracing::info!(session = %id, %client, relay, "session registered");
     crate::metrics::registered();
     let base = base_url(&app.config, &headers);
-    let (_, transports, ws) = transports(&base, &host, "offerer", None);
+    let (transports, ws) = if relay {
+        relay_transports(&base, &host)
+    } else {
+        let (_, transports, ws) = transports(&base, &host, "offerer", None);
+        (transports, ws)
+    };
     Ok(Json(json!({
         "success": true,
         "session_url": format!("{base}/sessions/{id}"),
@@ -140,8 +175,11 @@ async fn token_for<E: Engine>(
     access: &Access,
 ) -> Result<Option<String>, ApiError> {
     match access.grant {
-        Grant::Public => Ok(app.engine.mint_token(&access.session.id).await?),
-        Grant::Host | Grant::Joiner => Ok(Some(id.to_owned())),
+        Grant::Public => Ok(app
+            .engine
+            .mint_token(&access.session.id, Grant::Joiner)
+            .await?),
+        Grant::Host | Grant::Joiner | Grant::Relay => Ok(Some(id.to_owned())),
     }
 }
 
@@ -177,11 +215,14 @@ pub async fn join<E: Engine>(
         }
         Err(refusal) => return Ok(Json(join_failure(&refusal.message())).into_response()),
     };
+    let base = base_url(&app.config, &headers);
+    if access.session.relay {
+        return relay_join(&app, &access, &base).await;
+    }
     let Some(token) = token_for(&app, &id, &access).await? else {
         crate::metrics::refused("tokens_spent");
         return Ok(Json(join_failure(TOKENS_SPENT)).into_response());
     };
-    let base = base_url(&app.config, &headers);
     let session = access.session.id;
     let (meta, transports, ws) = transports(&base, &token, "answerer", req.label.as_deref());
     Ok(Json(json!({
@@ -194,6 +235,43 @@ pub async fn join<E: Engine>(
     }))
     .into_response())
 }
+
+/// The `web_socket` transport of a relay session: the relay socket for `token`. The answer
+/// lists nothing else and no `webrtc_offer` (with one left in, generation 1 waits for WebRTC
+/// forever).
+fn relay_transports(base: &str, token: &str) -> (Value, String) {
+    let ws = format!("{}/relay/{token}", crate::http::ws_base(base));
+    (json!([{ "kind": "web_socket", "url": ws }]), ws)
+}
+
+/// A successful join of a relay session: a single-use relay token for the joiner's one socket.
+async fn relay_join<E: Engine>(app: &App<E>, access: &Access, base: &str) -> ApiResult {
+    if !app.config.relay.enabled() {
+        return Ok(Json(join_failure(RELAY_OFF)).into_response());
+    }
+    let session = &access.session.id;
+    let Some(token) = app.engine.mint_token(session, Grant::Relay).await? else {
+        crate::metrics::refused("tokens_spent");
+        return Ok(Json(join_failure(TOKENS_SPENT)).into_response());
+    };
+    let (transports, ws) = relay_transports(base, &token);
+    Ok(Json(json!({
+        "success": true,
+        "message": null,
+        "webrtc_offer": null,
+        "session_url": format!("{base}/sessions/{session}"),
+        "transports": transports,
+        "websocket_url": ws,
+    }))
+    .into_response())
+}
+
+const RELAY_OFF: &str = "This session is relayed, and this server has the relay off";
+
+/// What a client that cannot use the relay (attach: generation 2, the browser; signaling
+/// joins) is told about a relay session.
+pub const RELAY_ONLY: &str =
+    "This session is relayed over WebSocket; join it with a beach CLI that has the WebSocket transport";
 
 #[derive(Deserialize)]
 struct AttachRequest {
@@ -238,6 +316,10 @@ pub async fn attach<E: Engine>(
         }
         Err(refusal) => return Err(ApiError(StatusCode::UNAUTHORIZED, refusal.message())),
     };
+    if access.session.relay {
+        crate::metrics::refused("relay_only");
+        return Err(ApiError(StatusCode::FORBIDDEN, RELAY_ONLY.into()));
+    }
     let Some(token) = token_for(&app, id, &access).await? else {
         crate::metrics::refused("tokens_spent");
         return Err(ApiError(StatusCode::TOO_MANY_REQUESTS, TOKENS_SPENT.into()));

@@ -455,6 +455,7 @@ async fn join_after_close_is_refused<E: beach_road::engine::Engine>(e: E) {
         id: id.clone(),
         created_at: 1,
         code: "digest".into(),
+        relay: false,
     };
     assert!(e.register(record, &host).await.unwrap());
     let access = e

@@ -92,6 +92,7 @@ fn record(id: &str) -> SessionRecord {
         id: id.to_owned(),
         created_at: 0,
         code: digest(id, CODE),
+        relay: false,
     }
 }
 
@@ -249,7 +250,11 @@ async fn tokens_are_minted_bound_and_resolved_across_instances() {
         let r = RedisServer::start();
         let (a, b) = (engine(&r).await, engine(&r).await);
         let (id, host) = session(&a).await;
-        let t = a.mint_token(&id).await.unwrap().expect("minted");
+        let t = a
+            .mint_token(&id, Grant::Joiner)
+            .await
+            .unwrap()
+            .expect("minted");
         assert!(uuid::Uuid::parse_str(&t).is_ok(), "{t}");
         assert!(t != id && t != host);
         // Unbound until a socket joins through it; then bound to that peer, the latest wins.
@@ -277,11 +282,16 @@ async fn tokens_are_minted_bound_and_resolved_across_instances() {
         let unknown = new_id();
         a.bind_token(&unknown, "p3").await.unwrap();
         assert!(a.resolve(&unknown).await.unwrap().is_none());
-        assert_eq!(a.mint_token(&new_id()).await.unwrap(), None);
+        assert_eq!(a.mint_token(&new_id(), Grant::Joiner).await.unwrap(), None);
         // Every mint is a fresh token.
         let mut more = BTreeSet::new();
         for e in [&a, &b, &a] {
-            more.insert(e.mint_token(&id).await.unwrap().expect("minted"));
+            more.insert(
+                e.mint_token(&id, Grant::Joiner)
+                    .await
+                    .unwrap()
+                    .expect("minted"),
+            );
         }
         assert_eq!(more.len(), 3);
         assert!(!more.contains(&t) && !more.contains(&host));
@@ -307,7 +317,7 @@ async fn token_quota_holds_under_concurrent_mints() {
             .map(|i| {
                 let e = if i % 2 == 0 { a.clone() } else { b.clone() };
                 let id = id.clone();
-                tokio::spawn(async move { e.mint_token(&id).await.unwrap() })
+                tokio::spawn(async move { e.mint_token(&id, Grant::Joiner).await.unwrap() })
             })
             .collect();
         let mut minted = BTreeSet::new();
@@ -315,7 +325,7 @@ async fn token_quota_holds_under_concurrent_mints() {
             minted.extend(t.await.unwrap());
         }
         assert_eq!(minted.len(), 5, "{minted:?}");
-        assert_eq!(a.mint_token(&id).await.unwrap(), None);
+        assert_eq!(a.mint_token(&id, Grant::Joiner).await.unwrap(), None);
         // Spent quota takes nothing away: every token still resolves.
         for t in &minted {
             assert_eq!(grant_of(b.resolve(t).await.unwrap(), &id).0, Grant::Joiner);
@@ -345,7 +355,7 @@ async fn tokens_live_as_long_as_their_session() {
         )
         .await;
         let (id, host) = session(&e).await;
-        let joiner = e.mint_token(&id).await.unwrap().unwrap();
+        let joiner = e.mint_token(&id, Grant::Joiner).await.unwrap().unwrap();
         let (h, _hq) = join_as(&e, &id, Role::Server).await;
         e.bind_token(&host, &h).await.unwrap();
         // A later join keeps the session alive past its first ttl...
@@ -1034,7 +1044,7 @@ async fn prefixes_isolate_deployments() {
         assert!(b.register(record(&id), &hb).await.unwrap());
         assert!(b.resolve(&ha).await.unwrap().is_none());
         assert!(a.resolve(&hb).await.unwrap().is_none());
-        let t = a.mint_token(&id).await.unwrap().unwrap();
+        let t = a.mint_token(&id, Grant::Joiner).await.unwrap().unwrap();
         assert!(b.resolve(&t).await.unwrap().is_none());
         let (pa, _qa) = join_as(&a, &id, Role::Server).await;
         assert!(!b.is_member(&id, &pa).await.unwrap());

@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub queue: QueueLimits,
     /// Upper bound of any single engine call (Redis round trip, actor reply).
     pub call_timeout: Duration,
+    /// A relay joiner's token must be used within this (and is used once).
+    pub relay_token_ttl: Duration,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +65,7 @@ impl Default for EngineConfig {
                 bytes: 1 << 20,
             },
             call_timeout: Duration::from_secs(2),
+            relay_token_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -75,6 +78,10 @@ pub struct SessionRecord {
     pub created_at: u64,
     /// HMAC of the join code under the server secret (`crate::code::Secret::digest`).
     pub code: String,
+    /// A relay session (chosen at registration): its peers talk through beach-road's
+    /// WebSocket relay ([`crate::relay`]), never over WebRTC.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// What an id in a URL grants (see `docs/protocol.md`, "Capabilities").
@@ -88,6 +95,9 @@ pub enum Grant {
     /// A joiner's token, handed out by a successful join or attach: role `client`, offers in,
     /// answers out, as the peer of its latest WebSocket join.
     Joiner,
+    /// A relay joiner's token, handed out by a successful join of a relay session: one relay
+    /// socket, once, within `relay_token_ttl`; nothing else.
+    Relay,
 }
 
 impl Grant {
@@ -96,6 +106,7 @@ impl Grant {
             Grant::Public => "public",
             Grant::Host => "host",
             Grant::Joiner => "joiner",
+            Grant::Relay => "relay",
         }
     }
 
@@ -103,6 +114,7 @@ impl Grant {
         match s {
             "host" => Some(Grant::Host),
             "joiner" => Some(Grant::Joiner),
+            "relay" => Some(Grant::Relay),
             _ => None,
         }
     }
@@ -262,12 +274,52 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// The session behind `id` (a session id or a token) and what `id` grants.
     fn resolve(&self, id: &str) -> impl Future<Output = EngineResult<Option<Access>>> + Send;
 
-    /// Mints a joiner token for `session`; `None` when the session is gone or has minted
-    /// `max_tokens_per_session` already.
+    /// Mints a token of `grant` (`Joiner` or `Relay`) for `session`; `None` when the session is
+    /// gone or has minted `max_tokens_per_session` already.
     fn mint_token(
         &self,
         session: &str,
+        grant: Grant,
     ) -> impl Future<Output = EngineResult<Option<String>>> + Send;
+
+    /// Takes a relay joiner's token: its session the first time, `None` ever after (or for
+    /// any other id). Of concurrent takers exactly one gets it.
+    fn take_relay_token(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = EngineResult<Option<SessionRecord>>> + Send;
+
+    /// The relay's pairing step for a socket of `room` (see [`crate::relay::pairing`]), atomic
+    /// across instances: a host socket fresh within `fresh` of the room's mark takes the
+    /// oldest waiting joiner or waits itself; a joiner takes the oldest waiting fresh host
+    /// socket or waits itself; at most `max_waiting` wait per side.
+    fn relay_arrive(
+        &self,
+        room: &str,
+        side: crate::relay::Side,
+        me: &crate::relay::Endpoint,
+        fresh: Duration,
+        max_waiting: usize,
+    ) -> impl Future<Output = EngineResult<crate::relay::Arrival>> + Send;
+
+    /// Takes a socket off the room's waiting lists (it was paired another way, or gave up).
+    fn relay_forget(
+        &self,
+        room: &str,
+        me: &crate::relay::Endpoint,
+    ) -> impl Future<Output = EngineResult<()>> + Send;
+
+    /// Marks now as the room's last host event (registration, a host socket answered): host
+    /// sockets arriving soon after are the host's acceptor loop, later ones are not.
+    fn relay_mark(&self, room: &str) -> impl Future<Output = EngineResult<()>> + Send;
+
+    /// Hands a relay piece to a relay socket of another instance; `false` when nobody took it
+    /// (that instance is gone). Only called for remote endpoints (see `crate::relay::post`).
+    fn relay_post(
+        &self,
+        to: &crate::relay::Endpoint,
+        piece: crate::relay::Piece,
+    ) -> impl Future<Output = EngineResult<bool>> + Send;
 
     /// Makes `peer` the peer acting through `token` (its WebSocket joined through it).
     fn bind_token(&self, token: &str, peer: &str) -> impl Future<Output = EngineResult<()>> + Send;

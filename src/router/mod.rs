@@ -74,6 +74,8 @@ struct Table {
 
 pub struct Router {
     table: Mutex<Table>,
+    /// This instance's relay sockets (see [`crate::relay`]).
+    relays: Arc<crate::relay::locals::Locals>,
     /// Wakes the repair task when rooms are marked for repair.
     repairs: Arc<Notify>,
 }
@@ -93,7 +95,18 @@ impl Router {
                 wake: false,
             }),
             repairs: Arc::new(Notify::new()),
+            relays: Arc::default(),
         }
+    }
+
+    /// This instance's relay sockets.
+    pub fn relays(&self) -> &Arc<crate::relay::locals::Locals> {
+        &self.relays
+    }
+
+    /// Whether `owner` is the instance id local members join under.
+    pub fn is_local(&self, owner: &str) -> bool {
+        self.with(|t| t.id == owner)
     }
 
     /// Runs `f` on the table. A panic elsewhere under the lock leaves plain data behind, so a

@@ -99,6 +99,11 @@ impl<E: Engine> Connection<E> {
                 let engine = &self.app.engine;
                 let secret = &self.app.secret;
                 match admit(engine, secret, &self.path_id, passphrase, self.client).await {
+                    Ok(access) if access.session.relay => {
+                        crate::metrics::refused("relay_only");
+                        let reason = crate::sessions::RELAY_ONLY.to_owned();
+                        return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+                    }
                     Ok(access) => (access.session.id, Some(access.grant)),
                     Err(refusal) => {
                         let cause = match &refusal {

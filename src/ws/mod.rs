@@ -64,7 +64,8 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024;
 const MAX_BATCH: usize = 64;
 
 use self::end::End;
-use self::upgrade::{text_frames, Cork, Handshake, Socket};
+use self::upgrade::{text_frames, Cork};
+pub(crate) use self::upgrade::{Handshake, Socket};
 
 type Sink = SplitSink<Socket, Message>;
 type Stream = SplitStream<Socket>;
@@ -84,20 +85,11 @@ pub async fn upgrade<E: Engine>(
         )
             .into_response();
     }
-    // Per client before the global cap, so one address cannot take every socket.
-    let client = client_ip(&headers, addr, &app.config.trusted_proxies);
-    let address_slot = match app.per_address.admit(crate::client::limit_key(client)) {
-        Ok(slot) => slot,
-        Err(refused) => return refused.into_response(),
+    let admitted = match admit_socket(&app, &headers, addr) {
+        Ok(a) => a,
+        Err(refused) => return refused,
     };
-    let Ok(permit) = app.sockets.clone().try_acquire_owned() else {
-        crate::metrics::refused("sockets_full");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "error": "too many connections" })),
-        )
-            .into_response();
-    };
+    let client = admitted.client;
     let max = app.config.max_message_bytes;
     // Small eager read buffer: the 128 KiB default costs ~130 KiB per idle socket, 1 KiB still
     // half a KiB more than 512 B (measured: docs/performance.md); an ICE candidate fits, larger
@@ -119,8 +111,44 @@ pub async fn upgrade<E: Engine>(
             session = tracing::field::Empty
         );
         connection.run(socket).instrument(span).await;
-        drop(permit);
-        drop(address_slot);
+        drop(admitted);
+    })
+}
+
+/// A WebSocket's places: its address's share and one of the instance's sockets, released
+/// together when dropped.
+pub(crate) struct Admitted {
+    pub client: IpAddr,
+    _slot: crate::addr_limits::Slot,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Takes a WebSocket's places, or the refusal to answer: per client before the global cap, so
+/// one address cannot take every socket. (The refusal is answered at once, never moved about:
+/// its size does not matter.)
+#[allow(clippy::result_large_err)]
+pub(crate) fn admit_socket<E: Engine>(
+    app: &App<E>,
+    headers: &HeaderMap,
+    addr: SocketAddr,
+) -> Result<Admitted, Response> {
+    let client = client_ip(headers, addr, &app.config.trusted_proxies);
+    let slot = app
+        .per_address
+        .admit(crate::client::limit_key(client))
+        .map_err(IntoResponse::into_response)?;
+    let Ok(permit) = app.sockets.clone().try_acquire_owned() else {
+        crate::metrics::refused("sockets_full");
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "error": "too many connections" })),
+        )
+            .into_response());
+    };
+    Ok(Admitted {
+        client,
+        _slot: slot,
+        _permit: permit,
     })
 }
 

@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 use self::state::State;
 use super::admin::{CloseOutcome, InstanceView, SessionView};
 use super::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, JoinResult, NewPeer, Sent,
-    SessionRecord,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, Grant, JoinResult, NewPeer,
+    Sent, SessionRecord,
 };
 use crate::peers::CloseReason;
 use crate::protocol::{Frame, PeerInfo, ServerMessage};
+use crate::relay::pairing::Queues;
+use crate::relay::{Arrival, Endpoint, Piece, Side};
 use crate::router::{Known, Route, Router};
 
 /// How often expired sessions and mailbox entries are swept.
@@ -32,6 +34,8 @@ const LOCAL: &str = "local";
 #[derive(Clone)]
 pub struct MemoryEngine {
     state: Arc<Mutex<State>>,
+    /// Relay sockets waiting for each other (its own lock: never taken with `state`'s).
+    relay: Arc<Mutex<Queues>>,
     router: Arc<Router>,
     config: Arc<EngineConfig>,
 }
@@ -63,6 +67,7 @@ impl MemoryEngine {
         });
         Self {
             state,
+            relay: Arc::default(),
             router,
             config: Arc::new(config),
         }
@@ -75,7 +80,7 @@ impl MemoryEngine {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -94,9 +99,40 @@ impl Engine for MemoryEngine {
         Ok(self.with(|s| s.resolve(&id)))
     }
 
-    async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
+    async fn mint_token(&self, session: &str, grant: Grant) -> EngineResult<Option<String>> {
         let session = session.to_owned();
-        Ok(self.with(|s| s.mint_token(session)))
+        Ok(self.with(|s| s.mint_token(session, grant)))
+    }
+
+    async fn take_relay_token(&self, token: &str) -> EngineResult<Option<SessionRecord>> {
+        Ok(self.with(|s| s.take_relay_token(token)))
+    }
+
+    async fn relay_arrive(
+        &self,
+        room: &str,
+        side: Side,
+        me: &Endpoint,
+        fresh: Duration,
+        max_waiting: usize,
+    ) -> EngineResult<Arrival> {
+        let now = Instant::now();
+        Ok(lock(&self.relay).arrive(room, side, me, fresh, max_waiting, now))
+    }
+
+    async fn relay_forget(&self, room: &str, me: &Endpoint) -> EngineResult<()> {
+        lock(&self.relay).forget(room, me);
+        Ok(())
+    }
+
+    async fn relay_mark(&self, room: &str) -> EngineResult<()> {
+        lock(&self.relay).mark(room, Instant::now());
+        Ok(())
+    }
+
+    /// Every relay socket is on this one instance: never called.
+    async fn relay_post(&self, _to: &Endpoint, _piece: Piece) -> EngineResult<bool> {
+        Ok(false)
     }
 
     async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {

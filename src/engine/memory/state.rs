@@ -33,6 +33,8 @@ struct Token {
     session: String,
     grant: Grant,
     peer: Option<String>,
+    /// Relay joiner tokens expire (and go once used).
+    until: Option<Instant>,
 }
 
 /// One recipient's answers: handshake → (sender, answer).
@@ -112,7 +114,8 @@ impl State {
         self.sessions
             .retain(|id, s| s.live(now) || rooms.contains_key(id));
         let sessions = &self.sessions;
-        self.tokens.retain(|_, t| sessions.contains_key(&t.session));
+        self.tokens
+            .retain(|_, t| sessions.contains_key(&t.session) && t.until.is_none_or(|u| u > now));
         let window = self.config.code_failure_window;
         for f in self.failures.values_mut() {
             trim(f, now, window);
@@ -152,6 +155,7 @@ impl State {
             session: session.id.clone(),
             grant: Grant::Host,
             peer: None,
+            until: None,
         };
         self.tokens.insert(token, host);
         let entry = SessionEntry {
@@ -179,6 +183,9 @@ impl State {
             });
         }
         let t = self.tokens.get(id)?;
+        if t.until.is_some_and(|u| u <= now) {
+            return None;
+        }
         let e = self.session(&t.session, now)?;
         Some(Access {
             session: e.record.clone(),
@@ -187,7 +194,7 @@ impl State {
         })
     }
 
-    pub(super) fn mint_token(&mut self, session: String) -> Option<String> {
+    pub(super) fn mint_token(&mut self, session: String, grant: Grant) -> Option<String> {
         let now = Instant::now();
         let max = self.config.max_tokens_per_session;
         let members = self.rooms.contains_key(&session);
@@ -200,13 +207,29 @@ impl State {
         }
         entry.value.minted += 1;
         let token = new_id();
+        let until = (grant == Grant::Relay).then(|| now + self.config.relay_token_ttl);
         let joiner = Token {
             session,
-            grant: Grant::Joiner,
+            grant,
             peer: None,
+            until,
         };
         self.tokens.insert(token.clone(), joiner);
         Some(token)
+    }
+
+    /// A relay token's session, once: the token goes with the first take.
+    pub(super) fn take_relay_token(&mut self, token: &str) -> Option<SessionRecord> {
+        let now = Instant::now();
+        let t = self.tokens.get(token)?;
+        if t.grant != Grant::Relay {
+            return None;
+        }
+        let t = self.tokens.remove(token)?;
+        if t.until.is_some_and(|u| u <= now) {
+            return None;
+        }
+        self.session(&t.session, now).map(|e| e.record.clone())
     }
 
     pub(super) fn bind_token(&mut self, token: &str, peer: String) {

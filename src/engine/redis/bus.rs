@@ -38,6 +38,16 @@ pub(crate) enum Bus {
     /// Session `room` was closed (Admin API): the receiver closes the sockets of `peers` (the
     /// members it owns) and any other local member of the room.
     Close { room: String, peers: Vec<String> },
+    /// A piece for relay socket `to` of the receiving instance (`crate::relay::Piece`, kind
+    /// `p`); a client frame follows the header raw, text or binary.
+    Relay {
+        to: String,
+        p: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        n: Option<u32>,
+    },
     /// A relayed frame from local member `to` could not be delivered to `peer`.
     Refused {
         room: String,
@@ -58,15 +68,33 @@ pub(crate) fn encode(header: &Bus, frame: Option<&Frame>) -> Vec<u8> {
     out
 }
 
-/// The header and the frame of a bus message; the frame shares the message's bytes.
-pub(crate) fn decode(payload: Vec<u8>) -> Option<(Bus, Option<Frame>)> {
+/// A bus message whose body is any bytes (a relayed client frame, binary or text).
+pub(crate) fn encode_raw(header: &Bus, body: &[u8]) -> Vec<u8> {
+    let mut out = serde_json::to_vec(header).expect("bus headers serialize");
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
+/// A decoded bus message's body: a JSON frame for the router, or raw bytes for the relay.
+pub(crate) enum Body {
+    None,
+    Frame(Frame),
+    Raw(Bytes),
+}
+
+/// The header and the body of a bus message; the body shares the message's bytes.
+pub(crate) fn decode(payload: Vec<u8>) -> Option<(Bus, Body)> {
     let split = payload.iter().position(|b| *b == b'\n')?;
     let header: Bus = serde_json::from_slice(&payload[..split]).ok()?;
-    if split + 1 == payload.len() {
-        return Some((header, None));
+    let body = Bytes::from(payload).slice(split + 1..);
+    if matches!(header, Bus::Relay { .. }) {
+        return Some((header, Body::Raw(body)));
     }
-    let frame = Bytes::from(payload).slice(split + 1..);
-    Some((header, Some(Frame::try_from(frame).ok()?)))
+    if body.is_empty() {
+        return Some((header, Body::None));
+    }
+    Some((header, Body::Frame(Frame::try_from(body).ok()?)))
 }
 
 /// The opaque part of a member record (`lua/join.lua`).
@@ -150,9 +178,20 @@ mod tests {
         assert!(wire.ends_with(frame.as_bytes()), "not escaped");
         let (header, back) = decode(wire).unwrap();
         assert!(matches!(header, Bus::Deliver { from: Some(_), .. }));
-        assert_eq!(back.unwrap(), frame);
+        assert!(matches!(back, Body::Frame(f) if f == frame));
         let (tick, none) = decode(encode(&Bus::Tick { id: "i".into() }, None)).unwrap();
-        assert!(matches!(tick, Bus::Tick { .. }) && none.is_none());
+        assert!(matches!(tick, Bus::Tick { .. }) && matches!(none, Body::None));
+        let relay = Bus::Relay {
+            to: "s".into(),
+            p: "binary".into(),
+            from: None,
+            n: None,
+        };
+        let (_, raw) = decode(encode_raw(&relay, b"\xff\n\x00")).unwrap();
+        assert!(
+            matches!(raw, Body::Raw(b) if &b[..] == b"\xff\n\x00"),
+            "binary, raw"
+        );
         assert!(decode(b"no newline".to_vec()).is_none());
         assert!(decode(b"{\"t\":\"tick\",\"id\":\"i\"}\n\xff".to_vec()).is_none());
     }

@@ -36,6 +36,11 @@ impl Keys {
         self.session_key(s, "tokens")
     }
 
+    /// The relay's waiting lists and mark: `relay:hosts`, `relay:joiners`, `relay:mark`.
+    pub(crate) fn relay(&self, s: &str, what: &str) -> String {
+        self.session_key(s, &format!("relay:{what}"))
+    }
+
     /// Sorted set of wrong-code times of one session, from everywhere.
     pub(crate) fn code_failures(&self, s: &str) -> String {
         self.session_key(s, "codefail")

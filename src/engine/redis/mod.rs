@@ -20,6 +20,7 @@ mod liveness;
 mod pushes;
 mod reaper;
 mod refresh;
+mod relay;
 mod repair;
 mod rooms;
 mod scripts;
@@ -42,8 +43,8 @@ use self::pushes::Pushes;
 use self::scripts::Scripts;
 use crate::engine::admin::{CloseOutcome, InstanceView, SessionView};
 use crate::engine::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, JoinResult,
-    NewPeer, Sent, SessionRecord,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Grant,
+    JoinResult, NewPeer, Sent, SessionRecord,
 };
 use crate::protocol::Frame;
 use crate::router::{Membership, Router};
@@ -350,8 +351,41 @@ impl Engine for RedisEngine {
         self.inner.resolve(id).await
     }
 
-    async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
-        self.inner.mint_token(session).await
+    async fn mint_token(&self, session: &str, grant: Grant) -> EngineResult<Option<String>> {
+        self.inner.mint_token(session, grant).await
+    }
+
+    async fn take_relay_token(&self, token: &str) -> EngineResult<Option<SessionRecord>> {
+        self.inner.take_relay_token(token).await
+    }
+
+    async fn relay_arrive(
+        &self,
+        room: &str,
+        side: crate::relay::Side,
+        me: &crate::relay::Endpoint,
+        fresh: Duration,
+        max_waiting: usize,
+    ) -> EngineResult<crate::relay::Arrival> {
+        self.inner
+            .relay_arrive(room, side, me, fresh, max_waiting)
+            .await
+    }
+
+    async fn relay_forget(&self, room: &str, me: &crate::relay::Endpoint) -> EngineResult<()> {
+        self.inner.relay_forget(room, me).await
+    }
+
+    async fn relay_mark(&self, room: &str) -> EngineResult<()> {
+        self.inner.relay_mark(room).await
+    }
+
+    async fn relay_post(
+        &self,
+        to: &crate::relay::Endpoint,
+        piece: crate::relay::Piece,
+    ) -> EngineResult<bool> {
+        self.inner.relay_post(to, piece).await
     }
 
     async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {

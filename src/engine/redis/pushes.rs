@@ -16,10 +16,13 @@ use std::time::Instant;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::bus::{decode, encode, Bus};
+use super::bus::{decode, encode, encode_raw, Body, Bus};
 use super::Inner;
+use axum::body::Bytes;
+
 use crate::peers::CloseReason;
 use crate::protocol::ServerMessage;
+use crate::relay::Piece;
 use crate::router::{Event, Known, Router};
 
 /// Refusal reports waiting for the reporter at most; beyond it they are dropped and counted
@@ -70,7 +73,7 @@ impl Pushes {
                     return;
                 };
                 match decode(payload) {
-                    Some((bus, frame)) => self.bus(bus, frame),
+                    Some((bus, body)) => self.bus(bus, body),
                     None => {
                         crate::metrics::push_dropped("unparsable");
                         tracing::warn!("unparsable bus message ignored");
@@ -93,8 +96,19 @@ impl Pushes {
         }
     }
 
-    fn bus(&self, bus: Bus, frame: Option<crate::protocol::Frame>) {
+    fn bus(&self, bus: Bus, body: Body) {
+        let frame = match body {
+            Body::Frame(f) => Some(f),
+            Body::None => None,
+            Body::Raw(raw) => {
+                if let Bus::Relay { to, p, from, n } = bus {
+                    self.relay(&to, &p, from.as_deref(), n, raw);
+                }
+                return;
+            }
+        };
         match bus {
+            Bus::Relay { .. } => {}
             Bus::Tick { id } => {
                 if id == self.router.id() {
                     let ms = self.origin.elapsed().as_millis() as u64;
@@ -149,6 +163,32 @@ impl Pushes {
                 // The sender's own queue: if it is full too, the sender is not reading.
                 self.router.deliver_member(&room, &to, &frame);
             }
+        }
+    }
+
+    /// A relay piece for a local relay socket. An offer or a frame nobody here takes is
+    /// answered (declined, ended) so the sender's side pairs again or ends too.
+    fn relay(&self, to: &str, p: &str, from: Option<&str>, n: Option<u32>, raw: Bytes) {
+        let Some(piece) = super::relay::piece(p, from, n, raw) else {
+            crate::metrics::push_dropped("unparsable");
+            return;
+        };
+        let answer = match &piece {
+            Piece::Offer { from } => Some((from.clone(), "declined")),
+            _ => None,
+        };
+        if self.router.relays().deliver(to, piece) {
+            return;
+        }
+        if let Some((from, p)) = answer {
+            let bus = Bus::Relay {
+                to: from.socket.clone(),
+                p: p.to_owned(),
+                from: None,
+                n: None,
+            };
+            // Through the reporter, like refusals: this handler never waits.
+            let _ = self.reports.try_send((from.owner, encode_raw(&bus, &[])));
         }
     }
 

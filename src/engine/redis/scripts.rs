@@ -24,6 +24,10 @@ pub(crate) struct Scripts {
     pub reap_claim: Script,
     pub reap_lease: Script,
     pub close: Script,
+    pub token_take: Script,
+    pub relay_arrive: Script,
+    pub relay_forget: Script,
+    pub relay_mark: Script,
 }
 
 impl Scripts {
@@ -48,6 +52,10 @@ impl Scripts {
             reap_claim: Script::new(include_str!("../../../lua/reap_claim.lua")),
             reap_lease: Script::new(include_str!("../../../lua/reap_lease.lua")),
             close: Script::new(include_str!("../../../lua/close.lua")),
+            token_take: Script::new(include_str!("../../../lua/token_take.lua")),
+            relay_arrive: Script::new(include_str!("../../../lua/relay_arrive.lua")),
+            relay_forget: Script::new(include_str!("../../../lua/relay_forget.lua")),
+            relay_mark: Script::new(include_str!("../../../lua/relay_mark.lua")),
         }
     }
 }

@@ -12,13 +12,15 @@ impl Inner {
             .arg(self.keys.session(id))
             .arg("created_at")
             .arg("hash")
+            .arg("relay")
             .clone();
         let v: Vec<Option<String>> = self.query(&cmd).await?;
         match v.as_slice() {
-            [Some(created), Some(hash)] => Ok(Some(SessionRecord {
+            [Some(created), Some(hash), relay] => Ok(Some(SessionRecord {
                 id: id.to_owned(),
                 created_at: created.parse().unwrap_or(0),
                 code: hash.clone(),
+                relay: relay.as_deref() == Some("1"),
             })),
             _ => Ok(None),
         }
@@ -50,7 +52,8 @@ impl Inner {
             .key(i.keys.tokens(&session.id))
             .arg(&session.code)
             .arg(ttl)
-            .arg(host_token);
+            .arg(host_token)
+            .arg(u8::from(session.relay));
         let created: u64 = i.redis("register", inv.invoke_async(&mut cm)).await?;
         if created == 0 {
             let undo = redis::cmd("DEL").arg(i.keys.token(host_token)).clone();
@@ -88,23 +91,50 @@ impl Inner {
         }))
     }
 
-    pub(super) async fn mint_token(&self, session: &str) -> EngineResult<Option<String>> {
+    pub(super) async fn mint_token(
+        &self,
+        session: &str,
+        grant: Grant,
+    ) -> EngineResult<Option<String>> {
         let i = self;
         let mut cm = i.cm();
         let token = crate::protocol::new_id();
+        let relay = grant == Grant::Relay;
         let mut inv = i.scripts.token_quota.prepare_invoke();
         inv.key(i.keys.session(session))
             .key(i.keys.tokens(session))
             .arg(i.config.max_tokens_per_session)
             .arg(Inner::ttl_ms(i.config.session_ttl))
-            .arg(&token);
+            .arg(&token)
+            .arg(u8::from(!relay));
         let ttl: i64 = i.redis("token_quota", inv.invoke_async(&mut cm)).await?;
         if ttl <= 0 {
             return Ok(None);
         }
-        Ok(i.put_token(&token, session, Grant::Joiner, ttl as u64)
+        // A relay token is short-lived and never refreshed with its session.
+        let ttl = if relay {
+            (ttl as u64).min(Inner::ttl_ms(i.config.relay_token_ttl))
+        } else {
+            ttl as u64
+        };
+        Ok(i.put_token(&token, session, grant, ttl)
             .await?
             .then_some(token))
+    }
+
+    pub(super) async fn take_relay_token(
+        &self,
+        token: &str,
+    ) -> EngineResult<Option<SessionRecord>> {
+        let i = self;
+        let mut cm = i.cm();
+        let mut inv = i.scripts.token_take.prepare_invoke();
+        inv.key(i.keys.token(token));
+        let session: Option<String> = i.redis("token_take", inv.invoke_async(&mut cm)).await?;
+        match session {
+            Some(s) => i.load_session(&s).await,
+            None => Ok(None),
+        }
     }
 
     pub(super) async fn bind_token(&self, token: &str, peer: &str) -> EngineResult<()> {

@@ -1,0 +1,79 @@
+//! The relay's flags (flattened into [`crate::config::Config`]).
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Which sessions are relay sessions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RelayMode {
+    /// No relay: `/relay/...` answers 404.
+    Off,
+    /// A host chooses it by registering through the relay base URL (`{base}/relay/`).
+    OnRequest,
+    /// Every session registered here is a relay session.
+    All,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct RelayConfig {
+    /// Relay sessions: off, on-request (registered through `{base}/relay/`) or all.
+    #[arg(long = "relay", env = "BEACH_ROAD_RELAY", value_enum, default_value_t = RelayMode::OnRequest)]
+    pub mode: RelayMode,
+
+    /// A host relay socket waits this long for a joiner before it is answered 408 (the host
+    /// opens another). Keep it below the load balancer's and HAProxy's server timeouts.
+    #[arg(long = "relay-hold", env = "BEACH_ROAD_RELAY_HOLD", default_value = "25s", value_parser = duration)]
+    pub hold: Duration,
+
+    /// A joiner relay socket with no host socket to pair within this is closed 1013.
+    #[arg(long = "relay-joiner-wait", env = "BEACH_ROAD_RELAY_JOINER_WAIT", default_value = "20s", value_parser = duration)]
+    pub joiner_wait: Duration,
+
+    /// A host socket arriving within this of the session's last host event (registration,
+    /// a host socket answered, a held one timed out) is the host's acceptor loop and may be
+    /// paired; later ones (the host's reconnects for dead joiners) are held unanswered.
+    #[arg(long = "relay-fresh-window", env = "BEACH_ROAD_RELAY_FRESH_WINDOW", default_value = "3s", value_parser = duration)]
+    pub fresh_window: Duration,
+
+    /// Relay sockets waiting per session at most (held host sockets on this instance, and
+    /// waiting joiners or fresh host sockets in the session's lists).
+    #[arg(
+        long = "relay-max-waiting",
+        env = "BEACH_ROAD_RELAY_MAX_WAITING",
+        default_value_t = 8
+    )]
+    pub max_waiting: usize,
+
+    /// Relay pairs per session at most (a pair is two members of the room).
+    #[arg(
+        long = "relay-max-pairs",
+        env = "BEACH_ROAD_RELAY_MAX_PAIRS",
+        default_value_t = 8
+    )]
+    pub max_pairs: usize,
+
+    /// Bytes per second one relay socket may send through (sustained); a faster sender is
+    /// slowed (its frames wait), never dropped.
+    #[arg(long = "relay-bytes-per-second", env = "BEACH_ROAD_RELAY_BYTES_PER_SECOND", default_value_t = 1 << 20)]
+    pub bytes_per_second: u32,
+
+    /// Bytes one relay socket may send in a burst above the sustained rate.
+    #[arg(long = "relay-byte-burst", env = "BEACH_ROAD_RELAY_BYTE_BURST", default_value_t = 4 << 20)]
+    pub byte_burst: u32,
+
+    /// A relay session relays for this long after its registration at most; then its relay
+    /// sockets are closed (1008) and new ones refused.
+    #[arg(long = "relay-max-duration", env = "BEACH_ROAD_RELAY_MAX_DURATION", default_value = "24h", value_parser = duration)]
+    pub max_duration: Duration,
+}
+
+impl RelayConfig {
+    pub fn enabled(&self) -> bool {
+        self.mode != RelayMode::Off
+    }
+}

@@ -1,0 +1,184 @@
+//! A host's relay upgrade: held until a joiner takes it (or it takes a waiting joiner), then
+//! answered, checked (the CLI's acceptor socket speaks first) and piped.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use futures::StreamExt;
+use tracing::Instrument;
+use tungstenite::Message;
+
+use super::locals::Inbox;
+use super::pipe::{self, Close};
+use super::socket::{enter, finish, refuse, socket_config, unavailable};
+use super::{post, Arrival, Endpoint, Piece, Side, APPROVAL_PREFIX, WINDOW};
+use crate::engine::{Engine, SessionRecord};
+use crate::http::App;
+use crate::protocol::Role;
+use crate::shutdown::Phase;
+use crate::ws::{Admitted, Handshake};
+
+/// A paired host socket must send its approval line within this.
+const FIRST_FRAME: Duration = Duration::from_secs(3);
+
+/// A host upgrade: held until a joiner takes it (or it takes a waiting one), then answered.
+pub(super) async fn hold<E: Engine>(
+    app: App<E>,
+    session: SessionRecord,
+    ws: Handshake,
+    admitted: Admitted,
+    me: Endpoint,
+    left: Duration,
+) -> Response {
+    let relay = app.config.relay.clone();
+    let relays = app.engine.router().relays().clone();
+    let Some(held) = relays.hold(&session.id, relay.max_waiting) else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "crowded",
+            "too many relay sockets waiting",
+        );
+    };
+    let mut inbox = relays.open(&me.socket);
+    let arrival = app
+        .engine
+        .relay_arrive(
+            &session.id,
+            Side::Host,
+            &me,
+            relay.fresh_window,
+            relay.max_waiting,
+        )
+        .await;
+    let fresh = match arrival {
+        Err(e) => return unavailable(e),
+        Ok(Arrival::Paired(joiner)) => {
+            return answer(app, session, ws, admitted, me, inbox, joiner, left).await
+        }
+        Ok(Arrival::Queued) => true,
+        Ok(Arrival::Late) => false,
+        Ok(Arrival::Crowded) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "crowded",
+                "too many relay sockets waiting",
+            )
+        }
+    };
+    crate::metrics::relay_event(if fresh { "host_held" } else { "host_late" });
+    let shutdown = app.shutdown.clone();
+    let closing = shutdown.reached(Phase::Closing);
+    tokio::pin!(closing);
+    let deadline = tokio::time::sleep(relay.hold);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            piece = inbox.rx.recv() => match piece {
+                Some(Piece::Offer { from }) => {
+                    drop(held);
+                    return answer(app, session, ws, admitted, me, inbox, from, left).await;
+                }
+                Some(_) => {}
+                None => break,
+            },
+            _ = &mut deadline => break,
+            _ = &mut closing => break,
+        }
+    }
+    // Nobody came. The host opens another socket a second after this answer: off the list with
+    // this one, and the mark moves so that next one is fresh too.
+    if fresh {
+        let forgot = app.engine.relay_forget(&session.id, &me).await;
+        let marked = app.engine.relay_mark(&session.id).await;
+        if let Err(e) = forgot.and(marked) {
+            tracing::warn!(error = %e, "relay hold not cleared");
+        }
+    }
+    // A joiner that took this socket meanwhile pairs again.
+    inbox.rx.close();
+    while let Ok(piece) = inbox.rx.try_recv() {
+        if let Piece::Offer { from } = piece {
+            let _ = post(&app.engine, &from, Piece::Declined).await;
+        }
+    }
+    refuse(
+        StatusCode::REQUEST_TIMEOUT,
+        "host_timeout",
+        "no joiner arrived; open the relay socket again",
+    )
+}
+
+/// Answers a host upgrade for `joiner`: 101, the room, the approval check, the pipe.
+#[allow(clippy::too_many_arguments)]
+async fn answer<E: Engine>(
+    app: App<E>,
+    session: SessionRecord,
+    ws: Handshake,
+    admitted: Admitted,
+    me: Endpoint,
+    mut inbox: Inbox,
+    joiner: Endpoint,
+    left: Duration,
+) -> Response {
+    // The host's acceptor opens its next socket the moment this one is answered: mark first.
+    if let Err(e) = app.engine.relay_mark(&session.id).await {
+        tracing::warn!(error = %e, "relay mark not set");
+    }
+    let span = tracing::Span::current();
+    ws.accept(socket_config(), move |socket, _| {
+        async move {
+            let Some(mut queue) = enter(&app, &session, &me, Role::Server).await else {
+                let _ = post(&app.engine, &joiner, Piece::Declined).await;
+                finish(
+                    &app,
+                    &session,
+                    &me,
+                    socket,
+                    Some((1013, "relay session full")),
+                )
+                .await;
+                drop(admitted);
+                return;
+            };
+            let (mut sink, mut stream) = socket.split();
+            let first = tokio::time::timeout(FIRST_FRAME, stream.next()).await;
+            let approval = match first {
+                Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with(APPROVAL_PREFIX) => {
+                    Some(Message::Text(t))
+                }
+                _ => None,
+            };
+            let close = match approval {
+                None => {
+                    crate::metrics::relay_event("declined");
+                    tracing::info!(%joiner, "host socket did not speak first: not paired");
+                    let _ = post(&app.engine, &joiner, Piece::Declined).await;
+                    Close::send(1008, "not the host's acceptor socket")
+                }
+                Some(first) => {
+                    let accepted = post(&app.engine, &joiner, Piece::Accepted { from: me.clone() })
+                        .await
+                        .unwrap_or(false)
+                        && post(&app.engine, &joiner, Piece::Frame(first))
+                            .await
+                            .unwrap_or(false);
+                    if accepted {
+                        crate::metrics::relay_event("paired");
+                        tracing::info!(%joiner, "relay pair formed");
+                        let mut pipe = pipe::Pipe::new(&app, &session, &joiner, left, WINDOW - 1);
+                        pipe.run(&mut sink, &mut stream, &mut queue, &mut inbox)
+                            .await
+                    } else {
+                        crate::metrics::relay_event("joiner_gone");
+                        Close::send(1000, "the joiner left")
+                    }
+                }
+            };
+            let socket = sink.reunite(stream).expect("halves of one socket");
+            finish(&app, &session, &me, socket, close.frame).await;
+            drop(admitted);
+        }
+        .instrument(span)
+    })
+}

@@ -1,0 +1,162 @@
+//! This instance's relay sockets: socket id → inbox, and how many host upgrades each session
+//! has held here. Plain data behind a private `std::sync::Mutex`, reached only through
+//! synchronous methods (as in [`crate::router`]); entries go with their [`Inbox`] and
+//! [`Held`] guards, so no exit path can leave one behind.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::mpsc;
+
+use super::{Piece, WINDOW};
+
+/// Room in an inbox: a full window of frames, and the few control pieces beside them (acks
+/// come at most one per `ACK_EVERY` frames written).
+const INBOX: usize = WINDOW as usize + 16;
+
+#[derive(Default)]
+struct Table {
+    inboxes: HashMap<String, mpsc::Sender<Piece>>,
+    held: HashMap<String, usize>,
+}
+
+#[derive(Default)]
+pub struct Locals {
+    table: Mutex<Table>,
+}
+
+/// A relay socket's inbox; it leaves the registry when dropped.
+pub struct Inbox {
+    pub rx: mpsc::Receiver<Piece>,
+    socket: String,
+    locals: Arc<Locals>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.locals.with(|t| t.inboxes.remove(&self.socket));
+    }
+}
+
+/// One held host upgrade of a session; released when dropped.
+pub struct Held {
+    room: String,
+    locals: Arc<Locals>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.locals.with(|t| {
+            if let Some(n) = t.held.get_mut(&self.room) {
+                *n -= 1;
+                if *n == 0 {
+                    t.held.remove(&self.room);
+                }
+            }
+        });
+    }
+}
+
+impl Locals {
+    fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+        let mut t: MutexGuard<'_, Table> =
+            self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut t)
+    }
+
+    /// Registers relay socket `socket` and returns its inbox.
+    pub fn open(self: &Arc<Self>, socket: &str) -> Inbox {
+        let (tx, rx) = mpsc::channel(INBOX);
+        self.with(|t| t.inboxes.insert(socket.to_owned(), tx));
+        Inbox {
+            rx,
+            socket: socket.to_owned(),
+            locals: self.clone(),
+        }
+    }
+
+    /// Queues `piece` for local relay socket `socket`: `false` when it is not here, or its inbox
+    /// is full (only a sender ignoring its credit can fill it: the pair is then ended).
+    pub fn deliver(&self, socket: &str, piece: Piece) -> bool {
+        let Some(tx) = self.with(|t| t.inboxes.get(socket).cloned()) else {
+            return false;
+        };
+        match tx.try_send(piece) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(socket, "relay inbox full: ending the pair");
+                crate::metrics::relay_event("overrun");
+                // Closing the inbox ends its socket's task, which tells its partner.
+                self.with(|t| t.inboxes.remove(socket));
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Holds one more host upgrade of `room`, unless `max` are held here already.
+    pub fn hold(self: &Arc<Self>, room: &str, max: usize) -> Option<Held> {
+        let ok = self.with(|t| {
+            let n = t.held.entry(room.to_owned()).or_insert(0);
+            if *n >= max {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        ok.then(|| Held {
+            room: room.to_owned(),
+            locals: self.clone(),
+        })
+    }
+
+    /// Relay sockets on this instance (held, waiting or paired), for `/metrics`.
+    pub fn count(&self) -> usize {
+        self.with(|t| t.inboxes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_take_their_entries_with_them() {
+        let locals = Arc::new(Locals::default());
+        let inbox = locals.open("a");
+        assert!(locals.deliver("a", Piece::End));
+        assert!(!locals.deliver("b", Piece::End));
+        assert_eq!(locals.count(), 1);
+        drop(inbox);
+        assert_eq!(locals.count(), 0);
+        assert!(!locals.deliver("a", Piece::End));
+
+        let one = locals.hold("s", 2).unwrap();
+        let two = locals.hold("s", 2).unwrap();
+        assert!(locals.hold("s", 2).is_none(), "capped per session");
+        assert!(locals.hold("t", 2).is_some(), "another session has its own");
+        drop(one);
+        let _three = locals.hold("s", 2).unwrap();
+        drop(two);
+        assert!(locals.with(|t| t.held.get("s") == Some(&1)));
+    }
+
+    #[test]
+    fn a_flooded_inbox_is_closed_not_grown() {
+        let locals = Arc::new(Locals::default());
+        let mut inbox = locals.open("a");
+        for _ in 0..INBOX {
+            assert!(locals.deliver("a", Piece::Ack(1)));
+        }
+        assert!(
+            !locals.deliver("a", Piece::Ack(1)),
+            "refused beyond the window"
+        );
+        assert!(!locals.deliver("a", Piece::Ack(1)), "and gone");
+        let mut n = 0;
+        while inbox.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, INBOX);
+    }
+}
