@@ -57,6 +57,7 @@ on_both_engines!(
     a_joiner_without_a_host_is_closed_1013,
     relay_rate_and_duration_are_capped,
     relay_sockets_are_members_and_waiting_ones_are_capped,
+    pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go,
 );
 
 /// Registers a relay session through the relay base URL: (session id, code, host relay URL).
@@ -568,6 +569,55 @@ async fn relay_sockets_are_members_and_waiting_ones_are_capped(engine: Engine) {
         assert_eq!(closed(&mut host).await, Some(1000));
         let e = connect(&host_url).await.unwrap_err();
         assert_eq!(status_of(&e), Some(403), "a closed session's relay is gone");
+    })
+    .await;
+}
+
+async fn gauge(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let needle = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+async fn pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go(engine: Engine) {
+    let s = start(engine, &["--relay-max-pairs", "1", "--relay-hold", "20s"]).await;
+    let api = s.api();
+    let base = s.server.base();
+    bounded_for(LIMIT, async {
+        let (id, code, host_url) = relay_session(&api).await;
+        let (mut accepted, task) = host_loop(host_url.clone());
+        let mut first = connect(&join_url(&api, &id, &code).await).await.unwrap();
+        let mut host = accepted.recv().await.unwrap();
+        assert_eq!(next(&mut first).await.unwrap(), Message::text(APPROVAL));
+        let mut second = connect(&join_url(&api, &id, &code).await).await.unwrap();
+        assert_eq!(
+            closed(&mut second).await,
+            Some(1013),
+            "one pair per session"
+        );
+        host.send(Message::text("still")).await.unwrap();
+        assert_eq!(next(&mut first).await.unwrap(), Message::text("still"));
+        // The host goes (its acceptor's held upgrade with it): nothing of it stays held.
+        task.abort();
+        drop(accepted);
+        drop(host);
+        assert_eq!(closed(&mut first).await, Some(1000));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gauge(&base, "beach_road_relay_sockets").await > 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "a gone host's held upgrade is dropped at once"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
 }

@@ -26,6 +26,13 @@ use crate::ws::{admit_socket, Handshake, Socket};
 
 pub(super) fn refuse(status: StatusCode, event: &'static str, why: &str) -> Response {
     crate::metrics::relay_event(event);
+    // A held host upgrade that times out is routine (the CLI opens another): not an info line
+    // per session every `--relay-hold`.
+    if event == "host_timeout" {
+        tracing::debug!(event, status = status.as_u16(), why, "relay socket refused");
+    } else {
+        tracing::info!(event, status = status.as_u16(), why, "relay socket refused");
+    }
     (status, axum::Json(json!({ "error": why }))).into_response()
 }
 
@@ -95,7 +102,7 @@ pub async fn upgrade<E: Engine>(
             Err(e) => return unavailable(e),
         },
         _ => {
-            tracing::info!(client = %admitted.client, "relay socket refused: not a relay token");
+            tracing::info!(client = %admitted.client, "not a relay token");
             return refuse(StatusCode::FORBIDDEN, "token_refused", "not a relay token");
         }
     };
