@@ -58,6 +58,8 @@ on_both_engines!(
     relay_rate_and_duration_are_capped,
     relay_sockets_are_members_and_waiting_ones_are_capped,
     pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go,
+    reconnects_of_many_departed_joiners_never_keep_a_new_joiner_out,
+    an_acceptor_socket_taken_for_a_late_one_is_still_found,
 );
 
 /// Registers a relay session through the relay base URL: (session id, code, host relay URL).
@@ -551,13 +553,17 @@ async fn relay_sockets_are_members_and_waiting_ones_are_capped(engine: Engine) {
             roles.contains(&"server") && roles.contains(&"client"),
             "{view}"
         );
-        // Held host upgrades per session are capped: the acceptor holds one, one more fits.
-        let url = host_url.clone();
-        let _second = tokio::spawn(async move { connect(&url).await });
+        // Late host upgrades (reconnects) held per session are capped: two fit, then 503.
+        let mut late = Vec::new();
+        for _ in 0..2 {
+            let url = host_url.clone();
+            late.push(tokio::spawn(async move { connect(&url).await }));
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let e = connect(&host_url).await.unwrap_err();
         assert_eq!(status_of(&e), Some(503), "{e}");
         assert!(metric(&base, "crowded").await >= 1.0);
+        assert!(late.iter().all(|t| !t.is_finished()), "held, unanswered");
         // The operator closes the session: both relay sockets are closed.
         admin(
             &base,
@@ -617,6 +623,97 @@ async fn pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go(engine: E
                 "a gone host's held upgrade is dropped at once"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+/// The CLI's reconnect for one departed joiner: a socket on the host URL, again 250 ms after
+/// each refusal; a socket it gets answered sends a heartbeat (binary) first.
+fn reconnect_loop(url: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match connect(&url).await {
+                Ok(mut s) => {
+                    let _ = s.send(binary(30, 7)).await;
+                    let _ = closed(&mut s).await;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    })
+}
+
+/// Seen with the real CLI: a host that outlived many joiners keeps a reconnect loop per
+/// departed joiner, which once took every held place and kept new joiners out (1013).
+async fn reconnects_of_many_departed_joiners_never_keep_a_new_joiner_out(engine: Engine) {
+    let s = start(engine, &["--relay-max-waiting", "3", "--relay-hold", "2s"]).await;
+    let api = s.api();
+    bounded_for(LIMIT, async {
+        let (id, code, host_url) = relay_session(&api).await;
+        let (mut accepted, _task) = host_loop(host_url.clone());
+        let loops: Vec<_> = (0..12).map(|_| reconnect_loop(host_url.clone())).collect();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for i in 0..4 {
+            let started = Instant::now();
+            let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
+            assert_eq!(
+                next(&mut joiner).await.unwrap(),
+                Message::text(APPROVAL),
+                "joiner {i} paired with the acceptor's socket"
+            );
+            let mut host = accepted.recv().await.unwrap();
+            host.send(Message::text(format!("hi {i}"))).await.unwrap();
+            assert_eq!(
+                next(&mut joiner).await.unwrap(),
+                Message::text(format!("hi {i}"))
+            );
+            eprintln!("joiner {i} working after {:?}", started.elapsed());
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        let base = s.server.base();
+        let turned_away = metric(&base, "host_late").await + metric(&base, "crowded").await;
+        assert!(
+            turned_away >= 12.0,
+            "reconnect sockets held or refused: {turned_away}"
+        );
+        for l in loops {
+            l.abort();
+        }
+    })
+    .await;
+}
+
+/// The freshness rule is a guess; when it takes the acceptor's socket for a late one (here
+/// always: a 1 ms window), a joiner with no fresh socket tries the late ones, newest first,
+/// and the approval check finds the acceptor's among the reconnects.
+async fn an_acceptor_socket_taken_for_a_late_one_is_still_found(engine: Engine) {
+    let s = start(
+        engine,
+        &["--relay-fresh-window", "1ms", "--relay-hold", "10s"],
+    )
+    .await;
+    let api = s.api();
+    bounded_for(LIMIT, async {
+        let (id, code, host_url) = relay_session(&api).await;
+        let (mut accepted, _task) = host_loop(host_url.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let loops: Vec<_> = (0..2).map(|_| reconnect_loop(host_url.clone())).collect();
+        for i in 0..3 {
+            let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
+            assert_eq!(
+                next(&mut joiner).await.unwrap(),
+                Message::text(APPROVAL),
+                "joiner {i}"
+            );
+            let mut host = accepted.recv().await.unwrap();
+            host.send(Message::text("ok")).await.unwrap();
+            assert_eq!(next(&mut joiner).await.unwrap(), Message::text("ok"));
+        }
+        // The first acceptor socket came 300 ms after the registration: late, found anyway.
+        assert!(metric(&s.server.base(), "host_late").await >= 1.0);
+        for l in loops {
+            l.abort();
         }
     })
     .await;

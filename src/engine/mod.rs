@@ -290,16 +290,16 @@ pub trait Engine: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = EngineResult<Option<SessionRecord>>> + Send;
 
     /// The relay's pairing step for a socket of `room` (see [`crate::relay::pairing`]), atomic
-    /// across instances: a host socket fresh within `fresh` of the room's mark takes the
-    /// oldest waiting joiner or waits itself; a joiner takes the oldest waiting fresh host
-    /// socket or waits itself; at most `max_waiting` wait per side.
+    /// across instances: a fresh host socket (within `limits.fresh` of the room's mark, and no
+    /// other fresh one waiting) takes the oldest waiting joiner or waits itself; any other host
+    /// socket waits as late; a joiner takes the waiting fresh host socket, else the newest late
+    /// one, or waits itself.
     fn relay_arrive(
         &self,
         room: &str,
         side: crate::relay::Side,
         me: &crate::relay::Endpoint,
-        fresh: Duration,
-        max_waiting: usize,
+        limits: crate::relay::Limits,
     ) -> impl Future<Output = EngineResult<crate::relay::Arrival>> + Send;
 
     /// Takes a socket off the room's waiting lists (it was paired another way, or gave up).
@@ -309,9 +309,19 @@ pub trait Engine: Clone + Send + Sync + 'static {
         me: &crate::relay::Endpoint,
     ) -> impl Future<Output = EngineResult<()>> + Send;
 
-    /// Marks now as the room's last host event (registration, a host socket answered): host
-    /// sockets arriving soon after are the host's acceptor loop, later ones are not.
-    fn relay_mark(&self, room: &str) -> impl Future<Output = EngineResult<()>> + Send;
+    /// Marks now as the room's last host event (registration, a host socket answered, a fresh
+    /// one timed out): host sockets arriving soon after are the host's acceptor loop.
+    fn relay_mark(
+        &self,
+        room: &str,
+    ) -> impl Future<Output = EngineResult<crate::relay::Mark>> + Send;
+
+    /// Takes `mark` back (its socket failed the approval check), unless a later one was set.
+    fn relay_unmark(
+        &self,
+        room: &str,
+        mark: crate::relay::Mark,
+    ) -> impl Future<Output = EngineResult<()>> + Send;
 
     /// Hands a relay piece to a relay socket of another instance; `false` when nobody took it
     /// (that instance is gone). Only called for remote endpoints (see `crate::relay::post`).

@@ -35,13 +35,15 @@ pub struct RelayConfig {
     pub joiner_wait: Duration,
 
     /// A host socket arriving within this of the session's last host event (registration,
-    /// a host socket answered, a held one timed out) is the host's acceptor loop and may be
-    /// paired; later ones (the host's reconnects for dead joiners) are held unanswered.
+    /// a host socket answered, a fresh one timed out), while no other fresh one waits, is taken
+    /// for the host's acceptor loop; others (most likely the host's reconnects for departed
+    /// joiners) are held and tried only when no fresh one waits.
     #[arg(long = "relay-fresh-window", env = "BEACH_ROAD_RELAY_FRESH_WINDOW", default_value = "3s", value_parser = duration)]
     pub fresh_window: Duration,
 
-    /// Relay sockets waiting per session at most (held host sockets on this instance, and
-    /// waiting joiners or fresh host sockets in the session's lists).
+    /// Relay sockets waiting per session at most: joiners waiting for a host socket, and late
+    /// host sockets (the CLI's reconnects for departed joiners) held on this instance; more are
+    /// refused (joiners 1013, late host sockets 503). The host's fresh socket is never refused.
     #[arg(
         long = "relay-max-waiting",
         env = "BEACH_ROAD_RELAY_MAX_WAITING",

@@ -11,16 +11,18 @@ use tungstenite::Message;
 
 use super::locals::Inbox;
 use super::pipe::{self, Close};
-use super::socket::{enter, finish, refuse, socket_config, unavailable};
-use super::{post, Arrival, Endpoint, Piece, Side, APPROVAL_PREFIX, WINDOW};
+use super::socket::{drained, enter, finish, refuse, socket_config, unavailable};
+use super::{post, Arrival, Endpoint, Limits, Piece, Side, APPROVAL_PREFIX, WINDOW};
 use crate::engine::{Engine, SessionRecord};
 use crate::http::App;
 use crate::protocol::Role;
 use crate::shutdown::Phase;
 use crate::ws::{Admitted, Handshake};
 
-/// A paired host socket must send its approval line within this.
-const FIRST_FRAME: Duration = Duration::from_secs(3);
+/// A paired host socket must send its approval line within this: the CLI's acceptor sends it
+/// the moment its upgrade completes (a round trip), a reconnect socket only a heartbeat, up to
+/// 10 s later. Each socket that fails the check costs the waiting joiner this long.
+const FIRST_FRAME: Duration = Duration::from_millis(1500);
 
 /// A host upgrade: held until a joiner takes it (or it takes a waiting one), then answered.
 pub(super) async fn hold<E: Engine>(
@@ -33,23 +35,10 @@ pub(super) async fn hold<E: Engine>(
 ) -> Response {
     let relay = app.config.relay.clone();
     let relays = app.engine.router().relays().clone();
-    let Some(held) = relays.hold(&session.id, relay.max_waiting) else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "crowded",
-            "too many relay sockets waiting",
-        );
-    };
     let mut inbox = relays.open(&me.socket);
     let arrival = app
         .engine
-        .relay_arrive(
-            &session.id,
-            Side::Host,
-            &me,
-            relay.fresh_window,
-            relay.max_waiting,
-        )
+        .relay_arrive(&session.id, Side::Host, &me, Limits::of(&relay))
         .await;
     let fresh = match arrival {
         Err(e) => return unavailable(e),
@@ -58,6 +47,8 @@ pub(super) async fn hold<E: Engine>(
         }
         Ok(Arrival::Queued) => true,
         Ok(Arrival::Late) => false,
+        // Late sockets (the CLI's reconnects for departed joiners, one loop each) are capped
+        // apart from the fresh one, which is never refused.
         Ok(Arrival::Crowded) => {
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -76,7 +67,6 @@ pub(super) async fn hold<E: Engine>(
         tokio::select! {
             piece = inbox.rx.recv() => match piece {
                 Some(Piece::Offer { from }) => {
-                    drop(held);
                     return answer(app, session, ws, admitted, me, inbox, from, left).await;
                 }
                 Some(_) => {}
@@ -86,14 +76,15 @@ pub(super) async fn hold<E: Engine>(
             _ = &mut closing => break,
         }
     }
-    // Nobody came. The host opens another socket a second after this answer: off the list with
-    // this one, and the mark moves so that next one is fresh too.
-    if fresh {
-        let forgot = app.engine.relay_forget(&session.id, &me).await;
-        let marked = app.engine.relay_mark(&session.id).await;
-        if let Err(e) = forgot.and(marked) {
-            tracing::warn!(error = %e, "relay hold not cleared");
-        }
+    // Nobody came: off its list. A fresh socket was the acceptor's, which opens another a
+    // second after this answer: the mark moves so that one is fresh too.
+    let forgot = app.engine.relay_forget(&session.id, &me).await;
+    let marked = match fresh {
+        true => app.engine.relay_mark(&session.id).await.map(drop),
+        false => Ok(()),
+    };
+    if let Err(e) = forgot.and(marked) {
+        tracing::warn!(error = %e, "relay hold not cleared");
     }
     // A joiner that took this socket meanwhile pairs again.
     inbox.rx.close();
@@ -121,10 +112,15 @@ async fn answer<E: Engine>(
     joiner: Endpoint,
     left: Duration,
 ) -> Response {
-    // The host's acceptor opens its next socket the moment this one is answered: mark first.
-    if let Err(e) = app.engine.relay_mark(&session.id).await {
-        tracing::warn!(error = %e, "relay mark not set");
-    }
+    // The host's acceptor opens its next socket the moment this one is answered: mark first
+    // (taken back if this turns out not to be the acceptor's socket).
+    let mark = match app.engine.relay_mark(&session.id).await {
+        Ok(mark) => Some(mark),
+        Err(e) => {
+            tracing::warn!(error = %e, "relay mark not set");
+            None
+        }
+    };
     let span = tracing::Span::current();
     ws.accept(socket_config(), move |socket, _| {
         async move {
@@ -142,9 +138,9 @@ async fn answer<E: Engine>(
                 return;
             };
             let (mut sink, mut stream) = socket.split();
-            let first = tokio::time::timeout(FIRST_FRAME, stream.next()).await;
+            let first = drained(&mut queue, tokio::time::timeout(FIRST_FRAME, stream.next())).await;
             let approval = match first {
-                Ok(Some(Ok(Message::Text(t)))) if t.as_str().starts_with(APPROVAL_PREFIX) => {
+                Some(Ok(Some(Ok(Message::Text(t))))) if t.as_str().starts_with(APPROVAL_PREFIX) => {
                     Some(Message::Text(t))
                 }
                 _ => None,
@@ -153,6 +149,9 @@ async fn answer<E: Engine>(
                 None => {
                     crate::metrics::relay_event("declined");
                     tracing::info!(%joiner, "host socket did not speak first: not paired");
+                    if let Some(mark) = mark {
+                        let _ = app.engine.relay_unmark(&session.id, mark).await;
+                    }
                     let _ = post(&app.engine, &joiner, Piece::Declined).await;
                     Close::send(1008, "not the host's acceptor socket")
                 }

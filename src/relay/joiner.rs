@@ -8,8 +8,8 @@ use tokio::time::Instant;
 
 use super::locals::Inbox;
 use super::pipe::{self, Close};
-use super::socket::{enter, finish};
-use super::{post, Arrival, Endpoint, Piece, Side, WINDOW};
+use super::socket::{drained, enter, finish};
+use super::{post, Arrival, Endpoint, Limits, Piece, Side, WINDOW};
 use crate::engine::{Engine, SessionRecord};
 use crate::http::App;
 use crate::protocol::Role;
@@ -31,7 +31,10 @@ pub(super) async fn run<E: Engine>(
     let Some(mut queue) = enter(app, session, me, Role::Client).await else {
         return finish(app, session, me, socket, Some((1013, "relay session full"))).await;
     };
-    let partner = pair(app, session, me, &mut inbox).await;
+    let partner = match drained(&mut queue, pair(app, session, me, &mut inbox)).await {
+        Some(partner) => partner,
+        None => Err(Close::send(1001, "server closing")),
+    };
     let close = match partner {
         Err(close) => close,
         Ok(host) => {
@@ -59,13 +62,7 @@ async fn pair<E: Engine>(
     while Instant::now() < deadline {
         let arrival = app
             .engine
-            .relay_arrive(
-                &session.id,
-                Side::Joiner,
-                me,
-                relay.fresh_window,
-                relay.max_waiting,
-            )
+            .relay_arrive(&session.id, Side::Joiner, me, Limits::of(relay))
             .await;
         let (expected, wait_until) = match arrival {
             Err(e) => {
@@ -97,6 +94,7 @@ async fn pair<E: Engine>(
         }
     }
     crate::metrics::relay_event("joiner_timeout");
+    tracing::info!("no host socket for the joiner in time: closing it 1013");
     Err(Close::send(1013, "no host socket to relay to; try again"))
 }
 

@@ -1,7 +1,6 @@
-//! This instance's relay sockets: socket id → inbox, and how many host upgrades each session
-//! has held here. Plain data behind a private `std::sync::Mutex`, reached only through
-//! synchronous methods (as in [`crate::router`]); entries go with their [`Inbox`] and
-//! [`Held`] guards, so no exit path can leave one behind.
+//! This instance's relay sockets: socket id → inbox. Plain data behind a private
+//! `std::sync::Mutex`, reached only through synchronous methods (as in [`crate::router`]); an
+//! entry goes with its [`Inbox`] guard, so no exit path can leave one behind.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -17,7 +16,6 @@ const INBOX: usize = WINDOW as usize + 16;
 #[derive(Default)]
 struct Table {
     inboxes: HashMap<String, mpsc::Sender<Piece>>,
-    held: HashMap<String, usize>,
 }
 
 #[derive(Default)]
@@ -35,25 +33,6 @@ pub struct Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.locals.with(|t| t.inboxes.remove(&self.socket));
-    }
-}
-
-/// One held host upgrade of a session; released when dropped.
-pub struct Held {
-    room: String,
-    locals: Arc<Locals>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.locals.with(|t| {
-            if let Some(n) = t.held.get_mut(&self.room) {
-                *n -= 1;
-                if *n == 0 {
-                    t.held.remove(&self.room);
-                }
-            }
-        });
     }
 }
 
@@ -94,22 +73,6 @@ impl Locals {
         }
     }
 
-    /// Holds one more host upgrade of `room`, unless `max` are held here already.
-    pub fn hold(self: &Arc<Self>, room: &str, max: usize) -> Option<Held> {
-        let ok = self.with(|t| {
-            let n = t.held.entry(room.to_owned()).or_insert(0);
-            if *n >= max {
-                return false;
-            }
-            *n += 1;
-            true
-        });
-        ok.then(|| Held {
-            room: room.to_owned(),
-            locals: self.clone(),
-        })
-    }
-
     /// Relay sockets on this instance (held, waiting or paired), for `/metrics`.
     pub fn count(&self) -> usize {
         self.with(|t| t.inboxes.len())
@@ -121,7 +84,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guards_take_their_entries_with_them() {
+    fn an_inbox_takes_its_entry_with_it() {
         let locals = Arc::new(Locals::default());
         let inbox = locals.open("a");
         assert!(locals.deliver("a", Piece::End));
@@ -130,15 +93,6 @@ mod tests {
         drop(inbox);
         assert_eq!(locals.count(), 0);
         assert!(!locals.deliver("a", Piece::End));
-
-        let one = locals.hold("s", 2).unwrap();
-        let two = locals.hold("s", 2).unwrap();
-        assert!(locals.hold("s", 2).is_none(), "capped per session");
-        assert!(locals.hold("t", 2).is_some(), "another session has its own");
-        drop(one);
-        let _three = locals.hold("s", 2).unwrap();
-        drop(two);
-        assert!(locals.with(|t| t.held.get("s") == Some(&1)));
     }
 
     #[test]

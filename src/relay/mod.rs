@@ -7,9 +7,11 @@
 //! and beach-road pairs sockets and forwards frames, unchanged, between the two of a pair:
 //!
 //! - The host opens one socket per joiner, the next as soon as the previous is answered. Its
-//!   upgrade is **held** (no 101) until a joiner socket waits ([`host`]); a socket arriving
-//!   long after the session's last host event is the CLI's reconnect for a dead joiner and is
-//!   never paired. A paired host socket must speak first with `beach:status:approval_…`.
+//!   upgrade is **held** (no 101) until a joiner socket waits ([`host`]). A socket arriving
+//!   soon after the session's last host event, with no other waiting, is taken for the
+//!   acceptor's (fresh); others, most likely the CLI's reconnects for departed joiners, are
+//!   tried only when no fresh one waits. A paired host socket must speak first with
+//!   `beach:status:approval_…`, which tells them apart.
 //! - A joiner's socket is answered at once (its single-use token checked first, [`socket`]) and
 //!   waits for a host socket, or is closed 1013 ([`joiner`]).
 //! - Who waits for whom is in the engine ([`pairing`] in process, `lua/relay_*.lua` in Redis),
@@ -31,6 +33,7 @@ mod pipe;
 pub mod socket;
 
 use std::fmt;
+use std::time::Duration;
 
 use tungstenite::Message;
 
@@ -78,6 +81,35 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// The bounds of [`Engine::relay_arrive`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A host socket is fresh within this of the session's mark.
+    pub fresh: Duration,
+    /// Joiners one session may have waiting.
+    pub max_waiting: usize,
+    /// A list entry older than this is stale (its socket went without a word).
+    pub stale: Duration,
+}
+
+impl Limits {
+    pub fn of(relay: &RelayConfig) -> Limits {
+        Limits {
+            fresh: relay.fresh_window,
+            max_waiting: relay.max_waiting,
+            stale: relay.hold.max(relay.joiner_wait) + Duration::from_secs(5),
+        }
+    }
+}
+
+/// A mark as [`Engine::relay_mark`] set it (ms on the engine's clock), so it can be taken
+/// back when its socket turns out not to be the host's acceptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub set: u64,
+    pub prev: u64,
+}
+
 /// What [`Engine::relay_arrive`] decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Arrival {
@@ -85,9 +117,10 @@ pub enum Arrival {
     Paired(Endpoint),
     /// Waiting in the session's list.
     Queued,
-    /// A host socket that is not fresh: held, never paired.
+    /// A host socket that is not fresh: held in the late list (a joiner with no fresh socket
+    /// to take tries the newest late one).
     Late,
-    /// `max_waiting` wait already.
+    /// `max_waiting` wait in this socket's list already.
     Crowded,
 }
 

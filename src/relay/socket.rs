@@ -176,6 +176,22 @@ pub(super) async fn enter<E: Engine>(
     }
 }
 
+/// Runs `fut` while the socket's room events are read and dropped (a relay socket heeds only
+/// its partner's departure, in the pipe), so a busy room cannot fill its queue; `None` when
+/// the server closed the queue (drain, fencing, admin close).
+pub(super) async fn drained<F: std::future::Future>(
+    queue: &mut crate::peers::PeerQueue,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            frame = queue.recv() => frame?,
+        };
+    }
+}
+
 /// Leaves the room and closes the socket (with `close`, if any).
 pub(super) async fn finish<E: Engine>(
     app: &App<E>,

@@ -23,7 +23,7 @@ use super::{
 use crate::peers::CloseReason;
 use crate::protocol::{Frame, PeerInfo, ServerMessage};
 use crate::relay::pairing::Queues;
-use crate::relay::{Arrival, Endpoint, Piece, Side};
+use crate::relay::{Arrival, Endpoint, Limits, Mark, Piece, Side};
 use crate::router::{Known, Route, Router};
 
 /// How often expired sessions and mailbox entries are swept.
@@ -113,11 +113,10 @@ impl Engine for MemoryEngine {
         room: &str,
         side: Side,
         me: &Endpoint,
-        fresh: Duration,
-        max_waiting: usize,
+        limits: Limits,
     ) -> EngineResult<Arrival> {
         let now = Instant::now();
-        Ok(lock(&self.relay).arrive(room, side, me, fresh, max_waiting, now))
+        Ok(lock(&self.relay).arrive(room, side, me, limits, now))
     }
 
     async fn relay_forget(&self, room: &str, me: &Endpoint) -> EngineResult<()> {
@@ -125,8 +124,12 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    async fn relay_mark(&self, room: &str) -> EngineResult<()> {
-        lock(&self.relay).mark(room, Instant::now());
+    async fn relay_mark(&self, room: &str) -> EngineResult<Mark> {
+        Ok(lock(&self.relay).mark(room, Instant::now()))
+    }
+
+    async fn relay_unmark(&self, room: &str, mark: Mark) -> EngineResult<()> {
+        lock(&self.relay).unmark(room, mark);
         Ok(())
     }
 

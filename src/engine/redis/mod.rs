@@ -364,20 +364,21 @@ impl Engine for RedisEngine {
         room: &str,
         side: crate::relay::Side,
         me: &crate::relay::Endpoint,
-        fresh: Duration,
-        max_waiting: usize,
+        limits: crate::relay::Limits,
     ) -> EngineResult<crate::relay::Arrival> {
-        self.inner
-            .relay_arrive(room, side, me, fresh, max_waiting)
-            .await
+        self.inner.relay_arrive(room, side, me, limits).await
     }
 
     async fn relay_forget(&self, room: &str, me: &crate::relay::Endpoint) -> EngineResult<()> {
         self.inner.relay_forget(room, me).await
     }
 
-    async fn relay_mark(&self, room: &str) -> EngineResult<()> {
+    async fn relay_mark(&self, room: &str) -> EngineResult<crate::relay::Mark> {
         self.inner.relay_mark(room).await
+    }
+
+    async fn relay_unmark(&self, room: &str, mark: crate::relay::Mark) -> EngineResult<()> {
+        self.inner.relay_unmark(room, mark).await
     }
 
     async fn relay_post(

@@ -2,8 +2,6 @@
 //! a relay socket of another instance is one PUBLISH to that instance's channel (`Bus::Relay`,
 //! a client frame raw after the header), handed to the socket's inbox where it arrives.
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use tungstenite::Message;
 
@@ -11,7 +9,7 @@ use super::bus::{encode_raw, Bus};
 use super::fenced;
 use super::Inner;
 use crate::engine::EngineResult;
-use crate::relay::{Arrival, Endpoint, Piece, Side};
+use crate::relay::{Arrival, Endpoint, Limits, Mark, Piece, Side};
 
 impl Inner {
     pub(super) async fn relay_arrive(
@@ -19,22 +17,23 @@ impl Inner {
         room: &str,
         side: Side,
         me: &Endpoint,
-        fresh: Duration,
-        max_waiting: usize,
+        limits: Limits,
     ) -> EngineResult<Arrival> {
         let mut cm = self.cm();
         let mut inv = self.scripts.relay_arrive.prepare_invoke();
         inv.key(self.keys.relay(room, "hosts"))
             .key(self.keys.relay(room, "joiners"))
             .key(self.keys.relay(room, "mark"))
+            .key(self.keys.relay(room, "late"))
             .arg(match side {
                 Side::Host => "host",
                 Side::Joiner => "joiner",
             })
             .arg(me.to_string())
-            .arg(Inner::ttl_ms(fresh))
-            .arg(max_waiting)
-            .arg(Inner::ttl_ms(self.config.session_ttl));
+            .arg(Inner::ttl_ms(limits.fresh))
+            .arg(limits.max_waiting)
+            .arg(Inner::ttl_ms(self.config.session_ttl))
+            .arg(Inner::ttl_ms(limits.stale));
         let v: Vec<String> = self
             .redis("relay_arrive", inv.invoke_async(&mut cm))
             .await?;
@@ -54,6 +53,7 @@ impl Inner {
         let mut inv = self.scripts.relay_forget.prepare_invoke();
         inv.key(self.keys.relay(room, "hosts"))
             .key(self.keys.relay(room, "joiners"))
+            .key(self.keys.relay(room, "late"))
             .arg(me.to_string());
         let _: i64 = self
             .redis("relay_forget", inv.invoke_async(&mut cm))
@@ -61,12 +61,25 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn relay_mark(&self, room: &str) -> EngineResult<()> {
+    pub(super) async fn relay_mark(&self, room: &str) -> EngineResult<Mark> {
         let mut cm = self.cm();
         let mut inv = self.scripts.relay_mark.prepare_invoke();
         inv.key(self.keys.relay(room, "mark"))
             .arg(Inner::ttl_ms(self.config.session_ttl));
-        let _: i64 = self.redis("relay_mark", inv.invoke_async(&mut cm)).await?;
+        let (set, prev): (u64, u64) = self.redis("relay_mark", inv.invoke_async(&mut cm)).await?;
+        Ok(Mark { set, prev })
+    }
+
+    pub(super) async fn relay_unmark(&self, room: &str, mark: Mark) -> EngineResult<()> {
+        let mut cm = self.cm();
+        let mut inv = self.scripts.relay_unmark.prepare_invoke();
+        inv.key(self.keys.relay(room, "mark"))
+            .arg(mark.set)
+            .arg(mark.prev)
+            .arg(Inner::ttl_ms(self.config.session_ttl));
+        let _: i64 = self
+            .redis("relay_unmark", inv.invoke_async(&mut cm))
+            .await?;
         Ok(())
     }
 

@@ -28,6 +28,7 @@ pub(crate) struct Scripts {
     pub relay_arrive: Script,
     pub relay_forget: Script,
     pub relay_mark: Script,
+    pub relay_unmark: Script,
 }
 
 impl Scripts {
@@ -56,6 +57,7 @@ impl Scripts {
             relay_arrive: Script::new(include_str!("../../../lua/relay_arrive.lua")),
             relay_forget: Script::new(include_str!("../../../lua/relay_forget.lua")),
             relay_mark: Script::new(include_str!("../../../lua/relay_mark.lua")),
+            relay_unmark: Script::new(include_str!("../../../lua/relay_unmark.lua")),
         }
     }
 }
