@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::metrics::Scrape;
 use common::{bounded_for, uuid, Api, Ctx, Engine, RedisServer, Server, ServerBuilder};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -175,18 +176,9 @@ async fn exchange(host: &mut Socket, joiner: &mut Socket) {
     }
 }
 
-async fn metric(base: &str, event: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let needle = format!("beach_road_relay_events_total{{event=\"{event}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
+async fn metric(server: &Server, event: &str) -> f64 {
+    let scrape = Scrape::of(server).await;
+    scrape.get("beach_road_relay_events_total", &[("event", event)])
 }
 
 async fn relay_sessions_offer_only_the_relay_and_other_clients_are_refused(engine: Engine) {
@@ -283,7 +275,7 @@ async fn relay_tokens_are_checked_before_the_upgrade(engine: Engine) {
             .post(&format!("/sessions/{token}/join"), &json!({}))
             .await;
         assert_eq!(r.body["success"], false, "{}", r.body);
-        let refused = metric(&s.server.base(), "token_refused").await;
+        let refused = metric(&s.server, "token_refused").await;
         assert!(refused >= 4.0, "token_refused = {refused}");
     })
     .await;
@@ -332,7 +324,7 @@ async fn a_held_host_socket_pairs_with_a_joiner_and_frames_pass_unchanged(engine
         // The joiner leaves: its host socket is closed; the host's next one is held again.
         drop(joiner);
         assert_eq!(closed(&mut host).await, Some(1000));
-        assert!(metric(&s.server.base(), "paired").await >= 1.0);
+        assert!(metric(&s.server, "paired").await >= 1.0);
     })
     .await;
 }
@@ -399,7 +391,7 @@ async fn the_acceptor_loop_serves_joiners_and_late_or_silent_sockets_are_not_pai
             "the late socket is never answered 101"
         );
         assert!(started.elapsed() >= Duration::from_millis(1500));
-        assert!(metric(&s.server.base(), "host_late").await >= 1.0);
+        assert!(metric(&s.server, "host_late").await >= 1.0);
     })
     .await;
 }
@@ -427,7 +419,7 @@ async fn a_host_socket_that_does_not_speak_first_is_closed_and_the_next_is_used(
             Message::text("beach:status:approval_pending")
         );
         exchange(&mut host, &mut joiner).await;
-        assert!(metric(&s.server.base(), "declined").await >= 1.0);
+        assert!(metric(&s.server, "declined").await >= 1.0);
         // The host goes: its joiner is closed.
         drop(host);
         assert_eq!(closed(&mut joiner).await, Some(1000));
@@ -444,7 +436,7 @@ async fn a_joiner_without_a_host_is_closed_1013(engine: Engine) {
         let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
         assert_eq!(closed(&mut joiner).await, Some(1013));
         assert!(started.elapsed() >= Duration::from_millis(900));
-        assert!(metric(&s.server.base(), "joiner_timeout").await >= 1.0);
+        assert!(metric(&s.server, "joiner_timeout").await >= 1.0);
     })
     .await;
 }
@@ -488,14 +480,14 @@ async fn relay_rate_and_duration_are_capped(engine: Engine) {
             "paced: {:?}",
             started.elapsed()
         );
-        assert!(metric(&s.server.base(), "paced").await >= 1.0);
+        assert!(metric(&s.server, "paced").await >= 1.0);
         // The session's relay time runs out: both closed 1008, new relay sockets refused.
         assert_eq!(closed(&mut joiner).await, Some(1008));
         let e = connect(&join_url(&api, &id, &code).await)
             .await
             .unwrap_err();
         assert_eq!(status_of(&e), Some(403));
-        assert!(metric(&s.server.base(), "limit_duration").await >= 1.0);
+        assert!(metric(&s.server, "limit_duration").await >= 1.0);
     })
     .await;
 }
@@ -562,7 +554,7 @@ async fn relay_sockets_are_members_and_waiting_ones_are_capped(engine: Engine) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let e = connect(&host_url).await.unwrap_err();
         assert_eq!(status_of(&e), Some(503), "{e}");
-        assert!(metric(&base, "crowded").await >= 1.0);
+        assert!(metric(&s.server, "crowded").await >= 1.0);
         assert!(late.iter().all(|t| !t.is_finished()), "held, unanswered");
         // The operator closes the session: both relay sockets are closed.
         admin(
@@ -579,24 +571,9 @@ async fn relay_sockets_are_members_and_waiting_ones_are_capped(engine: Engine) {
     .await;
 }
 
-async fn gauge(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let needle = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 async fn pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go(engine: Engine) {
     let s = start(engine, &["--relay-max-pairs", "1", "--relay-hold", "20s"]).await;
     let api = s.api();
-    let base = s.server.base();
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
         let (mut accepted, task) = host_loop(host_url.clone());
@@ -617,7 +594,11 @@ async fn pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go(engine: E
         drop(host);
         assert_eq!(closed(&mut first).await, Some(1000));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while gauge(&base, "beach_road_relay_sockets").await > 0.0 {
+        while Scrape::of(&s.server)
+            .await
+            .get("beach_road_relay_sockets", &[])
+            > 0.0
+        {
             assert!(
                 Instant::now() < deadline,
                 "a gone host's held upgrade is dropped at once"
@@ -671,8 +652,7 @@ async fn reconnects_of_many_departed_joiners_never_keep_a_new_joiner_out(engine:
             eprintln!("joiner {i} working after {:?}", started.elapsed());
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
-        let base = s.server.base();
-        let turned_away = metric(&base, "host_late").await + metric(&base, "crowded").await;
+        let turned_away = metric(&s.server, "host_late").await + metric(&s.server, "crowded").await;
         assert!(
             turned_away >= 12.0,
             "reconnect sockets held or refused: {turned_away}"
@@ -711,7 +691,7 @@ async fn an_acceptor_socket_taken_for_a_late_one_is_still_found(engine: Engine) 
             assert_eq!(next(&mut joiner).await.unwrap(), Message::text("ok"));
         }
         // The first acceptor socket came 300 ms after the registration: late, found anyway.
-        assert!(metric(&s.server.base(), "host_late").await >= 1.0);
+        assert!(metric(&s.server, "host_late").await >= 1.0);
         for l in loops {
             l.abort();
         }
