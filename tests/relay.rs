@@ -732,39 +732,65 @@ fn on(url: &str, s: &Server) -> String {
 }
 
 #[tokio::test]
-async fn a_pair_split_across_instances_relays_and_ends_with_an_instance() {
+async fn a_pair_split_across_instances_relays_and_ends_with_the_joiners_instance() {
+    split_pair(Killed::Joiners).await;
+}
+
+#[tokio::test]
+async fn a_pair_split_across_instances_ends_with_the_hosts_instance() {
+    split_pair(Killed::Hosts).await;
+}
+
+/// Whose instance a split pair loses.
+#[derive(PartialEq)]
+enum Killed {
+    Hosts,
+    Joiners,
+}
+
+/// The host on instance 0, its joiner on instance 1; then one instance is killed: the
+/// survivor's socket is closed once the dead one's members are reaped.
+async fn split_pair(killed: Killed) {
     let redis = RedisServer::start();
     let (a, b) = two(&redis).await;
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&a.api()).await;
-        let (mut accepted, _task) = host_loop(on(&host_url, &a));
+        let (mut accepted, task) = host_loop(on(&host_url, &a));
         let url = join_url(&b.api(), &id, &code).await;
         let mut joiner = connect(&on(&url, &b)).await.unwrap();
         let mut host = accepted.recv().await.unwrap();
         assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
         exchange(&mut host, &mut joiner).await;
-        // Credit across instances: the joiner reads late, nothing is lost or reordered.
-        for i in 0..300u32 {
-            host.send(Message::binary(i.to_be_bytes().repeat(2048)))
-                .await
-                .unwrap();
+        if killed == Killed::Joiners {
+            // Credit across instances: the joiner reads late, nothing is lost or reordered.
+            for i in 0..300u32 {
+                let frame = Message::binary(i.to_be_bytes().repeat(2048));
+                host.send(frame).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for i in 0..300u32 {
+                let frame = Message::binary(i.to_be_bytes().repeat(2048));
+                assert_eq!(next(&mut joiner).await.unwrap(), frame);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        for i in 0..300u32 {
-            assert_eq!(
-                next(&mut joiner).await.unwrap(),
-                Message::binary(i.to_be_bytes().repeat(2048))
-            );
-        }
-        // The joiner's instance is killed: the host's socket is closed once it is reaped.
-        b.signal(libc::SIGKILL);
         let started = Instant::now();
-        assert_eq!(closed(&mut host).await, Some(1000));
+        let survivor = match killed {
+            Killed::Joiners => {
+                b.signal(libc::SIGKILL);
+                &mut host
+            }
+            Killed::Hosts => {
+                task.abort();
+                a.signal(libc::SIGKILL);
+                &mut joiner
+            }
+        };
+        assert_eq!(closed(survivor).await, Some(1000));
         eprintln!(
-            "host socket closed {:?} after the joiner's instance died",
+            "survivor closed {:?} after the other instance died",
             started.elapsed()
         );
     })
     .await;
-    drop(b);
+    drop((a, b));
 }
