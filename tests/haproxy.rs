@@ -1,7 +1,8 @@
 //! The local cluster's real HAProxy configuration (`deploy/cluster/haproxy.cfg.template`) in
 //! front of three instances on one Redis: clients keep making requests through it while one
 //! instance is SIGKILLed, and not one request fails (retried on another instance), the health
-//! check takes the dead one out, and `beach-road check` passes through the balancer.
+//! check takes the dead one out, and `beach-road check` passes through the balancer; a relay
+//! session's held host upgrade outlasts the balancer's request timeouts.
 //!
 //! Needs `haproxy` (scripts/test installs it on a fresh Debian machine).
 
@@ -171,6 +172,73 @@ async fn a_killed_instance_fails_no_client_request() {
         .expect("probe task");
         let line = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "check failed: {line}");
+        drop(lb);
+    })
+    .await
+}
+
+/// A relay session through the real balancer and three instances: the host's upgrade is held
+/// past HAProxy's request and keep-alive timeouts (10 s) without being cut or retried, then
+/// pairs with a joiner (host and joiner sockets on whichever instances the balancer picked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_pair_forms_through_the_balancer_after_a_long_hold() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    bounded_for(Duration::from_secs(90), async {
+        let redis = RedisServer::start();
+        let secret = "d".repeat(40);
+        let start = || {
+            ServerBuilder::new()
+                .redis_url(&redis.url())
+                .env("BEACH_ROAD_SECRET", &secret)
+                .env("BEACH_ROAD_TRUSTED_PROXIES", "127.0.0.1")
+                .start()
+        };
+        let (a, b, c) = (start().await, start().await, start().await);
+        let lb = Haproxy::start(&[&a, &b, &c]);
+        let api = Api::new(&lb.base());
+        for _ in 0..100 {
+            if api.get("/ready").await.is_ok_and(|r| r.status == 200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let id = common::uuid();
+        let r = api
+            .post("/relay/sessions", &json!({ "session_id": id }))
+            .await;
+        let host_url = r.body["transports"][0]["url"].as_str().unwrap().to_owned();
+        assert!(
+            host_url.contains(&format!(":{}/relay/", lb.port)),
+            "{host_url}"
+        );
+        let code = r.body["join_code"].as_str().unwrap().to_owned();
+        let held = tokio::spawn(async move { tokio_tungstenite::connect_async(host_url).await });
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert!(
+            !held.is_finished(),
+            "the held upgrade is neither answered nor cut"
+        );
+        let j = api.join_http(&id, Some(&code)).await;
+        let url = j["transports"][0]["url"].as_str().unwrap().to_owned();
+        let (mut joiner, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let (mut host, _) = held.await.unwrap().expect("answered once a joiner came");
+        host.send(Message::text("beach:status:approval_granted"))
+            .await
+            .unwrap();
+        let big = Message::binary(vec![7u8; 48 * 1024 + 13]);
+        host.send(big.clone()).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = joiner.next().await.unwrap().unwrap();
+            if matches!(m, Message::Text(_) | Message::Binary(_)) {
+                got.push(m);
+            }
+        }
+        assert_eq!(got[0], Message::text("beach:status:approval_granted"));
+        assert_eq!(got[1], big);
         drop(lb);
     })
     .await
