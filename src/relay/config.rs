@@ -26,8 +26,10 @@ pub struct RelayConfig {
     pub mode: RelayMode,
 
     /// A host relay socket waits this long for a joiner before it is answered 408 (the host
-    /// opens another). Keep it below the load balancer's and HAProxy's server timeouts.
-    #[arg(long = "relay-hold", env = "BEACH_ROAD_RELAY_HOLD", default_value = "25s", value_parser = duration)]
+    /// opens another). Long, because every answer wakes the CLI's loops (a reconnect held this
+    /// long sits still instead of retrying); keep it below the load balancer's idle timeout
+    /// (ALB: 3600 s) and HAProxy's relay `timeout server` (15 min).
+    #[arg(long = "relay-hold", env = "BEACH_ROAD_RELAY_HOLD", default_value = "10m", value_parser = duration)]
     pub hold: Duration,
 
     /// A joiner relay socket with no host socket to pair within this is closed 1013.
@@ -47,7 +49,7 @@ pub struct RelayConfig {
     #[arg(
         long = "relay-max-waiting",
         env = "BEACH_ROAD_RELAY_MAX_WAITING",
-        default_value_t = 8
+        default_value_t = 32
     )]
     pub max_waiting: usize,
 
