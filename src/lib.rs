@@ -28,7 +28,7 @@
 //! | [`health`] | liveness: scheduling lag, systemd watchdog |
 //! | [`logging`] | non-blocking, lossy log writer that cannot stall the runtime; text or JSON lines |
 //! | [`metrics`] | every exported series (Prometheus text at `/metrics`) and how it is recorded |
-//! | [`relay`] | the WebSocket relay for relay sessions: holding, pairing, credit-based forwarding |
+//! | [`relay`] | the WebSocket relay for relay sessions: holding, pairing, credit-based forwarding, the janitor of dropped held upgrades |
 //! | [`ws`] | one WebSocket connection: handshake, join, relay, batched writes, keep-alive, leave |
 //! | [`listener`] | TCP accept with a connection cap, a per-address cap and no stall on EMFILE |
 //! | [`http_conn`] | the accept loop; each HTTP/1.1 connection with header-read and idle timeouts |

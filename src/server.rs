@@ -212,6 +212,7 @@ async fn serve<E: Engine>(
     };
     let watchdog = tokio::spawn(health.watchdog());
     let upkeep = tokio::spawn(crate::metrics::upkeep());
+    let janitor = tokio::spawn(crate::relay::janitor(engine.clone()));
 
     let max_tcp = max_sockets + HTTP_HEADROOM;
     let listener = LimitedListener::new(
@@ -239,6 +240,7 @@ async fn serve<E: Engine>(
         result = &mut server => {
             watchdog.abort();
             upkeep.abort();
+            janitor.abort();
             let why = result.err().map(|e| e.to_string());
             let why = why.unwrap_or_else(|| "stopped accepting".into());
             return Err(std::io::Error::other(format!("the HTTP server ended: {why}")));
@@ -271,6 +273,7 @@ async fn serve<E: Engine>(
     }
     watchdog.abort();
     upkeep.abort();
+    janitor.abort();
     tracing::info!("stopped");
     Ok(())
 }

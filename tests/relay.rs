@@ -61,6 +61,7 @@ on_both_engines!(
     pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go,
     reconnects_of_many_departed_joiners_never_keep_a_new_joiner_out,
     an_acceptor_socket_taken_for_a_late_one_is_still_found,
+    a_held_upgrade_whose_client_goes_leaves_nothing_behind,
 );
 
 /// Registers a relay session through the relay base URL: (session id, code, host relay URL).
@@ -695,6 +696,34 @@ async fn an_acceptor_socket_taken_for_a_late_one_is_still_found(engine: Engine) 
         for l in loops {
             l.abort();
         }
+    })
+    .await;
+}
+
+/// A host whose held upgrade vanishes (its connection dropped mid-hold) and comes back at once:
+/// the new socket is fresh, not taken for late because of the gone one's list entry.
+async fn a_held_upgrade_whose_client_goes_leaves_nothing_behind(engine: Engine) {
+    let s = start(engine, &["--relay-fresh-window", "5s"]).await;
+    let api = s.api();
+    bounded_for(LIMIT, async {
+        let (id, code, host_url) = relay_session(&api).await;
+        let url = host_url.clone();
+        let first = tokio::spawn(async move { connect(&url).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut accepted, _task) = host_loop(host_url);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metric(&s.server, "host_held").await, 2.0, "both fresh");
+        assert_eq!(metric(&s.server, "host_late").await, 0.0);
+        let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
+        assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
+        let _host = accepted.recv().await.unwrap();
+        assert_eq!(
+            metric(&s.server, "declined").await,
+            0.0,
+            "paired at the first try"
+        );
     })
     .await;
 }

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tracing::Instrument;
 use tungstenite::Message;
 
-use super::locals::Inbox;
+use super::locals::{Inbox, Locals};
 use super::pipe::{self, Close};
 use super::socket::{drained, enter, finish, refuse, socket_config, unavailable};
 use super::{post, Arrival, Endpoint, Limits, Piece, Side, APPROVAL_PREFIX, WINDOW};
@@ -57,6 +57,14 @@ pub(super) async fn hold<E: Engine>(
             )
         }
     };
+    // Listed now: if the client goes mid-hold, hyper drops this future and the guard has the
+    // janitor take the entry off.
+    let mut listed = Listed {
+        room: &session.id,
+        me: &me,
+        locals: &relays,
+        armed: true,
+    };
     crate::metrics::relay_event(if fresh { "host_held" } else { "host_late" });
     let shutdown = app.shutdown.clone();
     let closing = shutdown.reached(Phase::Closing);
@@ -67,6 +75,9 @@ pub(super) async fn hold<E: Engine>(
         tokio::select! {
             piece = inbox.rx.recv() => match piece {
                 Some(Piece::Offer { from }) => {
+                    // The joiner took this socket off its list.
+                    listed.armed = false;
+                    drop(listed);
                     return answer(app, session, ws, admitted, me, inbox, from, left).await;
                 }
                 Some(_) => {}
@@ -78,6 +89,8 @@ pub(super) async fn hold<E: Engine>(
     }
     // Nobody came: off its list. A fresh socket was the acceptor's, which opens another a
     // second after this answer: the mark moves so that one is fresh too.
+    listed.armed = false;
+    drop(listed);
     let forgot = app.engine.relay_forget(&session.id, &me).await;
     let marked = match fresh {
         true => app.engine.relay_mark(&session.id).await.map(drop),
@@ -98,6 +111,22 @@ pub(super) async fn hold<E: Engine>(
         "host_timeout",
         "no joiner arrived; open the relay socket again",
     )
+}
+
+/// A held upgrade's entry in its session's waiting lists, while the upgrade is held.
+struct Listed<'a> {
+    room: &'a str,
+    me: &'a Endpoint,
+    locals: &'a Locals,
+    armed: bool,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.locals.forget_later(self.room, self.me);
+        }
+    }
 }
 
 /// Answers a host upgrade for `joiner`: 101, the room, the approval check, the pipe.

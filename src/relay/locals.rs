@@ -5,22 +5,28 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
-use super::{Piece, WINDOW};
+use super::{Endpoint, Piece, WINDOW};
 
 /// Room in an inbox: a full window of frames, and the few control pieces beside them (acks
 /// come at most one per `ACK_EVERY` frames written).
 const INBOX: usize = WINDOW as usize + 16;
+/// Entries for the janitor at most; beyond, they go stale by age instead.
+const GONE: usize = 1024;
 
 #[derive(Default)]
 struct Table {
     inboxes: HashMap<String, mpsc::Sender<Piece>>,
+    /// Waiting-list entries of held upgrades dropped mid-hold (their client went: hyper drops
+    /// the request), for [`super::janitor`] to take off.
+    gone: Vec<(String, Endpoint)>,
 }
 
 #[derive(Default)]
 pub struct Locals {
     table: Mutex<Table>,
+    janitor: Notify,
 }
 
 /// A relay socket's inbox; it leaves the registry when dropped.
@@ -70,6 +76,27 @@ impl Locals {
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Has the janitor take `me` off `room`'s waiting lists.
+    pub fn forget_later(&self, room: &str, me: &Endpoint) {
+        self.with(|t| {
+            if t.gone.len() < GONE {
+                t.gone.push((room.to_owned(), me.clone()));
+            }
+        });
+        self.janitor.notify_one();
+    }
+
+    /// What the janitor is to do, once there is something.
+    pub async fn gone(&self) -> Vec<(String, Endpoint)> {
+        loop {
+            let gone = self.with(|t| std::mem::take(&mut t.gone));
+            if !gone.is_empty() {
+                return gone;
+            }
+            self.janitor.notified().await;
         }
     }
 

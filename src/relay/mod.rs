@@ -142,6 +142,20 @@ pub enum Piece {
     End,
 }
 
+/// Takes the waiting-list entries of held upgrades whose requests were dropped (see
+/// [`locals::Locals::forget_later`]) off their lists, so a host's next socket is not taken for
+/// late because of a socket that is gone. Owned by the server, which aborts it at exit.
+pub async fn janitor<E: Engine>(engine: E) {
+    let locals = engine.router().relays().clone();
+    loop {
+        for (room, me) in locals.gone().await {
+            if let Err(e) = engine.relay_forget(&room, &me).await {
+                tracing::debug!(error = %e, "relay entry of a dropped upgrade not cleared");
+            }
+        }
+    }
+}
+
 /// Hands `piece` to the relay socket `to`, wherever it is; `false` when nobody took it.
 pub async fn post<E: Engine>(engine: &E, to: &Endpoint, piece: Piece) -> EngineResult<bool> {
     let router = engine.router();
