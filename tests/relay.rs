@@ -87,6 +87,12 @@ async fn connect(url: &str) -> Result<Socket, tungstenite::Error> {
     tokio_tungstenite::connect_async(url).await.map(|(s, _)| s)
 }
 
+/// A connect left running (a host upgrade the server may hold).
+fn connecting(url: &str) -> tokio::task::JoinHandle<Result<Socket, tungstenite::Error>> {
+    let url = url.to_owned();
+    tokio::spawn(async move { connect(&url).await })
+}
+
 fn status_of(e: &tungstenite::Error) -> Option<u16> {
     match e {
         tungstenite::Error::Http(r) => Some(r.status().as_u16()),
@@ -288,7 +294,7 @@ async fn a_held_host_socket_pairs_with_a_joiner_and_frames_pass_unchanged(engine
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
         // No 101 while nobody waits.
-        let pending = tokio::spawn(async move { connect(&host_url).await });
+        let pending = connecting(&host_url);
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert!(
             !pending.is_finished(),
@@ -402,8 +408,7 @@ async fn a_host_socket_that_does_not_speak_first_is_closed_and_the_next_is_used(
     let api = s.api();
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
-        let url = host_url.clone();
-        let silent = tokio::spawn(async move { connect(&url).await });
+        let silent = connecting(&host_url);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
         let mut wrong = silent.await.unwrap().unwrap();
@@ -549,8 +554,7 @@ async fn relay_sockets_are_members_and_waiting_ones_are_capped(engine: Engine) {
         // Late host upgrades (reconnects) held per session are capped: two fit, then 503.
         let mut late = Vec::new();
         for _ in 0..2 {
-            let url = host_url.clone();
-            late.push(tokio::spawn(async move { connect(&url).await }));
+            late.push(connecting(&host_url));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let e = connect(&host_url).await.unwrap_err();
@@ -707,8 +711,7 @@ async fn a_held_upgrade_whose_client_goes_leaves_nothing_behind(engine: Engine) 
     let api = s.api();
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
-        let url = host_url.clone();
-        let first = tokio::spawn(async move { connect(&url).await });
+        let first = connecting(&host_url);
         tokio::time::sleep(Duration::from_millis(300)).await;
         first.abort();
         tokio::time::sleep(Duration::from_millis(300)).await;
