@@ -179,6 +179,7 @@ async fn token_for<E: Engine>(
             .engine
             .mint_token(&access.session.id, Grant::Joiner)
             .await?),
+        // (A relay token admits nothing here: `access::admit` refused it.)
         Grant::Host | Grant::Joiner | Grant::Relay => Ok(Some(id.to_owned())),
     }
 }

@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Bytes;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::bus::{decode, encode, encode_raw, Body, Bus};
 use super::Inner;
-use axum::body::Bytes;
-
 use crate::peers::CloseReason;
 use crate::protocol::ServerMessage;
 use crate::relay::Piece;
@@ -166,8 +165,9 @@ impl Pushes {
         }
     }
 
-    /// A relay piece for a local relay socket. An offer or a frame nobody here takes is
-    /// answered (declined, ended) so the sender's side pairs again or ends too.
+    /// A relay piece for a local relay socket. An offer nobody here takes (the held socket went)
+    /// is declined, so the joiner pairs again; any other piece for a gone socket is dropped: its
+    /// partner learns of the end from the room (`peer_left`).
     fn relay(&self, to: &str, p: &str, from: Option<&str>, n: Option<u32>, raw: Bytes) {
         let Some(piece) = super::relay::piece(p, from, n, raw) else {
             crate::metrics::push_dropped("unparsable");
