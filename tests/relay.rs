@@ -733,18 +733,26 @@ async fn a_held_upgrade_whose_client_goes_leaves_nothing_behind(engine: Engine) 
 
 /// Two instances on one Redis: instance 0 takes the hosts, instance 1 the joiners.
 async fn two(redis: &RedisServer) -> (Server, Server) {
+    two_with(redis, &[]).await
+}
+
+/// [`two`], with `extra` flags for both.
+async fn two_with(redis: &RedisServer, extra: &[&str]) -> (Server, Server) {
     let secret = format!("relay-{}-{}", uuid(), uuid());
     let start = || {
-        ServerBuilder::new().redis_url(&redis.url()).args([
-            "--secret",
-            &secret,
-            "--heartbeat-interval",
-            "250ms",
-            "--instance-timeout",
-            "1500ms",
-            "--relay-hold",
-            "3s",
-        ])
+        ServerBuilder::new()
+            .redis_url(&redis.url())
+            .args(extra.iter().copied())
+            .args([
+                "--secret",
+                &secret,
+                "--heartbeat-interval",
+                "250ms",
+                "--instance-timeout",
+                "1500ms",
+                "--relay-hold",
+                "3s",
+            ])
     };
     let (a, b) = tokio::join!(start().start(), start().start());
     for s in [&a, &b] {
@@ -822,6 +830,41 @@ async fn split_pair(killed: Killed) {
             "survivor closed {:?} after the other instance died",
             started.elapsed()
         );
+    })
+    .await;
+    drop((a, b));
+}
+
+/// Sockets waiting on an instance that is killed leave entries in the session's lists; once the
+/// instance is written off they no longer count against `--relay-max-waiting`.
+#[tokio::test]
+async fn waiting_entries_of_a_killed_instance_do_not_keep_live_sockets_out() {
+    let redis = RedisServer::start();
+    let (a, b) = two_with(&redis, &["--relay-max-waiting", "2"]).await;
+    bounded_for(LIMIT, async {
+        let (id, code, host_url) = relay_session(&a.api()).await;
+        let on_b: Vec<_> = (0..3).map(|_| connecting(&on(&host_url, &b))).collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            on_b.iter().all(|c| !c.is_finished()),
+            "one fresh, two late, all held"
+        );
+        b.signal(libc::SIGKILL);
+        // Written off after the instance timeout (1.5 s), reaped soon after.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let url = on(&host_url, &a);
+        let mine = connecting(&url);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !mine.is_finished(),
+            "held, not refused for the dead instance's entries"
+        );
+        let mut joiner = connect(&on(&join_url(&a.api(), &id, &code).await, &a))
+            .await
+            .unwrap();
+        let mut host = mine.await.unwrap().expect("paired with the joiner");
+        host.send(Message::text(APPROVAL)).await.unwrap();
+        assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
     })
     .await;
     drop((a, b));

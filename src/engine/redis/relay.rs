@@ -12,7 +12,58 @@ use crate::engine::EngineResult;
 use crate::relay::{Arrival, Endpoint, Limits, Mark, Piece, Side};
 
 impl Inner {
+    /// The pairing step; a full list is first cleared of the entries of instances that are no
+    /// longer alive (killed while their sockets waited), so their dead entries cannot keep a
+    /// live socket out until they age out.
     pub(super) async fn relay_arrive(
+        &self,
+        room: &str,
+        side: Side,
+        me: &Endpoint,
+        limits: Limits,
+    ) -> EngineResult<Arrival> {
+        let arrival = self.arrive_once(room, side, me, limits).await?;
+        if arrival != Arrival::Crowded || self.purge_dead(room).await? == 0 {
+            return Ok(arrival);
+        }
+        self.arrive_once(room, side, me, limits).await
+    }
+
+    /// Removes the entries of the session's waiting lists whose instance is not in the live set;
+    /// says how many went. (Two slots: the lists', the live set's; each entry is removed by
+    /// value, so a concurrent change costs nothing but a missed removal.)
+    async fn purge_dead(&self, room: &str) -> EngineResult<usize> {
+        let mut gone = 0;
+        for list in ["late", "joiners", "hosts"] {
+            let key = self.keys.relay(room, list);
+            let entries: Vec<String> = self
+                .query(redis::cmd("LRANGE").arg(&key).arg(0).arg(-1))
+                .await?;
+            for entry in entries {
+                let Some(owner) = entry.split('|').nth(1) else {
+                    continue;
+                };
+                let score = redis::cmd("ZSCORE")
+                    .arg(self.keys.alive())
+                    .arg(owner)
+                    .clone();
+                if self.query::<Option<f64>>(&score).await?.is_none() {
+                    let rem = redis::cmd("LREM").arg(&key).arg(0).arg(&entry).clone();
+                    gone += self.query::<usize>(&rem).await?;
+                }
+            }
+        }
+        if gone > 0 {
+            tracing::info!(
+                session = room,
+                gone,
+                "relay entries of dead instances removed"
+            );
+        }
+        Ok(gone)
+    }
+
+    async fn arrive_once(
         &self,
         room: &str,
         side: Side,
