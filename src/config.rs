@@ -16,7 +16,7 @@ fn ip_net(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("not an address or CIDR: {s}"))
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
-}
+use crate::config::duration;
 
 /// Which sessions are relay sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -170,7 +170,7 @@ async fn answer<E: Engine>(
             let first = drained(&mut queue, tokio::time::timeout(FIRST_FRAME, stream.next())).await;
             let approval = match first {
                 Some(Ok(Some(Ok(Message::Text(t))))) if t.as_str().starts_with(APPROVAL_PREFIX) => {
-                    Some(Message::Text(t))
+                    Some(Piece::Text(t))
                 }
                 _ => None,
             };
@@ -188,9 +188,7 @@ async fn answer<E: Engine>(
                     let accepted = post(&app.engine, &joiner, Piece::Accepted { from: me.clone() })
                         .await
                         .unwrap_or(false)
-                        && post(&app.engine, &joiner, Piece::Frame(first))
-                            .await
-                            .unwrap_or(false);
+                        && post(&app.engine, &joiner, first).await.unwrap_or(false);
                     if accepted {
                         crate::metrics::relay_event("paired");
                         tracing::info!(%joiner, "relay pair formed");

@@ -35,7 +35,8 @@ pub mod socket;
 use std::fmt;
 use std::time::Duration;
 
-use tungstenite::Message;
+use axum::body::Bytes;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::engine::{Engine, EngineResult};
 
@@ -134,12 +135,26 @@ pub enum Piece {
     /// The host socket this joiner took cannot be its partner (gone, or not the host's
     /// acceptor socket): pair again.
     Declined,
-    /// A client frame, text or binary, unchanged.
-    Frame(Message),
+    /// A client frame, unchanged: text...
+    Text(Utf8Bytes),
+    /// ...or binary (the only kinds a relay forwards; see [`Piece::frame`]).
+    Binary(Bytes),
     /// The receiving side wrote this many frames: as many more may be sent.
     Ack(u32),
     /// The partner's socket ended.
     End,
+}
+
+impl Piece {
+    /// A client's data frame as a piece; `None` for control frames (ping, pong, close), which
+    /// the relay answers itself.
+    pub fn frame(msg: Message) -> Option<Piece> {
+        match msg {
+            Message::Text(t) => Some(Piece::Text(t)),
+            Message::Binary(b) => Some(Piece::Binary(b)),
+            _ => None,
+        }
+    }
 }
 
 /// Takes the waiting-list entries of held upgrades whose requests were dropped (see

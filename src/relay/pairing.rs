@@ -36,13 +36,20 @@ fn purge(list: &mut VecDeque<(Instant, Endpoint)>, now: Instant, stale: Duration
 pub struct Queues {
     rooms: HashMap<String, Lists>,
     origin: Instant,
+    /// Forgotten sessions are pruned when `rooms` reaches this many (then it doubles from what
+    /// remains), so pruning costs O(1) per call amortized instead of a scan each time.
+    prune_at: usize,
 }
+
+/// Sessions kept before the first prune.
+const PRUNE_FROM: usize = 64;
 
 impl Default for Queues {
     fn default() -> Self {
         Queues {
             rooms: HashMap::new(),
             origin: Instant::now(),
+            prune_at: PRUNE_FROM,
         }
     }
 }
@@ -66,6 +73,7 @@ impl Queues {
         now: Instant,
     ) -> Arrival {
         let ms = self.ms(now);
+        self.prune(now, p.stale);
         let lists = self.rooms.entry(room.to_owned()).or_default();
         for list in [&mut lists.hosts, &mut lists.joiners, &mut lists.late] {
             purge(list, now, p.stale);
@@ -108,15 +116,29 @@ impl Queues {
         }
     }
 
-    pub fn mark(&mut self, room: &str, now: Instant) -> Mark {
-        let ms = self.ms(now);
-        let forget = FORGET_AFTER.as_millis() as u64;
+    /// Forgets the sessions with nobody waiting (stale entries aside) and no recent mark, once
+    /// there are `prune_at` of them.
+    fn prune(&mut self, now: Instant, stale: Duration) {
+        if self.rooms.len() < self.prune_at {
+            return;
+        }
+        let (ms, forget) = (self.ms(now), FORGET_AFTER.as_millis() as u64);
         self.rooms.retain(|_, l| {
+            for list in [&mut l.hosts, &mut l.joiners, &mut l.late] {
+                purge(list, now, stale);
+            }
             !l.hosts.is_empty()
                 || !l.joiners.is_empty()
                 || !l.late.is_empty()
                 || ms.saturating_sub(l.mark) < forget
         });
+        self.prune_at = (2 * self.rooms.len()).max(PRUNE_FROM);
+    }
+
+    pub fn mark(&mut self, room: &str, now: Instant) -> Mark {
+        let ms = self.ms(now);
+        // (Entries age out with the arrivals' own limits; here only empty sessions go.)
+        self.prune(now, Duration::MAX);
         let lists = self.rooms.entry(room.to_owned()).or_default();
         let prev = std::mem::replace(&mut lists.mark, ms);
         Mark { set: ms, prev }
@@ -202,6 +224,24 @@ mod tests {
         let at = t0 + Duration::from_secs(13);
         let h2 = q.arrive("s", Side::Host, &ep("h2"), p, at);
         assert_eq!(h2, Arrival::Queued, "a later mark stays");
+    }
+
+    #[test]
+    fn forgotten_sessions_are_pruned_as_they_grow() {
+        let mut q = Queues::default();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            q.mark(&format!("s{i}"), t0);
+        }
+        assert!(q.rooms.len() >= 100, "recent marks are kept");
+        let later = t0 + FORGET_AFTER + Duration::from_secs(1);
+        for i in 0..200 {
+            q.mark(&format!("t{i}"), later);
+        }
+        assert!(
+            q.rooms.keys().all(|r| r.starts_with('t')),
+            "the old ones went"
+        );
     }
 
     #[test]

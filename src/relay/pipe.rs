@@ -116,19 +116,12 @@ impl<'a, E: Engine> Pipe<'a, E> {
         loop {
             tokio::select! {
                 piece = inbox.rx.recv() => match piece {
-                    Some(Piece::Frame(msg)) => {
-                        let n = msg.len();
-                        let sent = tokio::time::timeout(config.write_timeout, sink.send(msg)).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            return (Close::silent(), true);
-                        }
-                        crate::metrics::relay_bytes(n);
-                        self.unacked += 1;
-                        if self.unacked >= ACK_EVERY || inbox.rx.is_empty() {
-                            let n = std::mem::take(&mut self.unacked);
-                            let _ = post(&self.app.engine, self.partner, Piece::Ack(n)).await;
-                        }
-                    }
+                    Some(Piece::Text(t)) => if !self.write(sink, Message::Text(t), inbox).await {
+                        return (Close::silent(), true);
+                    },
+                    Some(Piece::Binary(b)) => if !self.write(sink, Message::Binary(b), inbox).await {
+                        return (Close::silent(), true);
+                    },
                     Some(Piece::Ack(n)) => self.credit = (self.credit + n).min(WINDOW),
                     Some(Piece::End) => return (self.partner_gone(), false),
                     // A host socket this joiner gave up on accepted it late: not the partner.
@@ -140,25 +133,26 @@ impl<'a, E: Engine> Pipe<'a, E> {
                     None => return (Close::send(1011, "relay overrun"), true),
                 },
                 msg = stream.next(), if self.credit > 0 => match msg {
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        return (Close::silent(), true);
+                    }
+                    Some(Ok(msg)) => {
                         last_seen = Instant::now();
-                        self.pace(msg.len()).await;
+                        let n = msg.len();
+                        let Some(piece) = Piece::frame(msg) else {
+                            // A ping (tungstenite queued the pong: send it now) or a pong.
+                            let _ = tokio::time::timeout(config.write_timeout, sink.flush()).await;
+                            continue;
+                        };
+                        self.pace(n).await;
                         self.credit -= 1;
-                        let delivered = post(&self.app.engine, self.partner, Piece::Frame(msg))
+                        let delivered = post(&self.app.engine, self.partner, piece)
                             .await
                             .unwrap_or(false);
                         if !delivered {
                             crate::metrics::relay_event("partner_unreachable");
                             return (Close::send(1011, "the other side is unreachable"), false);
                         }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                        return (Close::silent(), true);
-                    }
-                    Some(Ok(_)) => {
-                        // A ping (tungstenite queued the pong: send it now) or a pong.
-                        last_seen = Instant::now();
-                        let _ = tokio::time::timeout(config.write_timeout, sink.flush()).await;
                     }
                 },
                 frame = queue.recv() => match frame {
@@ -194,6 +188,26 @@ impl<'a, E: Engine> Pipe<'a, E> {
                 }
             }
         }
+    }
+
+    /// Writes one of the partner's frames to this socket and acknowledges written frames in
+    /// batches (or at once when nothing else waits); `false` when the socket is gone.
+    async fn write(&mut self, sink: &mut Sink, msg: Message, inbox: &Inbox) -> bool {
+        let n = msg.len();
+        let timeout = self.app.config.write_timeout;
+        if !matches!(
+            tokio::time::timeout(timeout, sink.send(msg)).await,
+            Ok(Ok(()))
+        ) {
+            return false;
+        }
+        crate::metrics::relay_bytes(n);
+        self.unacked += 1;
+        if self.unacked >= ACK_EVERY || inbox.rx.is_empty() {
+            let n = std::mem::take(&mut self.unacked);
+            let _ = post(&self.app.engine, self.partner, Piece::Ack(n)).await;
+        }
+        true
     }
 
     /// The partner ended: at the session's time limit (its side noticed first) this side is

@@ -3,7 +3,6 @@
 //! a client frame raw after the header), handed to the socket's inbox where it arrives.
 
 use axum::body::Bytes;
-use tungstenite::Message;
 
 use super::bus::{encode_raw, Bus};
 use super::fenced;
@@ -30,24 +29,24 @@ impl Inner {
     }
 
     /// Removes the entries of the session's waiting lists whose instance is not in the live set;
-    /// says how many went. (Two slots: the lists', the live set's; each entry is removed by
-    /// value, so a concurrent change costs nothing but a missed removal.)
+    /// says how many went. One read of the live set, one of each list, and a removal per dead
+    /// entry (by value: a concurrent change costs nothing but a missed removal). Two slots, the
+    /// lists' and the live set's, so not one script.
     async fn purge_dead(&self, room: &str) -> EngineResult<usize> {
+        let live = redis::cmd("ZRANGE")
+            .arg(self.keys.alive())
+            .arg(0)
+            .arg(-1)
+            .clone();
+        let live: std::collections::HashSet<String> = self.query(&live).await?;
         let mut gone = 0;
         for list in ["late", "joiners", "hosts"] {
             let key = self.keys.relay(room, list);
-            let entries: Vec<String> = self
-                .query(redis::cmd("LRANGE").arg(&key).arg(0).arg(-1))
-                .await?;
+            let range = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone();
+            let entries: Vec<String> = self.query(&range).await?;
             for entry in entries {
-                let Some(owner) = entry.split('|').nth(1) else {
-                    continue;
-                };
-                let score = redis::cmd("ZSCORE")
-                    .arg(self.keys.alive())
-                    .arg(owner)
-                    .clone();
-                if self.query::<Option<f64>>(&score).await?.is_none() {
+                let owner = entry.split('|').nth(1).unwrap_or_default();
+                if !live.contains(owner) {
                     let rem = redis::cmd("LREM").arg(&key).arg(0).arg(&entry).clone();
                     gone += self.query::<usize>(&rem).await?;
                 }
@@ -146,9 +145,8 @@ impl Inner {
             Piece::Declined => ("declined", None, None, None),
             Piece::Ack(n) => ("ack", None, Some(n), None),
             Piece::End => ("end", None, None, None),
-            Piece::Frame(Message::Text(t)) => ("text", None, None, Some(Bytes::from(t))),
-            Piece::Frame(Message::Binary(b)) => ("binary", None, None, Some(b)),
-            Piece::Frame(_) => return Ok(true),
+            Piece::Text(t) => ("text", None, None, Some(Bytes::from(t))),
+            Piece::Binary(b) => ("binary", None, None, Some(b)),
         };
         let bus = Bus::Relay {
             to: to.socket.clone(),
@@ -173,8 +171,8 @@ pub(super) fn piece(p: &str, from: Option<&str>, n: Option<u32>, body: Bytes) ->
         "declined" => Piece::Declined,
         "ack" => Piece::Ack(n?),
         "end" => Piece::End,
-        "text" => Piece::Frame(Message::Text(body.try_into().ok()?)),
-        "binary" => Piece::Frame(Message::Binary(body)),
+        "text" => Piece::Text(body.try_into().ok()?),
+        "binary" => Piece::Binary(body),
         _ => return None,
     })
 }
