@@ -152,6 +152,15 @@ fn host_loop(
     (rx, task)
 }
 
+/// A joiner on `url` paired with the acceptor loop's next socket, the approval line seen by
+/// the joiner: (host, joiner).
+async fn paired(url: &str, accepted: &mut tokio::sync::mpsc::Receiver<Socket>) -> (Socket, Socket) {
+    let mut joiner = connect(url).await.unwrap();
+    let host = accepted.recv().await.unwrap();
+    assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
+    (host, joiner)
+}
+
 fn binary(n: usize, seed: u8) -> Message {
     Message::binary(
         (0..n)
@@ -464,9 +473,7 @@ async fn relay_rate_and_duration_are_capped(engine: Engine) {
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
         let (mut accepted, _task) = host_loop(host_url.clone());
-        let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
-        let mut host = accepted.recv().await.unwrap();
-        assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
+        let (mut host, mut joiner) = paired(&join_url(&api, &id, &code).await, &mut accepted).await;
         // 640 KiB at 200 kB/s after a 128 KiB burst: slowed to well over two seconds, not cut.
         let started = Instant::now();
         let reader = tokio::spawn(async move {
@@ -530,9 +537,7 @@ async fn relay_sockets_are_members_and_waiting_ones_are_capped(engine: Engine) {
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
         let (mut accepted, _task) = host_loop(host_url.clone());
-        let mut joiner = connect(&join_url(&api, &id, &code).await).await.unwrap();
-        let mut host = accepted.recv().await.unwrap();
-        assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
+        let (mut host, mut joiner) = paired(&join_url(&api, &id, &code).await, &mut accepted).await;
         // Presence: both relay sockets are members, the host's as `server`.
         let view = admin(
             &base,
@@ -582,9 +587,7 @@ async fn pairs_per_session_are_capped_and_a_gone_hosts_held_sockets_go(engine: E
     bounded_for(LIMIT, async {
         let (id, code, host_url) = relay_session(&api).await;
         let (mut accepted, task) = host_loop(host_url.clone());
-        let mut first = connect(&join_url(&api, &id, &code).await).await.unwrap();
-        let mut host = accepted.recv().await.unwrap();
-        assert_eq!(next(&mut first).await.unwrap(), Message::text(APPROVAL));
+        let (mut host, mut first) = paired(&join_url(&api, &id, &code).await, &mut accepted).await;
         let mut second = connect(&join_url(&api, &id, &code).await).await.unwrap();
         assert_eq!(
             closed(&mut second).await,
@@ -797,9 +800,7 @@ async fn split_pair(killed: Killed) {
         let (id, code, host_url) = relay_session(&a.api()).await;
         let (mut accepted, task) = host_loop(on(&host_url, &a));
         let url = join_url(&b.api(), &id, &code).await;
-        let mut joiner = connect(&on(&url, &b)).await.unwrap();
-        let mut host = accepted.recv().await.unwrap();
-        assert_eq!(next(&mut joiner).await.unwrap(), Message::text(APPROVAL));
+        let (mut host, mut joiner) = paired(&on(&url, &b), &mut accepted).await;
         exchange(&mut host, &mut joiner).await;
         if killed == Killed::Joiners {
             // Credit across instances: the joiner reads late, nothing is lost or reordered.
