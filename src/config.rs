@@ -203,11 +203,14 @@ pub struct Config {
     #[command(flatten)]
     pub relay: crate::relay::RelayConfig,
 
-    /// Frames queued for one peer at most; a peer that falls further behind is disconnected.
+    /// Frames queued for one peer: other clients' relays may fill 3/4 (beyond, they are
+    /// refused and their senders told); relays from other instances one more queue's worth
+    /// while their senders are held; the server's own events up to twice this, beyond which
+    /// the peer is disconnected.
     #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_MESSAGES", default_value_t = 256)]
     pub peer_queue_messages: usize,
 
-    /// Bytes queued for one peer at most; a peer that falls further behind is disconnected.
+    /// Bytes queued for one peer, shared out as `--peer-queue-messages` is.
     #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub peer_queue_bytes: usize,
 

@@ -20,7 +20,7 @@
 //! | [`engine::redis`] | Redis engine: stateless instances, Lua scripts in `lua/`, pub/sub routing |
 //! | [`engine::admin`] | what the Admin API reads and does through an engine |
 //! | [`router`] | this instance's sockets, memberships and room views: the one local delivery path |
-//! | [`peers`] | the sockets' bounded outbound queues |
+//! | [`peers`] | the sockets' bounded outbound queues, and backpressure (waits for room, holds across instances) |
 //! | [`http`] | HTTP plumbing (state, errors, public URLs), health and readiness |
 //! | [`sessions`] | register, status, HTTP join, attach: capabilities handed out |
 //! | [`mailbox`] | offers and answers, acting for the peer of the URL's token |

@@ -55,6 +55,7 @@ pub const SERIES: &[(&str, Kind, &str)] = &[
     ("beach_road_fencings_total", Kind::Counter, "Times this instance found itself written off and fenced itself"),
     ("beach_road_disconnects_total", Kind::Counter, "WebSockets closed by the server, by reason"),
     ("beach_road_senders_paced_total", Kind::Counter, "Frames a sender had to wait for (over its message or byte rate)"),
+    ("beach_road_senders_held_total", Kind::Counter, "Times a sender's reading was held for a recipient on another instance past its relay share"),
     ("beach_road_refusals_total", Kind::Counter, "Requests, upgrades and connections refused, by reason"),
     ("beach_road_code_failures_total", Kind::Counter, "Wrong join codes"),
     ("beach_road_relay_sockets", Kind::Gauge, "Relay sockets on this instance (held, waiting or paired)"),
@@ -304,6 +305,10 @@ pub fn disconnected(reason: &'static str) {
 
 pub fn paced() {
     counter!("beach_road_senders_paced_total").increment(1);
+}
+
+pub fn sender_held() {
+    counter!("beach_road_senders_held_total").increment(1);
 }
 
 pub fn refused(reason: &'static str) {

@@ -448,6 +448,12 @@ pub trait Engine: Clone + Send + Sync + 'static {
         }
     }
 
+    /// Releases senders on other instances that were held for a local socket's queue (see
+    /// [`crate::peers::Hold`]); only the Redis engine has such senders.
+    fn release(&self, held: Vec<crate::peers::Held>) {
+        debug_assert!(held.is_empty(), "senders held in-process: {held:?}");
+    }
+
     /// `Ok` while this instance can serve: the store answers and routing works.
     fn ready(&self) -> impl Future<Output = EngineResult<()>> + Send;
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::view::{Event, Known, Member, RoomView, MAX_PER_ROOM};
 use super::{Groups, Membership, Table};
-use crate::peers::{Class, Queued};
+use crate::peers::{Class, Held, Queued};
 use crate::protocol::{Frame, ServerMessage};
 
 /// Room events queued for a local socket whose join script has run but whose `Joined` has not
@@ -148,14 +148,18 @@ impl Table {
         frame: &Frame,
         class: Class,
     ) -> Queued {
-        let ok = match self.joined.get(peer) {
-            Some(m) => m.room == room,
-            None => self.peers.contains(peer),
-        };
-        if ok {
+        if self.is_member_here(room, peer) {
             self.peers.deliver(peer, frame, class)
         } else {
             Queued::Absent
+        }
+    }
+
+    /// `peer` is a local member of `room`, or a local socket whose join is in flight.
+    fn is_member_here(&self, room: &str, peer: &str) -> bool {
+        match self.joined.get(peer) {
+            Some(m) => m.room == room,
+            None => self.peers.contains(peer),
         }
     }
 
@@ -211,14 +215,15 @@ impl Table {
     }
 
     /// Frames from another instance for local members `to` of `room` (see
-    /// [`super::Router::deliver_remote`]); returns those whose queues refused a relayed frame.
+    /// [`super::Router::deliver_remote`]).
     pub(super) fn deliver_remote(
         &mut self,
         room: &str,
         to: &[String],
         frame: &Frame,
         ev: Option<Event>,
-    ) -> Vec<(String, bool)> {
+        from: Option<&Held>,
+    ) -> Remote {
         let id = self.id.clone();
         if let Some(view) = self.rooms.get_mut(room) {
             match &ev {
@@ -227,17 +232,34 @@ impl Table {
                 None => {}
             }
         }
-        let mut refused = Vec::new();
+        let mut out = Remote::default();
         for peer in to {
-            match &ev {
-                Some(ev) => self.tell(room, peer, ev, frame),
-                None => match self.deliver_member(room, peer, frame, Class::Relay) {
+            let Some(ev) = &ev else {
+                let queued = if self.is_member_here(room, peer) {
+                    self.peers.deliver_remote(peer, frame, from)
+                } else {
+                    Queued::Absent
+                };
+                match queued {
                     Queued::Yes => {}
-                    Queued::Full(_) => refused.push((peer.clone(), true)),
-                    Queued::Absent => refused.push((peer.clone(), false)),
-                },
-            }
+                    Queued::Hold(held) => out.holds.push(held),
+                    Queued::Full(_) => out.refused.push((peer.clone(), true)),
+                    Queued::Absent => out.refused.push((peer.clone(), false)),
+                }
+                continue;
+            };
+            self.tell(room, peer, ev, frame);
         }
-        refused
+        out
     }
+}
+
+/// What became of a relayed frame from another instance (see [`Table::deliver_remote`]).
+#[derive(Debug, Default)]
+pub struct Remote {
+    /// Recipients that did not get it, each with whether its queue was full (else it is no
+    /// member here any more): the sender is told.
+    pub refused: Vec<(String, bool)>,
+    /// Senders to hold: a recipient's queue is past its relay share.
+    pub holds: Vec<Held>,
 }

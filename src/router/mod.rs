@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use self::events::InFlight;
+pub use self::events::Remote;
 use self::view::RoomView;
 pub use self::view::{Event, Known, Member};
-use crate::peers::{Class, CloseReason, LocalPeers, PeerQueue, QueueLimits, Queued, Space};
+use crate::peers::{Class, CloseReason, Held, LocalPeers, PeerQueue, QueueLimits, Queued, Space};
 use crate::protocol::Frame;
 
 /// A local socket's membership: the room and the instance id it joined under.
@@ -237,7 +238,7 @@ impl Router {
             if t.joined.get(to).is_some_and(|m| m.room == room) {
                 return match t.peers.deliver(to, frame, Class::Relay) {
                     Queued::Full(space) => Route::Full(space),
-                    Queued::Yes => Route::Delivered,
+                    Queued::Yes | Queued::Hold(_) => Route::Delivered,
                     Queued::Absent => Route::Absent,
                 };
             }
@@ -296,17 +297,29 @@ impl Router {
     }
 
     /// Frames from another instance for local members `to` of `room`: a room event (`ev`) is
-    /// told to whoever has not been told it; a relayed frame (`ev` is `None`) is delivered.
-    /// Returns the recipients of a relayed frame that did not get it, each with whether its
-    /// queue was full (else it is no member here any more).
+    /// told to whoever has not been told it; a relayed frame (`ev` is `None`) from `from` is
+    /// delivered (see [`LocalPeers::deliver_remote`](crate::peers::LocalPeers::deliver_remote)).
     pub fn deliver_remote(
         &self,
         room: &str,
         to: &[String],
         frame: &Frame,
         ev: Option<Event>,
-    ) -> Vec<(String, bool)> {
-        self.with(|t| t.deliver_remote(room, to, frame, ev))
+        from: Option<&Held>,
+    ) -> Remote {
+        self.with(|t| t.deliver_remote(room, to, frame, ev, from))
+    }
+
+    /// A recipient elsewhere is past its relay share: local `peer` holds its reading until
+    /// released, at most [`HOLD_WAIT`](crate::peers::HOLD_WAIT).
+    pub fn hold(&self, peer: &str) {
+        let until = tokio::time::Instant::now() + crate::peers::HOLD_WAIT;
+        self.with(|t| t.peers.hold(peer, until))
+    }
+
+    /// Local `peer`'s hold is released.
+    pub fn release(&self, peer: &str) {
+        self.with(|t| t.peers.release(peer))
     }
 
     /// The subscription may have missed broadcasts (it is down, or was): routes are suspect.

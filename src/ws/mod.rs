@@ -240,6 +240,8 @@ impl<E: Engine> Connection<E> {
         let (mut sink, mut stream) = socket.split();
         let mut queue = self.app.engine.connect(&self.peer_id);
         let end = self.serve(&mut sink, &mut stream, &mut queue).await;
+        // Senders elsewhere held for this socket need not wait out their hold.
+        self.app.engine.release(queue.released(true));
         if let Some(why) = end.metric {
             crate::metrics::disconnected(why);
         }
@@ -290,7 +292,9 @@ impl<E: Engine> Connection<E> {
         // Dropped with `serve`: relays still under way were sent already (their commands are on
         // the wire ahead of the leave's); their outcomes have nobody to be reported to.
         let mut relays: Relays<E> = FuturesUnordered::new();
+        let hold = queue.hold();
         loop {
+            let held = hold.until();
             tokio::select! {
                 _ = &mut closing => {
                     return End { jitter: true, ..End::closed_by(CloseReason::GoingAway) };
@@ -317,12 +321,14 @@ impl<E: Engine> Connection<E> {
                         return End::closed_by(reason);
                     }
                 },
+                // Held by a recipient elsewhere: no frame is read until it is lifted.
+                _ = hold.lifted(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {}
                 Some((to, outcome)) = relays.next(), if !relays.is_empty() => {
                     if !Box::pin(self.report(sink, &to, outcome)).await {
                         return End::silent();
                     }
                 }
-                msg = stream.next(), if relays.len() < MAX_IN_FLIGHT => {
+                msg = stream.next(), if relays.len() < MAX_IN_FLIGHT && held.is_none() => {
                     let msg = match msg {
                         Some(Ok(msg)) => msg,
                         // An abrupt disconnect is ordinary for these clients: debug, not error.
@@ -405,6 +411,8 @@ impl<E: Engine> Connection<E> {
         };
         let done = tokio::time::timeout(self.app.config.write_timeout, batch).await;
         self.cork.set(false);
+        // Back within its relay share: senders elsewhere held for it may go on.
+        self.app.engine.release(queue.released(false));
         matches!(done, Ok(Ok(())))
     }
 

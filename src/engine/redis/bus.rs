@@ -48,6 +48,11 @@ pub(crate) enum Bus {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         n: Option<u32>,
     },
+    /// Local member `to` is to hold its reading: a recipient of its relays on the sending
+    /// instance is past its relay share (`crate::peers::Hold`).
+    Hold { to: String },
+    /// Local member `to` may read again.
+    Release { to: String },
     /// A relayed frame from local member `to` could not be delivered to `peer`.
     Refused {
         room: String,

@@ -3,7 +3,8 @@
 //! Sessions, the mailbox, room membership and instance liveness live in Redis and change only
 //! through the Lua scripts of `lua/` (one per operation, see [`scripts`]). An instance keeps only
 //! its own sockets, in the shared [`Router`]. A frame for a peer on another instance is
-//! published to that instance's channel ([`bus`]); what arrives there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
+//! published to that instance's channel ([`bus`]) through the [`outbox`], in order; what arrives
+//! there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
 //! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
 //! [`reaper`]; keeping sessions with members alive in [`refresh`]; the Admin API's reads and
 //! closes in [`admin`]; the connection and its errors in [`conn`].
@@ -17,6 +18,7 @@ mod bus;
 mod conn;
 mod keys;
 mod liveness;
+mod outbox;
 mod pushes;
 mod reaper;
 mod refresh;
@@ -84,6 +86,8 @@ pub(crate) struct Inner {
     router: Arc<Router>,
     /// What arrives on this instance's channel (the manager calls it).
     pushes: Arc<Pushes>,
+    /// What this instance publishes to the others, in order.
+    outbox: Arc<outbox::Outbox>,
     /// Leaves whose Redis part failed; the liveness task retries them.
     retries: Mutex<Vec<(String, Membership)>>,
     last_tick: Arc<AtomicU64>,
@@ -126,7 +130,16 @@ impl RedisEngine {
         let router = Arc::new(Router::new(&id, config.queue));
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
-        let (pushes, reports) = Pushes::new(router.clone(), gen.clone(), last_tick.clone(), origin);
+        let keys = Keys::new(&settings.key_prefix);
+        let outbox = Arc::new(outbox::Outbox::default());
+        let pushes = Pushes::new(
+            router.clone(),
+            gen.clone(),
+            last_tick.clone(),
+            origin,
+            keys.clone(),
+            outbox.clone(),
+        );
         let cm = build_manager(&settings.url, config.call_timeout, pushes.clone(), 0)?;
         let (conn_tx, conn_rx) = watch::channel(cm);
         let (inst_tx, inst_rx) = watch::channel(Instance {
@@ -136,7 +149,8 @@ impl RedisEngine {
         let (stop_tx, stop_rx) = watch::channel(false);
         let repair_wake = router.repair_wake();
         let inner = Arc::new(Inner {
-            keys: Keys::new(&settings.key_prefix),
+            keys,
+            outbox,
             config,
             settings,
             scripts: Scripts::load(),
@@ -163,13 +177,13 @@ impl RedisEngine {
         let refresh_task = tokio::spawn(refresh::refresher(inner.clone(), stop_rx.clone()));
         let reap_task = tokio::spawn(reaper::run(inner.clone(), stop_rx.clone()));
         let repair_task = tokio::spawn(repair::run(inner.clone(), repair_wake, stop_rx.clone()));
-        let report_task = tokio::spawn(pushes::reporter(inner.clone(), reports, stop_rx));
+        let publish_task = tokio::spawn(outbox::publisher(inner.clone(), stop_rx));
         inner.tasks.lock().await.extend([
             live_task,
             reap_task,
             refresh_task,
             repair_task,
-            report_task,
+            publish_task,
         ]);
         Ok(RedisEngine { inner })
     }
@@ -480,6 +494,12 @@ impl Engine for RedisEngine {
         frame: Frame,
     ) -> EngineResult<Sent<Self::Publish>> {
         self.inner.send(room, from, to, frame).await
+    }
+
+    fn release(&self, held: Vec<crate::peers::Held>) {
+        if !held.is_empty() {
+            self.inner.pushes.release(held);
+        }
     }
 
     async fn ready(&self) -> EngineResult<()> {

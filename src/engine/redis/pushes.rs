@@ -6,30 +6,23 @@
 //! After any gap in the subscription (a resubscription after a reconnect or by the watchdog,
 //! also on a replaced manager) room events may have been lost: the router marks its rooms for
 //! repair and wakes the repair task (`super::repair`). A relayed frame a local member cannot
-//! take is reported back to its sender's instance (`Bus::Refused`) by the reporter task, so
-//! every undeliverable message is told to its sender, wherever it is.
+//! take is reported back to its sender's instance (`Bus::Refused`) through the outbox, so
+//! every undeliverable message is told to its sender, wherever it is; so are the holds and
+//! releases of senders elsewhere (`crate::peers::Hold`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
-use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, watch};
-
 use super::bus::{decode, encode, encode_raw, Body, Bus};
-use super::Inner;
-use crate::peers::CloseReason;
+use super::keys::Keys;
+use super::outbox::Outbox;
+use crate::peers::{CloseReason, Held};
 use crate::protocol::ServerMessage;
 use crate::relay::Piece;
 use crate::router::{Event, Known, Router};
-
-/// Refusal reports waiting for the reporter at most; beyond it they are dropped and counted
-/// (a flood of refusals is a flood of frames at a full queue: the flooder's own messages).
-const REPORTS: usize = 1024;
-
-/// A refusal to publish: the sender's instance, and the bus message.
-type Report = (String, Vec<u8>);
+use axum::body::Bytes;
+use redis::{PushInfo, PushKind, Value};
 
 pub(crate) struct Pushes {
     router: Arc<Router>,
@@ -38,7 +31,8 @@ pub(crate) struct Pushes {
     /// Milliseconds since `origin` when our own tick last arrived (0 = never).
     last_tick: Arc<AtomicU64>,
     origin: Instant,
-    reports: mpsc::Sender<Report>,
+    keys: Keys,
+    outbox: Arc<Outbox>,
     lost_reports: AtomicU64,
 }
 
@@ -48,17 +42,18 @@ impl Pushes {
         gen: Arc<AtomicU64>,
         last_tick: Arc<AtomicU64>,
         origin: Instant,
-    ) -> (Arc<Pushes>, mpsc::Receiver<Report>) {
-        let (reports, rx) = mpsc::channel(REPORTS);
-        let pushes = Pushes {
+        keys: Keys,
+        outbox: Arc<Outbox>,
+    ) -> Arc<Pushes> {
+        Arc::new(Pushes {
             router,
             gen,
             last_tick,
             origin,
-            reports,
+            keys,
+            outbox,
             lost_reports: AtomicU64::new(0),
-        };
-        (Arc::new(pushes), rx)
+        })
     }
 
     /// One push of the manager of generation `gen`.
@@ -132,19 +127,31 @@ impl Pushes {
                     })),
                     (None, None) => None,
                 };
-                let relayed = ev.is_none();
-                let refused = self.router.deliver_remote(&room, &to, &frame, ev);
-                if let (true, Some((sender, owner))) = (relayed, from) {
-                    for (peer, full) in refused {
+                let from = from
+                    .filter(|_| ev.is_none())
+                    .map(|(sender, owner)| Held { sender, owner });
+                let out = self
+                    .router
+                    .deliver_remote(&room, &to, &frame, ev, from.as_ref());
+                if let Some(from) = from {
+                    for (peer, full) in out.refused {
                         crate::metrics::relay_error(if full {
                             "recipient_full"
                         } else {
                             "not_member"
                         });
-                        self.report(&owner, &room, &sender, &peer, full);
+                        self.report(&from.owner, &room, &from.sender, &peer, full);
                     }
                 }
+                for held in out.holds {
+                    self.tell(&held.owner, Bus::Hold { to: held.sender });
+                }
             }
+            Bus::Hold { to } => {
+                crate::metrics::sender_held();
+                self.router.hold(&to);
+            }
+            Bus::Release { to } => self.router.release(&to),
             Bus::Close { room, peers } => {
                 let closed = self
                     .router
@@ -187,8 +194,8 @@ impl Pushes {
                 from: None,
                 n: None,
             };
-            // Through the reporter, like refusals: this handler never waits.
-            let _ = self.reports.try_send((from.owner, encode_raw(&bus, &[])));
+            // Through the outbox, like refusals: this handler never waits.
+            self.post(&from.owner, encode_raw(&bus, &[]));
         }
     }
 
@@ -199,10 +206,26 @@ impl Pushes {
             peer: peer.to_owned(),
             full,
         };
-        if self
-            .reports
-            .try_send((owner.to_owned(), encode(&bus, None)))
-            .is_err()
+        self.tell(owner, bus);
+    }
+
+    /// Releases senders elsewhere held for a local socket (see [`crate::peers::Hold`]).
+    pub(crate) fn release(&self, held: Vec<Held>) {
+        for held in held {
+            self.tell(&held.owner, Bus::Release { to: held.sender });
+        }
+    }
+
+    /// Publishes `bus` to instance `owner` through the outbox: this handler never waits.
+    /// A lost hold or release costs at most [`crate::peers::HOLD_WAIT`] of a sender's time.
+    fn tell(&self, owner: &str, bus: Bus) {
+        self.post(owner, encode(&bus, None));
+    }
+
+    /// Queues a report; a full outbox drops it (counted): a flood of refusals is a flood of
+    /// frames at a full queue, the flooder's own messages.
+    fn post(&self, owner: &str, payload: Vec<u8>) {
+        if !self.outbox.post(self.keys.channel(owner), payload)
             && {
                 crate::metrics::push_dropped("report_backlog_full");
                 true
@@ -212,7 +235,7 @@ impl Pushes {
                 .fetch_add(1, Ordering::Relaxed)
                 .is_multiple_of(1000)
         {
-            tracing::warn!("refusal reports backlog full: dropping reports");
+            tracing::warn!("outbox full: dropping refusal reports");
         }
     }
 }
@@ -223,27 +246,5 @@ pub(crate) fn refusal(peer: &str, full: bool) -> String {
         format!("peer {peer} is not keeping up; message dropped")
     } else {
         format!("peer {peer} is not in this session")
-    }
-}
-
-/// Publishes the refusal reports to the senders' instances (each bounded by the call timeout).
-pub(crate) async fn reporter(
-    inner: Arc<Inner>,
-    mut reports: mpsc::Receiver<Report>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let (owner, payload) = tokio::select! {
-            _ = stop.changed() => return,
-            r = reports.recv() => match r {
-                Some(r) => r,
-                None => return,
-            },
-        };
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(inner.keys.channel(&owner)).arg(payload);
-        if let Err(e) = inner.query::<i64>(&cmd).await {
-            tracing::debug!(%owner, error = %e, "refusal report not published");
-        }
     }
 }

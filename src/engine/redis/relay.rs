@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use super::bus::{encode_raw, Bus};
 use super::fenced;
 use super::Inner;
-use crate::engine::EngineResult;
+use crate::engine::{EngineError, EngineResult};
 use crate::relay::{Arrival, Endpoint, Limits, Mark, Piece, Side};
 
 impl Inner {
@@ -154,11 +154,15 @@ impl Inner {
             from,
             n,
         };
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(self.keys.channel(&to.owner))
-            .arg(encode_raw(&bus, body.as_deref().unwrap_or_default()));
-        let receivers: i64 = self.query(&cmd).await?;
-        Ok(receivers > 0)
+        let payload = encode_raw(&bus, body.as_deref().unwrap_or_default());
+        let channel = self.keys.channel(&to.owner);
+        let answer = tokio::time::timeout(
+            self.config.call_timeout,
+            self.outbox.publish(channel, payload),
+        )
+        .await
+        .map_err(|_| EngineError::Busy("outbox full".into()))?;
+        Ok(super::outbox::receivers(answer).await? > 0)
     }
 }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::bus::{encode, known, parse_members, Blob, Bus};
-use super::{fenced, unavailable, Inner};
-use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer, Sent};
+use super::{fenced, outbox, unavailable, Inner};
+use crate::engine::{Delivery, EngineError, EngineResult, JoinResult, Joined, NewPeer, Sent};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 use crate::router::{Groups, Known, Member, Membership, Route};
@@ -39,17 +39,26 @@ impl Inner {
             .collect()
     }
 
-    /// Publishes a room event's messages (see [`Inner::room_event`]) all at once (pipelined on
-    /// the shared connection). A failure is only logged: the room event has happened in Redis.
+    /// Publishes a room event's messages (see [`Inner::room_event`]) through the outbox, behind
+    /// whatever this instance sent before (the leaver's relays go out ahead of its `peer_left`).
+    /// A failure is only logged: the room event has happened in Redis.
     async fn broadcast(&self, messages: Vec<(String, Vec<u8>)>) {
-        let publishes = messages.into_iter().map(|(channel, payload)| async move {
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(&channel).arg(payload);
-            if let Err(e) = self.query::<i64>(&cmd).await {
-                tracing::warn!(%channel, error = %e, "publish to instance failed");
+        let mut answers = Vec::with_capacity(messages.len());
+        for (channel, payload) in messages {
+            let queued = tokio::time::timeout(
+                self.config.call_timeout,
+                self.outbox.publish(channel, payload),
+            );
+            match queued.await {
+                Ok(answer) => answers.push(outbox::receivers(answer)),
+                Err(_) => tracing::warn!("room event not published: outbox full"),
             }
-        });
-        futures::future::join_all(publishes).await;
+        }
+        for r in futures::future::join_all(answers).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "room event publish to an instance failed");
+            }
+        }
     }
 
     /// `to`'s member record in `room`: its owner and seq.
@@ -286,7 +295,7 @@ impl Inner {
                     // flight gets the frame, a peer on its way out does not.
                     return Ok(Sent::Done(
                         match self.router.deliver_member(room, to, &frame) {
-                            Queued::Yes => Delivery::Sent,
+                            Queued::Yes | Queued::Hold(_) => Delivery::Sent,
                             Queued::Full(_) => Delivery::Full,
                             Queued::Absent => Delivery::NotMember,
                         },
@@ -313,34 +322,30 @@ impl Inner {
             left: None,
             from: Some((from.to_owned(), self.current().id)),
         };
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(self.keys.channel(&owner))
-            .arg(encode(&bus, Some(&frame)));
+        // Queued in the socket task, before its next frame is read: a sender's relays (and its
+        // leave's room event) leave this instance in order.
+        let queued = tokio::time::timeout(
+            self.config.call_timeout,
+            self.outbox
+                .publish(self.keys.channel(&owner), encode(&bus, Some(&frame))),
+        );
+        let Ok(answer) = queued.await else {
+            return Err(EngineError::Busy("outbox full".into()));
+        };
         let (inner, room, to) = (self.clone(), room.to_owned(), to.to_owned());
-        let mut publish: BoxFuture<'static, EngineResult<Delivery>> =
-            Box::pin(tokio::task::unconstrained(async move {
-                let receivers = inner.query::<i64>(&cmd).await.inspect_err(|e| {
-                    tracing::warn!(%owner, error = %e, "relay publish failed");
-                })?;
-                if receivers > 0 {
-                    return Ok(Delivery::Sent);
-                }
-                // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
-                // subscription is down. The frame is lost either way; the route goes.
-                inner.router.forget(&room, &to);
-                if !looked_up && inner.lookup(&room, &to).await?.is_none() {
-                    return Ok(Delivery::NotMember);
-                }
-                Ok(Delivery::Unreachable)
-            }));
-        // Polled once here, exempt from tokio's cooperative budget: the PUBLISH is on the shared
-        // connection (or queued for it, in turn) before the sender's next frame is read, so a
-        // sender's relays reach Redis in order. Left to the socket task's `FuturesUnordered`,
-        // a first poll refused by the budget re-queued a publish behind later ones (seen:
-        // frame 56 of 1,000 delivered after 96).
-        if let std::task::Poll::Ready(outcome) = futures::poll!(&mut publish) {
-            return outcome.map(Sent::Done);
-        }
+        let publish: BoxFuture<'static, EngineResult<Delivery>> = Box::pin(async move {
+            let receivers = outbox::receivers(answer).await?;
+            if receivers > 0 {
+                return Ok(Delivery::Sent);
+            }
+            // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
+            // subscription is down. The frame is lost either way; the route goes.
+            inner.router.forget(&room, &to);
+            if !looked_up && inner.lookup(&room, &to).await?.is_none() {
+                return Ok(Delivery::NotMember);
+            }
+            Ok(Delivery::Unreachable)
+        });
         Ok(Sent::Pending(publish))
     }
 }

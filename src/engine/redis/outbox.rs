@@ -1,0 +1,181 @@
+//! This instance's messages to other instances, published in the order they were queued.
+//!
+//! Relays, room events, relay pieces and refusal reports are queued here by whoever sends them
+//! (a socket task waits only while the outbox is full) and one publisher task sends everything
+//! waiting as one pipeline of `PUBLISH`es, then the next. Order is the point: publishes left
+//! to their senders' tasks reach Redis in the order those tasks happen to be polled once the
+//! connection's command queue is full (seen: a signal delivered four places early in a burst
+//! across instances), and a member's relays could overtake the room event of its leave. One
+//! pipeline in flight also batches by itself under load (everything queued while the last one
+//! was answered), so a burst costs one round trip per batch, not per message.
+//!
+//! Not here: the self-ping (`liveness`: it must not queue behind a burst, it measures the
+//! subscription), and the reaper's and the Admin API's pipelines (each one command batch with
+//! the writes it belongs to).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{oneshot, watch, Notify};
+
+use super::{fenced, Inner};
+use crate::engine::{EngineError, EngineResult};
+
+/// Messages waiting at most, and their bytes: a full outbox slows its senders (each waits up
+/// to the call timeout, then its relay fails and it is told), never grows.
+const MAX_MESSAGES: usize = 4096;
+const MAX_BYTES: usize = 16 << 20;
+/// Messages in one pipeline at most.
+const BATCH: usize = 512;
+
+/// What a publish is answered: the number of subscribers that received it.
+pub(crate) type Receivers = oneshot::Receiver<EngineResult<i64>>;
+
+struct Message {
+    channel: String,
+    payload: Vec<u8>,
+    done: Option<oneshot::Sender<EngineResult<i64>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    messages: VecDeque<Message>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct Outbox {
+    queue: Mutex<Queue>,
+    /// Wakes the publisher when a message is queued.
+    ready: Notify,
+    /// Wakes senders waiting for room.
+    space: Notify,
+}
+
+impl Outbox {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a message if there is room; gives it back otherwise.
+    fn try_push(&self, m: Message) -> Result<(), Message> {
+        {
+            let mut q = self.queue();
+            let len = m.payload.len();
+            if q.messages.len() >= MAX_MESSAGES || (q.bytes + len > MAX_BYTES && q.bytes > 0) {
+                return Err(m);
+            }
+            q.bytes += len;
+            q.messages.push_back(m);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues a message whose answer the caller awaits; waits for room (bounded by the
+    /// caller's timeout). The message is queued when this returns: a caller's messages go out
+    /// in the order of its calls.
+    pub(crate) async fn publish(&self, channel: String, payload: Vec<u8>) -> Receivers {
+        let (done, answer) = oneshot::channel();
+        let mut m = Message {
+            channel,
+            payload,
+            done: Some(done),
+        };
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            match self.try_push(m) {
+                Ok(()) => return answer,
+                Err(back) => m = back,
+            }
+            space.await;
+        }
+    }
+
+    /// Queues a message nobody waits for (a report); false if the outbox is full.
+    pub(crate) fn post(&self, channel: String, payload: Vec<u8>) -> bool {
+        let m = Message {
+            channel,
+            payload,
+            done: None,
+        };
+        self.try_push(m).is_ok()
+    }
+
+    /// The next batch, in queue order.
+    fn take(&self) -> Vec<Message> {
+        let batch: Vec<Message> = {
+            let mut q = self.queue();
+            let n = q.messages.len().min(BATCH);
+            let batch: Vec<Message> = q.messages.drain(..n).collect();
+            q.bytes -= batch.iter().map(|m| m.payload.len()).sum::<usize>();
+            batch
+        };
+        if !batch.is_empty() {
+            self.space.notify_waiters();
+        }
+        batch
+    }
+}
+
+/// The publisher task: one pipeline at a time, each bounded by the call timeout. A message
+/// queued by an instance that may have been written off since (it froze with messages
+/// waiting) is not published: its senders are told, as a relay checked before queueing is.
+pub(crate) async fn publisher(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let batch = inner.outbox.take();
+        if batch.is_empty() {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = inner.outbox.ready.notified() => continue,
+            }
+        }
+        if !inner.alive_locally() {
+            answer(batch, Err(fenced("instance may have been written off")));
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for m in &batch {
+            pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload);
+        }
+        let mut cm = inner.cm();
+        let sent = tokio::select! {
+            _ = stop.changed() => return,
+            r = inner.redis("PUBLISH", pipe.query_async::<Vec<i64>>(&mut cm)) => r,
+        };
+        match sent {
+            Ok(receivers) if receivers.len() == batch.len() => {
+                for (m, n) in batch.into_iter().zip(receivers) {
+                    if let Some(done) = m.done {
+                        let _ = done.send(Ok(n));
+                    }
+                }
+            }
+            Ok(_) => answer(
+                batch,
+                Err(EngineError::StoreUnavailable("short pipeline reply".into())),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, messages = batch.len(), "publish to instances failed");
+                answer(batch, Err(e));
+            }
+        }
+    }
+}
+
+fn answer(batch: Vec<Message>, outcome: EngineResult<i64>) {
+    for m in batch {
+        if let Some(done) = m.done {
+            let _ = done.send(outcome.clone());
+        }
+    }
+}
+
+/// The answer of [`Outbox::publish`]; a publisher that stopped (shutdown) fails it.
+pub(crate) async fn receivers(answer: Receivers) -> EngineResult<i64> {
+    answer
+        .await
+        .unwrap_or_else(|_| Err(EngineError::Busy("publisher stopped".into())))
+}

@@ -1,0 +1,272 @@
+//! Waiting instead of refusing: a sender whose relay finds the recipient's queue full waits for
+//! room ([`Space`], same instance), or is held by the recipient's instance ([`Hold`], across
+//! instances, where pub/sub has no backpressure of its own). Either way a recipient that drains
+//! slows its senders to its pace and loses nothing, and one that does not is refused to them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Frames, LocalPeers, PeerShared, Queued};
+use crate::protocol::Frame;
+
+/// A full queue's promise to tell when its socket takes a frame. A sender whose frame found
+/// the recipient's queue full waits on it a little, at most [`SPACE_WAIT`] per frame (a
+/// recipient draining at network speed frees room within microseconds), before giving up and
+/// telling the sender: the sender is slowed down, never the recipient cut off. Once a frame
+/// has waited in vain, the socket counts as not keeping up, and further frames are refused at
+/// once until it has emptied its queue: a reader that takes a frame now and then cannot hold
+/// its senders (the host, and through it the whole room) to its own pace.
+#[derive(Clone, Debug)]
+pub struct Space(pub(super) Arc<PeerShared>);
+
+/// How long a sender waits in all for a full recipient to make room for one frame: far beyond
+/// what a socket writing at network speed needs (one batched write), with room for a loaded
+/// machine's scheduling delays (20 ms was seen to refuse a draining reader under CI load).
+pub const SPACE_WAIT: Duration = Duration::from_millis(100);
+
+impl Space {
+    /// Waits until the socket takes a frame, at most until `deadline`; false if it took none
+    /// (or its queue is closed, or it has not caught up since a frame last waited in vain).
+    pub async fn wait(&self, deadline: tokio::time::Instant) -> bool {
+        if self.0.stalled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let notified = self.0.space.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.0.waiting.store(true, Ordering::Release);
+        if self.0.close_reason().is_some() {
+            return false;
+        }
+        let took = tokio::time::timeout_at(deadline, notified).await.is_ok();
+        if !took {
+            self.0.stalled.store(true, Ordering::Relaxed);
+        }
+        took
+    }
+}
+
+/// A sender on another instance (peer id, its instance), told to hold its reading while the
+/// recipient's queue is past its relay share (see [`LocalPeers::deliver_remote`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub sender: String,
+    pub owner: String,
+}
+
+/// A sender held for a queue: when it was last told to hold, and how many frames the queue
+/// had taken by then.
+#[derive(Debug)]
+pub(super) struct Holding {
+    pub(super) held: Held,
+    at: Instant,
+    taken: u64,
+}
+
+/// Senders held for one recipient at most; more go on unheld (their frames use the slack, and
+/// are refused beyond it).
+const MAX_HELD: usize = 16;
+
+/// How long a sender stays held without being released (a recipient that took frames in that
+/// time holds it again). Longer than a socket task's stall in a write while its kernel buffer
+/// drains (it is woken once a third of the buffer is free: ~170 ms at 7 MB/s on loopback); a
+/// recipient that takes nothing in this time is not keeping up, and the frames its senders send
+/// after this are refused (as a local sender's are after [`SPACE_WAIT`]).
+pub const HOLD_WAIT: Duration = Duration::from_millis(500);
+
+/// A socket's reading held by a recipient on another instance whose queue is past its relay
+/// share (see [`LocalPeers::deliver_remote`]): the socket task reads no frame from its client
+/// until it is released or [`HOLD_WAIT`] has passed, so a burst across instances is slowed to
+/// the recipient's pace instead of refused. It goes on writing: two peers holding each other
+/// still drain.
+pub struct Hold(pub(super) Arc<PeerShared>);
+
+impl Hold {
+    /// Until when reading is held, if it is.
+    pub fn until(&self) -> Option<Instant> {
+        if !self.0.held.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut frames = self.0.frames();
+        match frames.hold_until {
+            Some(until) if until > Instant::now() => Some(until),
+            _ => {
+                frames.hold_until = None;
+                self.0.held.store(false, Ordering::Release);
+                None
+            }
+        }
+    }
+
+    /// Resolves when the hold is released or `until` has passed.
+    pub async fn lifted(&self, until: Instant) {
+        // `notify_one` leaves a permit: a release since `until()` is not missed.
+        let _ = tokio::time::timeout_at(until, self.0.released.notified()).await;
+    }
+}
+
+impl LocalPeers {
+    /// Queues a relayed frame from `from` on another instance for `peer`. Pub/sub has no
+    /// backpressure, so a frame past the relay share is still queued, up to one more queue's
+    /// worth (the frames in flight until the sender holds), and the sender is to be held
+    /// ([`Queued::Hold`], once per sender until released). Beyond that slack, or while the
+    /// queue is stalled, it is refused like a local one.
+    pub fn deliver_remote(&mut self, peer: &str, frame: &Frame, from: Option<&Held>) -> Queued {
+        let Some(slot) = self.slots.get(peer) else {
+            return Queued::Absent;
+        };
+        if slot.shared.gone.load(Ordering::Acquire) {
+            self.slots.remove(peer);
+            return Queued::Absent;
+        }
+        let (share_messages, share_bytes) = self.relay_share();
+        let shared = slot.shared.clone();
+        let mut frames = shared.frames();
+        let within = |f: &Frames, messages: usize, bytes: usize| {
+            f.queue.len() < messages && f.bytes + frame.len() <= bytes
+        };
+        let outcome = if within(&frames, share_messages, share_bytes) {
+            Queued::Yes
+        } else if !shared.stalled.load(Ordering::Relaxed)
+            && within(
+                &frames,
+                share_messages + self.limits.messages.max(1),
+                share_bytes + self.limits.bytes,
+            )
+        {
+            let taken = frames.taken;
+            let crowded = frames.held.len() >= MAX_HELD;
+            let holding = from.and_then(|from| {
+                match frames.held.iter_mut().find(|h| h.held == *from) {
+                    // Its hold has run out while this queue was still draining (it took frames
+                    // since): held again. One that took nothing gets no more holds, and its
+                    // senders' frames overflow the slack and are refused.
+                    Some(h) => {
+                        let renew = taken > h.taken && h.at.elapsed() >= HOLD_WAIT;
+                        renew.then(|| {
+                            (h.at, h.taken) = (Instant::now(), taken);
+                            from.clone()
+                        })
+                    }
+                    None if !crowded => {
+                        frames.held.push(Holding {
+                            held: from.clone(),
+                            at: Instant::now(),
+                            taken,
+                        });
+                        Some(from.clone())
+                    }
+                    None => None,
+                }
+            });
+            frames.release_at = share_messages;
+            holding.map_or(Queued::Yes, Queued::Hold)
+        } else {
+            shared.stalled.store(true, Ordering::Relaxed);
+            return Queued::Full(Space(shared.clone()));
+        };
+        frames.queue.push_back(frame.clone());
+        frames.bytes += frame.len();
+        drop(frames);
+        shared.ready.notify_one();
+        outcome
+    }
+
+    /// Holds local `peer`'s reading for a recipient elsewhere (see [`Hold`]).
+    pub fn hold(&mut self, peer: &str, until: Instant) {
+        if let Some(slot) = self.slots.get(peer) {
+            slot.shared.frames().hold_until = Some(until);
+            slot.shared.held.store(true, Ordering::Release);
+        }
+    }
+
+    /// Releases local `peer`'s hold.
+    pub fn release(&mut self, peer: &str) {
+        if let Some(slot) = self.slots.get(peer) {
+            slot.shared.frames().hold_until = None;
+            slot.shared.held.store(false, Ordering::Release);
+            slot.shared.released.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peers::{Class, QueueLimits};
+
+    fn held(sender: &str) -> Held {
+        Held {
+            sender: sender.into(),
+            owner: "elsewhere".into(),
+        }
+    }
+
+    /// Frames from elsewhere past the relay share (6 of 8) are queued up to one more queue's
+    /// worth (8), each sender is to hold once, and all are released once the queue is back
+    /// within its share; past the slack they are refused and the queue counts as stalled.
+    #[tokio::test]
+    async fn frames_from_elsewhere_use_the_slack_and_hold_their_senders_once() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 8,
+            bytes: 1 << 20,
+        });
+        let mut q = peers.register("r");
+        let (a, b) = (held("a"), held("b"));
+        let f = Frame::from("x");
+        let mut holds = Vec::new();
+        for i in 0..14 {
+            let from = if i % 2 == 0 { &a } else { &b };
+            match peers.deliver_remote("r", &f, Some(from)) {
+                Queued::Yes => {}
+                Queued::Hold(h) => holds.push(h),
+                other => panic!("frame {i}: {other:?}"),
+            }
+        }
+        assert_eq!(holds, vec![a.clone(), b.clone()], "each sender held once");
+        assert!(matches!(
+            peers.deliver_remote("r", &f, Some(&a)),
+            Queued::Full(_)
+        ));
+        // Stalled: a local relay is refused at once too, and waits for nothing.
+        let Queued::Full(space) = peers.deliver("r", &f, Class::Relay) else {
+            panic!("a local relay fits in a stalled, full queue");
+        };
+        assert!(!space.wait(Instant::now() + SPACE_WAIT).await);
+        // Nobody is released until the queue is back within its share (6).
+        for _ in 0..7 {
+            q.try_recv().unwrap();
+            assert!(q.released(false).is_empty());
+        }
+        q.try_recv().unwrap();
+        assert_eq!(q.released(false), vec![a, b]);
+        assert!(q.released(true).is_empty(), "released once");
+    }
+
+    /// A held socket's hold ends when released, or when it runs out.
+    #[tokio::test]
+    async fn a_hold_lifts_when_released_or_timed_out() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 8,
+            bytes: 1024,
+        });
+        let q = peers.register("s");
+        let hold = q.hold();
+        assert_eq!(hold.until(), None);
+        let until = Instant::now() + Duration::from_secs(30);
+        peers.hold("s", until);
+        assert_eq!(hold.until(), Some(until));
+        peers.release("s");
+        tokio::time::timeout(Duration::from_secs(1), hold.lifted(until))
+            .await
+            .expect("a release wakes the held socket");
+        assert_eq!(hold.until(), None);
+        let soon = Instant::now() + Duration::from_millis(20);
+        peers.hold("s", soon);
+        hold.lifted(soon).await;
+        assert_eq!(hold.until(), None, "ran out");
+    }
+}

@@ -1,0 +1,219 @@
+//! Backpressure across instances (issue 9): two real `beach-road` processes on one private
+//! `redis-server`, the host on one, its joiner on the other, senders unpaced (the defaults
+//! allow 50 signals/s after a burst of 200: these tests are about the recipient's queue).
+//!
+//! Pub/sub has no backpressure of its own: a relay published to the recipient's instance
+//! arrives however far behind the recipient is. Its instance therefore queues frames past the
+//! recipient's relay share (up to one more queue's worth) and tells the sender's instance to
+//! hold that sender's reading until the recipient is back within its share. A burst at a peer
+//! that drains loses nothing; a peer that reads nothing gets its senders refused (and told)
+//! after the hold, as a local one does.
+//!
+//! Every test body is bounded; processes are killed when dropped.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::metrics::Scrape;
+use common::{bounded_for, find_peer, uuid, RedisServer, Server, ServerBuilder, Session, Ws};
+
+const UNPACED: [&str; 8] = [
+    "--peer-messages-per-second",
+    "1000000",
+    "--peer-message-burst",
+    "1000000",
+    "--peer-bytes-per-second",
+    "2000000000",
+    "--peer-byte-burst",
+    "2000000000",
+];
+
+/// Two instances on one Redis. Field order: the servers are killed before Redis.
+struct Pair {
+    servers: Vec<Server>,
+    _redis: RedisServer,
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        let redis = RedisServer::start();
+        let secret = format!("backpressure-{}-{}", uuid(), uuid());
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let server = ServerBuilder::new()
+                .redis_url(&redis.url())
+                .args(["--secret", &secret])
+                .args(UNPACED)
+                // The stalled reader below must be ended by the queue rules, not the writes.
+                .args(["--write-timeout", "30s"])
+                .start()
+                .await;
+            servers.push(server);
+        }
+        for s in &servers {
+            let until = Instant::now() + Duration::from_secs(10);
+            while s.api().get("/ready").await.map(|r| r.status).ok() != Some(200) {
+                assert!(Instant::now() < until, "instance not ready within 10 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Pair {
+            servers,
+            _redis: redis,
+        }
+    }
+
+    /// A session on instance 0 with its host there and a joiner on instance 1.
+    async fn host_and_joiner(&self) -> (Ws, Ws) {
+        let s: Session = self.servers[0].api().new_session(None).await;
+        let mut host = Ws::connect(&self.servers[0].ws_url(&s.host)).await;
+        let ok = host.join(Some(&s.code)).await;
+        assert_eq!(find_peer(&ok, &host.id())["role"], "server", "{ok}");
+        let token = self.servers[1].api().join_token(&s.id, &s.code).await;
+        let mut joiner = Ws::connect(&self.servers[1].ws_url(&token)).await;
+        let ok = joiner.join(Some(&s.code)).await;
+        assert_eq!(find_peer(&ok, &joiner.id())["role"], "client", "{ok}");
+        host.recv_type("peer_joined").await;
+        (host, joiner)
+    }
+}
+
+/// A signal of about 1 KiB carrying its sequence number.
+fn signal(to: &str, n: usize) -> Value {
+    json!({"type": "signal", "to_peer": to, "signal": {"n": n, "pad": "x".repeat(1000)}})
+}
+
+/// Reads signals from `ws` until `want` of them came (or nothing for 5 s), about `per_ms` per
+/// millisecond; returns their sequence numbers and any other message.
+async fn read_paced(ws: &mut Ws, want: usize, per_ms: usize) -> (Vec<usize>, Vec<Value>) {
+    let (mut got, mut other) = (Vec::new(), Vec::new());
+    while got.len() < want {
+        match ws.next(Duration::from_secs(5)).await {
+            Ok(Some(v)) if v["type"] == "signal" => {
+                got.push(v["signal"]["n"].as_u64().unwrap() as usize);
+                if got.len().is_multiple_of(per_ms) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            Ok(Some(v)) => other.push(v),
+            Ok(None) => break,
+            Err(c) => panic!("the reader's socket closed: {c:?}"),
+        }
+    }
+    (got, other)
+}
+
+/// Panics with the first place where `got` is not `0..want` (without printing thousands).
+fn assert_in_order(got: &[usize], want: usize) {
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != i) {
+        panic!(
+            "signal {i} is {} (of {} received): lost or reordered",
+            got[i],
+            got.len()
+        );
+    }
+    assert_eq!(got.len(), want, "signals missing at the end");
+}
+
+/// Every message `ws` has for `d`.
+async fn drain(ws: &mut Ws, d: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Ok(Some(v)) = ws.next(d).await {
+        out.push(v);
+    }
+    out
+}
+
+/// 20,000 signals of 1 KiB (20 MiB, five times what the kernel's socket buffers take) fired
+/// across instances at a joiner that reads steadily, but slower than the sender sends: the
+/// sender is held and slowed to the reader's pace; nothing is refused, lost or reordered.
+/// Without the hold, its instance publishes at full speed and the recipient's queue (192 frames
+/// of relay share) overflows by thousands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_across_instances_at_a_draining_reader_loses_nothing() {
+    const N: usize = 20_000;
+    let pair = Pair::start().await;
+    bounded_for(Duration::from_secs(90), async {
+        let (host, mut joiner) = pair.host_and_joiner().await;
+        let to = joiner.id();
+        // Serialized beforehand, so the sender outruns the reader by far.
+        let texts: Vec<String> = (0..N).map(|n| signal(&to, n).to_string()).collect();
+        let sender = tokio::spawn(async move {
+            let mut host = host;
+            for text in &texts {
+                host.send_text(text).await;
+            }
+            host
+        });
+        let started = Instant::now();
+        let (got, other) = read_paced(&mut joiner, N, 12).await;
+        let took = started.elapsed();
+        let mut host = sender.await.unwrap();
+        let told = drain(&mut host, Duration::from_millis(500)).await;
+        let held = Scrape::of(&pair.servers[0])
+            .await
+            .get("beach_road_senders_held_total", &[]);
+        eprintln!(
+            "{} of {N} in {took:?} ({:.0}/s), sender held {held} times",
+            got.len(),
+            got.len() as f64 / took.as_secs_f64()
+        );
+        assert!(
+            told.is_empty(),
+            "the sender was told of losses: {:?}",
+            &told[..1]
+        );
+        assert!(other.is_empty(), "the reader got {:?}", &other[..1]);
+        assert_in_order(&got, N);
+        assert!(held > 0.0, "the sender was never held");
+    })
+    .await
+}
+
+/// A joiner that reads nothing: its sender is held for a moment, then what the joiner's queue
+/// cannot take is refused and each refusal told to the sender, who stays served (a signal to
+/// the server peer's own instance goes through). When the joiner reads again it gets a prefix
+/// of what was sent, in order: delivered plus refused is everything sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_gets_its_senders_refused_after_the_hold() {
+    const N: usize = 8_000;
+    let pair = Pair::start().await;
+    bounded_for(Duration::from_secs(90), async {
+        let (host, mut joiner) = pair.host_and_joiner().await;
+        let to = joiner.id();
+        let started = Instant::now();
+        let sender = tokio::spawn(async move {
+            let mut host = host;
+            let mut told = Vec::new();
+            for n in 0..N {
+                host.send_text(&signal(&to, n).to_string()).await;
+            }
+            told.extend(drain(&mut host, Duration::from_millis(1000)).await);
+            (host, told)
+        });
+        let (_host, told) = sender.await.unwrap();
+        eprintln!(
+            "sent {N} and drained the replies in {:?}",
+            started.elapsed()
+        );
+        for v in &told {
+            assert_eq!(v["type"], "error", "{v}");
+            assert!(
+                v["message"].as_str().unwrap().contains("not keeping up"),
+                "{v}"
+            );
+        }
+        let (got, other) = read_paced(&mut joiner, N, 1000).await;
+        assert!(other.is_empty(), "the reader got {:?}", &other[..1]);
+        assert_in_order(&got, got.len());
+        assert_eq!(got.len() + told.len(), N, "every refusal is told");
+        assert!(
+            !told.is_empty(),
+            "nothing was refused: the queue is unbounded?"
+        );
+    })
+    .await
+}
