@@ -18,18 +18,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use common::metrics::Scrape;
-use common::{bounded_for, find_peer, uuid, RedisServer, Server, ServerBuilder, Session, Ws};
-
-const UNPACED: [&str; 8] = [
-    "--peer-messages-per-second",
-    "1000000",
-    "--peer-message-burst",
-    "1000000",
-    "--peer-bytes-per-second",
-    "2000000000",
-    "--peer-byte-burst",
-    "2000000000",
-];
+use common::{
+    bounded_for, find_peer, uuid, RedisServer, Server, ServerBuilder, Session, Ws, UNPACED,
+};
 
 /// Two instances on one Redis. Field order: the servers are killed before Redis.
 struct Pair {

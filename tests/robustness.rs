@@ -36,7 +36,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use common::{Api, Ctx, Engine, RedisServer, Server, Stdout, Ws, WAIT};
+use common::{Api, Ctx, Engine, RedisServer, Server, Stdout, Ws, UNPACED, WAIT};
 
 /// The tests of this file measure latencies and memory: they run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -610,19 +610,6 @@ const FLOOD: usize = 24_000;
 /// allocator slack (per-thread arenas and fragmentation, a few MiB): 8 MiB, a third of what an
 /// unbounded queue would take.
 const RSS_BOUND_MIB: u64 = 8;
-/// Sender budgets high enough that one client floods unpaced (the defaults allow 50 frames/s
-/// after a burst of 200): the flood then tests the receiver's queue, not the sender's budget
-/// (which `security.rs` tests).
-const UNPACED: [&str; 8] = [
-    "--peer-messages-per-second",
-    "1000000",
-    "--peer-message-burst",
-    "1000000",
-    "--peer-bytes-per-second",
-    "2000000000",
-    "--peer-byte-burst",
-    "2000000000",
-];
 /// The write timeout ends a socket that takes no bytes at all for that long (silently). The slow
 /// peers below stop reading for a few seconds; a longer timeout makes sure that only the queue
 /// rules under test decide what happens to them.

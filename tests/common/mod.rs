@@ -65,6 +65,20 @@ pub async fn bounded_for<T>(limit: Duration, fut: impl Future<Output = T>) -> T 
     }
 }
 
+/// Sender budgets high enough that one client floods unpaced (the defaults allow 50 frames/s
+/// after a burst of 200): the flood then tests the receiver's queue, not the sender's budget
+/// (which `security.rs` tests).
+pub const UNPACED: [&str; 8] = [
+    "--peer-messages-per-second",
+    "1000000",
+    "--peer-message-burst",
+    "1000000",
+    "--peer-bytes-per-second",
+    "2000000000",
+    "--peer-byte-burst",
+    "2000000000",
+];
+
 /// A fresh UUID v4 string (session ids, client peer ids, handshake ids).
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
