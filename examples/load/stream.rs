@@ -280,8 +280,10 @@ async fn count_errors(
             msg = rx.next() => {
                 let Some(Ok(msg)) = msg else { break };
                 if let Message::Text(t) = msg {
-                    if is_error(t.as_str()) {
-                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                    if is_error(t.as_str())
+                        && counters.errors.fetch_add(1, Ordering::Relaxed) == 0
+                    {
+                        eprintln!("    first error frame: {}", t.as_str());
                     }
                 }
             }
