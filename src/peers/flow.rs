@@ -57,25 +57,17 @@ pub struct Held {
     pub owner: String,
 }
 
-/// A sender held for a queue: when it was last told to hold, and how many frames the queue
-/// had taken by then.
-#[derive(Debug)]
-pub(super) struct Holding {
-    pub(super) held: Held,
-    at: Instant,
-    taken: u64,
-}
-
 /// Senders held for one recipient at most; more go on unheld (their frames use the slack, and
 /// are refused beyond it).
 const MAX_HELD: usize = 16;
 
-/// How long a sender stays held without being released (a recipient that took frames in that
-/// time holds it again). Longer than a socket task's stall in a write while its kernel buffer
-/// drains (it is woken once a third of the buffer is free: ~170 ms at 7 MB/s on loopback); a
-/// recipient that takes nothing in this time is not keeping up, and the frames its senders send
-/// after this are refused (as a local sender's are after [`SPACE_WAIT`]).
-pub const HOLD_WAIT: Duration = Duration::from_millis(500);
+/// How long a sender stays held without being released: longer than a socket task stalls in a
+/// write while its kernel buffer drains (it is woken once a third of the buffer is free: with
+/// 4 MiB buffered, ~650 ms at 2 MB/s), so a recipient reading some MB/s catches up in time and
+/// its senders lose nothing. One that does not is not keeping up: the frames its senders send
+/// after this overflow the slack and are refused (as a local sender's are after
+/// [`SPACE_WAIT`]). A stuck recipient thus costs each of its senders this once, not per frame.
+pub const HOLD_WAIT: Duration = Duration::from_secs(1);
 
 /// A socket's reading held by a recipient on another instance whose queue is past its relay
 /// share (see [`LocalPeers::deliver_remote`]): the socket task reads no frame from its client
@@ -137,33 +129,17 @@ impl LocalPeers {
                 share_bytes + self.limits.bytes,
             )
         {
-            let taken = frames.taken;
-            let crowded = frames.held.len() >= MAX_HELD;
-            let holding = from.and_then(|from| {
-                match frames.held.iter_mut().find(|h| h.held == *from) {
-                    // Its hold has run out while this queue was still draining (it took frames
-                    // since): held again. One that took nothing gets no more holds, and its
-                    // senders' frames overflow the slack and are refused.
-                    Some(h) => {
-                        let renew = taken > h.taken && h.at.elapsed() >= HOLD_WAIT;
-                        renew.then(|| {
-                            (h.at, h.taken) = (Instant::now(), taken);
-                            from.clone()
-                        })
-                    }
-                    None if !crowded => {
-                        frames.held.push(Holding {
-                            held: from.clone(),
-                            at: Instant::now(),
-                            taken,
-                        });
-                        Some(from.clone())
-                    }
-                    None => None,
+            // Once per sender until released: a recipient that makes its senders wait must
+            // catch up (back within its share) before it can make them wait again, so one that
+            // takes a frame now and then costs each sender one hold, not one per frame.
+            match from {
+                Some(from) if frames.held.len() < MAX_HELD && !frames.held.contains(from) => {
+                    frames.held.push(from.clone());
+                    frames.release_at = share_messages;
+                    Queued::Hold(from.clone())
                 }
-            });
-            frames.release_at = share_messages;
-            holding.map_or(Queued::Yes, Queued::Hold)
+                _ => Queued::Yes,
+            }
         } else {
             shared.stalled.store(true, Ordering::Relaxed);
             return Queued::Full(Space(shared.clone()));

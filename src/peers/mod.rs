@@ -104,10 +104,8 @@ struct Frames {
     queue: VecDeque<Frame>,
     bytes: usize,
     /// Senders elsewhere held for this queue, released once it is back within `release_at`.
-    held: Vec<flow::Holding>,
+    held: Vec<Held>,
     release_at: usize,
-    /// Frames the socket has taken, ever: whether it made progress while a sender was held.
-    taken: u64,
     /// Until when this socket's own reading is held by a recipient elsewhere.
     hold_until: Option<Instant>,
 }
@@ -197,7 +195,6 @@ impl PeerQueue {
             let mut frames = shared.frames();
             let frame = frames.queue.pop_front()?;
             frames.bytes -= frame.len();
-            frames.taken += 1;
             if frames.queue.is_empty() {
                 // Caught up: senders may wait for it again.
                 shared.stalled.store(false, Ordering::Relaxed);
@@ -240,7 +237,7 @@ impl PeerQueue {
         if frames.held.is_empty() || (!all && frames.queue.len() > frames.release_at) {
             return Vec::new();
         }
-        frames.held.drain(..).map(|h| h.held).collect()
+        std::mem::take(&mut frames.held)
     }
 }
 
