@@ -830,6 +830,11 @@ impl Ws {
         }
     }
 
+    /// The stream itself, to split it (reading and writing at once).
+    pub fn into_stream(self) -> WebSocketStream<TcpStream> {
+        self.ws
+    }
+
     /// The server-assigned peer id (panics before `join_success`).
     pub fn id(&self) -> String {
         self.peer_id.clone().expect("this socket has not joined")

@@ -17,7 +17,7 @@ use std::time::Instant;
 use super::bus::{decode, encode, encode_raw, Body, Bus};
 use super::keys::Keys;
 use super::outbox::Outbox;
-use crate::peers::{CloseReason, Held};
+use crate::peers::{CloseReason, Held, Queued};
 use crate::protocol::ServerMessage;
 use crate::relay::Piece;
 use crate::router::{Event, Known, Router};
@@ -166,8 +166,11 @@ impl Pushes {
             } => {
                 let message = refusal(&peer, full);
                 let frame = ServerMessage::error(message).to_frame();
-                // The sender's own queue: if it is full too, the sender is not reading.
-                self.router.deliver_member(&room, &to, &frame);
+                // The sender's own queue: if it is full too, the sender is not reading its
+                // socket and cannot be told anything; counted for the operator.
+                if let Queued::Full(_) = self.router.deliver_member(&room, &to, &frame) {
+                    crate::metrics::push_dropped("sender_not_reading");
+                }
             }
         }
     }
