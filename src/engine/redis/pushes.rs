@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Bytes;
+use redis::{PushInfo, PushKind, Value};
+
 use super::bus::{decode, encode, encode_raw, Body, Bus};
 use super::keys::Keys;
 use super::outbox::Outbox;
@@ -21,8 +24,6 @@ use crate::peers::{CloseReason, Held, Queued};
 use crate::protocol::ServerMessage;
 use crate::relay::Piece;
 use crate::router::{Event, Known, Router};
-use axum::body::Bytes;
-use redis::{PushInfo, PushKind, Value};
 
 pub(crate) struct Pushes {
     router: Arc<Router>,
