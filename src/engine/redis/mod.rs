@@ -131,7 +131,7 @@ impl RedisEngine {
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
         let keys = Keys::new(&settings.key_prefix);
-        let outbox = Arc::new(outbox::Outbox::default());
+        let outbox = Arc::new(outbox::Outbox::new(config.call_timeout));
         let pushes = Pushes::new(
             router.clone(),
             gen.clone(),

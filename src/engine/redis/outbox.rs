@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -28,8 +29,18 @@ const MAX_BYTES: usize = 16 << 20;
 /// Messages in one pipeline at most.
 const BATCH: usize = 512;
 
-/// What a publish is answered: the number of subscribers that received it.
-pub(crate) type Receivers = oneshot::Receiver<EngineResult<i64>>;
+/// What a publish is answered: the number of subscribers that received it (see
+/// [`Answer::receivers`]).
+pub(crate) struct Answer(oneshot::Receiver<EngineResult<i64>>);
+
+impl Answer {
+    /// The subscribers that received the message; a publisher that stopped (shutdown) fails it.
+    pub(crate) async fn receivers(self) -> EngineResult<i64> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err(EngineError::Busy("publisher stopped".into())))
+    }
+}
 
 struct Message {
     channel: String,
@@ -43,8 +54,9 @@ struct Queue {
     bytes: usize,
 }
 
-#[derive(Default)]
 pub(crate) struct Outbox {
+    /// How long a sender waits for room at most (the call timeout).
+    wait: Duration,
     queue: Mutex<Queue>,
     /// Wakes the publisher when a message is queued.
     ready: Notify,
@@ -53,6 +65,15 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    pub(crate) fn new(wait: Duration) -> Outbox {
+        Outbox {
+            wait,
+            queue: Mutex::default(),
+            ready: Notify::new(),
+            space: Notify::new(),
+        }
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -72,25 +93,31 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues a message whose answer the caller awaits; waits for room (bounded by the
-    /// caller's timeout). The message is queued when this returns: a caller's messages go out
-    /// in the order of its calls.
-    pub(crate) async fn publish(&self, channel: String, payload: Vec<u8>) -> Receivers {
+    /// Queues a message whose answer the caller awaits, waiting for room up to the call
+    /// timeout (then the outbox is full: `Busy`). The message is queued when this returns: a
+    /// caller's messages go out in the order of its calls.
+    pub(crate) async fn publish(&self, channel: String, payload: Vec<u8>) -> EngineResult<Answer> {
         let (done, answer) = oneshot::channel();
         let mut m = Message {
             channel,
             payload,
             done: Some(done),
         };
-        loop {
-            let space = self.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
-            match self.try_push(m) {
-                Ok(()) => return answer,
-                Err(back) => m = back,
+        let queued = tokio::time::timeout(self.wait, async {
+            loop {
+                let space = self.space.notified();
+                tokio::pin!(space);
+                space.as_mut().enable();
+                match self.try_push(m) {
+                    Ok(()) => return,
+                    Err(back) => m = back,
+                }
+                space.await;
             }
-            space.await;
+        });
+        match queued.await {
+            Ok(()) => Ok(Answer(answer)),
+            Err(_) => Err(EngineError::Busy("outbox full".into())),
         }
     }
 
@@ -171,11 +198,4 @@ fn answer(batch: Vec<Message>, outcome: EngineResult<i64>) {
             let _ = done.send(outcome.clone());
         }
     }
-}
-
-/// The answer of [`Outbox::publish`]; a publisher that stopped (shutdown) fails it.
-pub(crate) async fn receivers(answer: Receivers) -> EngineResult<i64> {
-    answer
-        .await
-        .unwrap_or_else(|_| Err(EngineError::Busy("publisher stopped".into())))
 }

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use super::bus::{encode_raw, Bus};
 use super::fenced;
 use super::Inner;
-use crate::engine::{EngineError, EngineResult};
+use crate::engine::EngineResult;
 use crate::relay::{Arrival, Endpoint, Limits, Mark, Piece, Side};
 
 impl Inner {
@@ -156,13 +156,8 @@ impl Inner {
         };
         let payload = encode_raw(&bus, body.as_deref().unwrap_or_default());
         let channel = self.keys.channel(&to.owner);
-        let answer = tokio::time::timeout(
-            self.config.call_timeout,
-            self.outbox.publish(channel, payload),
-        )
-        .await
-        .map_err(|_| EngineError::Busy("outbox full".into()))?;
-        Ok(super::outbox::receivers(answer).await? > 0)
+        let answer = self.outbox.publish(channel, payload).await?;
+        Ok(answer.receivers().await? > 0)
     }
 }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::bus::{encode, known, parse_members, Blob, Bus};
-use super::{fenced, outbox, unavailable, Inner};
-use crate::engine::{Delivery, EngineError, EngineResult, JoinResult, Joined, NewPeer, Sent};
+use super::{fenced, unavailable, Inner};
+use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer, Sent};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 use crate::router::{Groups, Known, Member, Membership, Route};
@@ -45,13 +45,9 @@ impl Inner {
     async fn broadcast(&self, messages: Vec<(String, Vec<u8>)>) {
         let mut answers = Vec::with_capacity(messages.len());
         for (channel, payload) in messages {
-            let queued = tokio::time::timeout(
-                self.config.call_timeout,
-                self.outbox.publish(channel, payload),
-            );
-            match queued.await {
-                Ok(answer) => answers.push(outbox::receivers(answer)),
-                Err(_) => tracing::warn!("room event not published: outbox full"),
+            match self.outbox.publish(channel, payload).await {
+                Ok(answer) => answers.push(answer.receivers()),
+                Err(e) => tracing::warn!(error = %e, "room event not published"),
             }
         }
         for r in futures::future::join_all(answers).await {
@@ -324,17 +320,13 @@ impl Inner {
         };
         // Queued in the socket task, before its next frame is read: a sender's relays (and its
         // leave's room event) leave this instance in order.
-        let queued = tokio::time::timeout(
-            self.config.call_timeout,
-            self.outbox
-                .publish(self.keys.channel(&owner), encode(&bus, Some(&frame))),
-        );
-        let Ok(answer) = queued.await else {
-            return Err(EngineError::Busy("outbox full".into()));
-        };
+        let answer = self
+            .outbox
+            .publish(self.keys.channel(&owner), encode(&bus, Some(&frame)))
+            .await?;
         let (inner, room, to) = (self.clone(), room.to_owned(), to.to_owned());
         let publish: BoxFuture<'static, EngineResult<Delivery>> = Box::pin(async move {
-            let receivers = outbox::receivers(answer).await?;
+            let receivers = answer.receivers().await?;
             if receivers > 0 {
                 return Ok(Delivery::Sent);
             }
