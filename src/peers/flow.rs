@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Frames, LocalPeers, PeerShared, Queued};
+use super::{LocalPeers, PeerShared, Queued};
 use crate::protocol::Frame;
 
 /// A full queue's promise to tell when its socket takes a frame. A sender whose frame found
@@ -107,24 +107,16 @@ impl LocalPeers {
     /// ([`Queued::Hold`], once per sender until released). Beyond that slack, or while the
     /// queue is stalled, it is refused like a local one.
     pub fn deliver_remote(&mut self, peer: &str, frame: &Frame, from: Option<&Held>) -> Queued {
-        let Some(slot) = self.slots.get(peer) else {
+        let Some(shared) = self.live(peer) else {
             return Queued::Absent;
         };
-        if slot.shared.gone.load(Ordering::Acquire) {
-            self.slots.remove(peer);
-            return Queued::Absent;
-        }
         let (share_messages, share_bytes) = self.relay_share();
-        let shared = slot.shared.clone();
         let mut frames = shared.frames();
-        let within = |f: &Frames, messages: usize, bytes: usize| {
-            f.queue.len() < messages && f.bytes + frame.len() <= bytes
-        };
-        let outcome = if within(&frames, share_messages, share_bytes) {
+        let outcome = if frames.fits(frame, share_messages, share_bytes) {
             Queued::Yes
         } else if !shared.stalled.load(Ordering::Relaxed)
-            && within(
-                &frames,
+            && frames.fits(
+                frame,
                 share_messages + self.limits.messages.max(1),
                 share_bytes + self.limits.bytes,
             )
@@ -144,8 +136,7 @@ impl LocalPeers {
             shared.stalled.store(true, Ordering::Relaxed);
             return Queued::Full(Space(shared.clone()));
         };
-        frames.queue.push_back(frame.clone());
-        frames.bytes += frame.len();
+        frames.push(frame);
         drop(frames);
         shared.ready.notify_one();
         outcome

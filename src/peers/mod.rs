@@ -110,6 +110,18 @@ struct Frames {
     hold_until: Option<Instant>,
 }
 
+impl Frames {
+    /// `frame` fits below `messages` frames and `bytes` bytes.
+    fn fits(&self, frame: &Frame, messages: usize, bytes: usize) -> bool {
+        self.queue.len() < messages && self.bytes + frame.len() <= bytes
+    }
+
+    fn push(&mut self, frame: &Frame) {
+        self.queue.push_back(frame.clone());
+        self.bytes += frame.len();
+    }
+}
+
 /// Capacity an emptied queue keeps at most: a burst's buffer is given back.
 const KEEP_CAPACITY: usize = 16;
 
@@ -310,14 +322,9 @@ impl LocalPeers {
     /// (`peer_joined`, `peer_left`) that does not fit means the peer really is not reading:
     /// it is disconnected (the room must not go on with a member whose view is wrong).
     pub fn deliver(&mut self, peer: &str, frame: &Frame, class: Class) -> Queued {
-        let Some(slot) = self.slots.get(peer) else {
+        let Some(shared) = self.live(peer) else {
             return Queued::Absent;
         };
-        if slot.shared.gone.load(Ordering::Acquire) {
-            // The socket task is gone; its own cleanup will follow.
-            self.slots.remove(peer);
-            return Queued::Absent;
-        }
         // Control frames have the last quarter above whatever relayed frames may fill,
         // including the slack of frames from other instances (see `deliver_remote`).
         let (max_messages, max_bytes) = match class {
@@ -325,24 +332,34 @@ impl LocalPeers {
             Class::Control => (2 * self.limits.messages.max(1), 2 * self.limits.bytes),
         };
         let queued = {
-            let mut frames = slot.shared.frames();
-            let fits = frames.queue.len() < max_messages && frames.bytes + frame.len() <= max_bytes;
+            let mut frames = shared.frames();
+            let fits = frames.fits(frame, max_messages, max_bytes);
             if fits {
-                frames.queue.push_back(frame.clone());
-                frames.bytes += frame.len();
+                frames.push(frame);
             }
             (!fits).then_some(frames.bytes)
         };
         let Some(queued) = queued else {
-            slot.shared.ready.notify_one();
+            shared.ready.notify_one();
             return Queued::Yes;
         };
         if class == Class::Relay {
-            return Queued::Full(Space(slot.shared.clone()));
+            return Queued::Full(Space(shared));
         }
         tracing::warn!(peer, queued, "peer cannot keep up; disconnecting it");
         self.close(peer, CloseReason::SlowConsumer);
         Queued::Yes
+    }
+
+    /// `peer`'s queue, unless its socket task is gone (its registration then goes: the task's
+    /// own cleanup follows).
+    fn live(&mut self, peer: &str) -> Option<Arc<PeerShared>> {
+        let slot = self.slots.get(peer)?;
+        if slot.shared.gone.load(Ordering::Acquire) {
+            self.slots.remove(peer);
+            return None;
+        }
+        Some(slot.shared.clone())
     }
 
     /// How many frames and bytes relayed frames may fill.
