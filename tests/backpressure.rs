@@ -20,62 +20,33 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::metrics::Scrape;
-use common::{
-    bounded_for, find_peer, uuid, RedisServer, Server, ServerBuilder, Session, Ws, UNPACED,
-};
+use common::pair::Pair;
+use common::{bounded_for, find_peer, Session, Ws, UNPACED};
 
 /// The two tests share the machine's two cores, so they run one at a time (`cargo test` runs a
 /// file's tests in parallel): each measures a sender outrunning its reader.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Two instances on one Redis. Field order: the servers are killed before Redis.
-struct Pair {
-    servers: Vec<Server>,
-    _redis: RedisServer,
+/// Senders unpaced; the write timeout long, so the stalled reader below is ended by the queue
+/// rules, not by a write.
+fn pair_args() -> Vec<&'static str> {
+    let mut args = UNPACED.to_vec();
+    args.extend(["--write-timeout", "30s"]);
+    args
 }
 
-impl Pair {
-    async fn start() -> Pair {
-        let redis = RedisServer::start();
-        let secret = format!("backpressure-{}-{}", uuid(), uuid());
-        let mut servers = Vec::new();
-        for _ in 0..2 {
-            let server = ServerBuilder::new()
-                .redis_url(&redis.url())
-                .args(["--secret", &secret])
-                .args(UNPACED)
-                // The stalled reader below must be ended by the queue rules, not the writes.
-                .args(["--write-timeout", "30s"])
-                .start()
-                .await;
-            servers.push(server);
-        }
-        for s in &servers {
-            let until = Instant::now() + Duration::from_secs(10);
-            while s.api().get("/ready").await.map(|r| r.status).ok() != Some(200) {
-                assert!(Instant::now() < until, "instance not ready within 10 s");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Pair {
-            servers,
-            _redis: redis,
-        }
-    }
-
-    /// A session on instance 0 with its host there and a joiner on instance 1.
-    async fn host_and_joiner(&self) -> (Ws, Ws) {
-        let s: Session = self.servers[0].api().new_session(None).await;
-        let mut host = Ws::connect(&self.servers[0].ws_url(&s.host)).await;
-        let ok = host.join(Some(&s.code)).await;
-        assert_eq!(find_peer(&ok, &host.id())["role"], "server", "{ok}");
-        let token = self.servers[1].api().join_token(&s.id, &s.code).await;
-        let mut joiner = Ws::connect(&self.servers[1].ws_url(&token)).await;
-        let ok = joiner.join(Some(&s.code)).await;
-        assert_eq!(find_peer(&ok, &joiner.id())["role"], "client", "{ok}");
-        host.recv_type("peer_joined").await;
-        (host, joiner)
-    }
+/// A session on instance 0 with its host there and a joiner on instance 1.
+async fn host_and_joiner(pair: &Pair) -> (Ws, Ws) {
+    let s: Session = pair.servers[0].api().new_session(None).await;
+    let mut host = Ws::connect(&pair.servers[0].ws_url(&s.host)).await;
+    let ok = host.join(Some(&s.code)).await;
+    assert_eq!(find_peer(&ok, &host.id())["role"], "server", "{ok}");
+    let token = pair.servers[1].api().join_token(&s.id, &s.code).await;
+    let mut joiner = Ws::connect(&pair.servers[1].ws_url(&token)).await;
+    let ok = joiner.join(Some(&s.code)).await;
+    assert_eq!(find_peer(&ok, &joiner.id())["role"], "client", "{ok}");
+    host.recv_type("peer_joined").await;
+    (host, joiner)
 }
 
 /// The server's hold of a sender (`beach_road::peers::HOLD_WAIT`).
@@ -136,9 +107,9 @@ async fn drain(ws: &mut Ws, d: Duration) -> Vec<Value> {
 async fn a_burst_across_instances_at_a_draining_reader_loses_nothing() {
     const N: usize = 20_000;
     let _serial = SERIAL.lock().await;
-    let pair = Pair::start().await;
+    let pair = Pair::start(&pair_args()).await;
     bounded_for(Duration::from_secs(90), async {
-        let (host, mut joiner) = pair.host_and_joiner().await;
+        let (host, mut joiner) = host_and_joiner(&pair).await;
         let to = joiner.id();
         // Serialized beforehand, so the sender outruns the reader by far.
         let texts: Vec<String> = (0..N).map(|n| signal(&to, n).to_string()).collect();
@@ -183,9 +154,9 @@ async fn a_burst_across_instances_at_a_draining_reader_loses_nothing() {
 async fn a_reader_that_stops_gets_its_senders_refused_after_the_hold() {
     const N: usize = 8_000;
     let _serial = SERIAL.lock().await;
-    let pair = Pair::start().await;
+    let pair = Pair::start(&pair_args()).await;
     bounded_for(Duration::from_secs(90), async {
-        let (host, mut joiner) = pair.host_and_joiner().await;
+        let (host, mut joiner) = host_and_joiner(&pair).await;
         let to = joiner.id();
         let started = Instant::now();
         let (mut tx, mut rx) = host.into_stream().split();

@@ -12,12 +12,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use serde_json::json;
 
-use common::{
-    bounded, sdp, uuid, Api, Ctx, RedisServer, Scope, Server, ServerBuilder, Session, Ws,
-};
+use common::pair::Pair;
+use common::{bounded, sdp, uuid, Api, Ctx, RedisServer, Scope, Session, Ws};
 
 const TTL: Duration = Duration::from_secs(2);
 /// Longer than the ttl, so every key written at the join would have expired without a refresh.
@@ -223,54 +221,10 @@ ttl_conformance! {
     }
 }
 
-/// Two instances on one Redis with a shared secret (so either checks the other's codes).
-struct Pair {
-    servers: Vec<Server>,
-    _redis: RedisServer,
-}
-
-impl Pair {
-    async fn start() -> Pair {
-        let redis = RedisServer::start();
-        let secret = format!("long-sessions-{}-{}", uuid(), uuid());
-        let starts = (0..2).map(|_| {
-            ServerBuilder::new()
-                .redis_url(&redis.url())
-                .args(ttl_args())
-                .args(["--secret", &secret])
-                .start()
-        });
-        let servers = join_all(starts).await;
-        for s in &servers {
-            let start = Instant::now();
-            while s.api().get("/ready").await.ok().map(|r| r.status) != Some(200) {
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "instance not ready"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Pair {
-            servers,
-            _redis: redis,
-        }
-    }
-
-    /// HTTP join on instance `i`, then the socket of its token there.
-    async fn joiner(&self, i: usize, session: &Session) -> (Ws, String) {
-        let s = &self.servers[i];
-        let token = s.api().join_token(&session.id, &session.code).await;
-        let mut ws = Ws::connect(&s.ws_url(&token)).await;
-        ws.join(Some(&session.code)).await;
-        (ws, token)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_instance_session_outlives_its_ttl() {
     bounded(async {
-        let pair = Pair::start().await;
+        let pair = Pair::start(&ttl_args()).await;
         let (a, b) = (pair.servers[0].api(), pair.servers[1].api());
         // The host on A, a joiner on B.
         let session = a.new_session(None).await;

@@ -11,6 +11,7 @@
 
 pub mod flows;
 pub mod metrics;
+pub mod pair;
 pub mod redis;
 pub mod tls;
 
