@@ -49,6 +49,10 @@ async fn host_and_joiner(pair: &Pair) -> (Ws, Ws) {
     (host, joiner)
 }
 
+/// The paced reader's signals per second (~3 MB/s of these): slower than the sender, fast
+/// enough to catch up within a hold.
+const READER_RATE: f64 = 3000.0;
+
 /// The server's hold of a sender (`beach_road::peers::HOLD_WAIT`).
 const HOLD: Duration = beach_road::peers::HOLD_WAIT;
 
@@ -57,16 +61,20 @@ fn signal(to: &str, n: usize) -> Value {
     json!({"type": "signal", "to_peer": to, "signal": {"n": n, "pad": "x".repeat(1000)}})
 }
 
-/// Reads signals from `ws` until `want` of them came (or nothing for 5 s), about `per_ms` per
-/// millisecond; returns their sequence numbers and any other message.
-async fn read_paced(ws: &mut Ws, want: usize, per_ms: usize) -> (Vec<usize>, Vec<Value>) {
+/// Reads signals from `ws` until `want` of them came (or nothing for 5 s), `per_second` on
+/// average (`None`: as fast as they come); returns their sequence numbers and any other message.
+/// The pace is kept to the clock, not by fixed sleeps, so a loaded machine does not slow the
+/// reader below it (late sleeps would add up).
+async fn read_paced(ws: &mut Ws, want: usize, per_second: Option<f64>) -> (Vec<usize>, Vec<Value>) {
     let (mut got, mut other) = (Vec::new(), Vec::new());
+    let start = tokio::time::Instant::now();
     while got.len() < want {
         match ws.next(Duration::from_secs(5)).await {
             Ok(Some(v)) if v["type"] == "signal" => {
                 got.push(v["signal"]["n"].as_u64().unwrap() as usize);
-                if got.len().is_multiple_of(per_ms) {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                if let Some(rate) = per_second {
+                    let due = start + Duration::from_secs_f64(got.len() as f64 / rate);
+                    tokio::time::sleep_until(due).await;
                 }
             }
             Ok(Some(v)) => other.push(v),
@@ -99,7 +107,7 @@ async fn drain(ws: &mut Ws, d: Duration) -> Vec<Value> {
 }
 
 /// 20,000 signals of 1 KiB (20 MiB, five times what the kernel's socket buffers take) fired
-/// across instances at a joiner that reads steadily, but slower than the sender sends: the
+/// across instances at a joiner that reads steadily (3,000/s), slower than the sender sends: the
 /// sender is held and slowed to the reader's pace; nothing is refused, lost or reordered.
 /// Without the hold, its instance publishes at full speed and the recipient's queue (192 frames
 /// of relay share) overflows by thousands.
@@ -121,7 +129,7 @@ async fn a_burst_across_instances_at_a_draining_reader_loses_nothing() {
             host
         });
         let started = Instant::now();
-        let (got, other) = read_paced(&mut joiner, N, 8).await;
+        let (got, other) = read_paced(&mut joiner, N, Some(READER_RATE)).await;
         let took = started.elapsed();
         let mut host = sender.await.unwrap();
         let told = drain(&mut host, Duration::from_millis(500)).await;
@@ -183,7 +191,7 @@ async fn a_reader_that_stops_gets_its_senders_refused_after_the_hold() {
                 "{v}"
             );
         }
-        let (got, other) = read_paced(&mut joiner, N, 1000).await;
+        let (got, other) = read_paced(&mut joiner, N, None).await;
         assert!(other.is_empty(), "the reader got {:?}", &other[..1]);
         assert_in_order(&got, got.len());
         assert_eq!(got.len() + told.len(), N, "every refusal is told");
