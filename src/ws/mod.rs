@@ -101,8 +101,12 @@ pub async fn upgrade<E: Engine>(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(max))
         .max_frame_size(Some(max));
-    ws.accept(config, move |socket, cork| async move {
-        let connection = Connection::new(app, id, client, cork);
+    ws.accept(config, move |socket, cork| {
+        // Boxed before the task's future takes them: a future keeps room for what it captured
+        // beside what it moved it into, so inline each would be held two or three times over
+        // by every socket for its whole life (~1.6 KiB, `-Zprint-type-sizes`).
+        let connection = Box::new(Connection::new(app, id, client, cork));
+        let socket = Box::new(socket);
         // Every event of the connection carries its peer id, and its session once joined
         // (never the URL's id: it may be a token).
         let span = tracing::info_span!(
@@ -110,8 +114,10 @@ pub async fn upgrade<E: Engine>(
             peer = %connection.peer_id,
             session = tracing::field::Empty
         );
-        connection.run(socket).instrument(span).await;
-        drop(admitted);
+        async move {
+            connection.run(socket).instrument(span).await;
+            drop(admitted);
+        }
     })
 }
 
@@ -236,8 +242,8 @@ impl<E: Engine> Connection<E> {
         }
     }
 
-    async fn run(mut self, socket: Socket) {
-        let (mut sink, mut stream) = socket.split();
+    async fn run(mut self: Box<Self>, socket: Box<Socket>) {
+        let (mut sink, mut stream) = (*socket).split();
         let mut queue = self.app.engine.connect(&self.peer_id);
         let end = self.serve(&mut sink, &mut stream, &mut queue).await;
         // Senders elsewhere held for this socket need not wait out their hold.

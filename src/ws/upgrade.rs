@@ -108,6 +108,8 @@ impl Handshake {
     {
         let accept = derive_accept_key(self.key.as_bytes());
         let on_upgrade = self.on_upgrade;
+        // Boxed: a task keeps room for its captures all its life, even once they are used up.
+        let serve = Box::new(serve);
         tokio::spawn(async move {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
