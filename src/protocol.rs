@@ -237,7 +237,10 @@ impl Relayed {
         };
         debug_assert!(valid_id(from_peer));
         let raw = payload.get();
-        let mut out = String::with_capacity(48 + from_peer.len() + key.len() + raw.len());
+        // Exactly the length: a frame whose buffer is full becomes shared bytes without a second
+        // allocation.
+        let len = 30 + kind.len() + from_peer.len() + key.len() + raw.len();
+        let mut out = String::with_capacity(len);
         out.push_str(r#"{"type":""#);
         out.push_str(kind);
         out.push_str(r#"","from_peer":""#);
@@ -247,6 +250,7 @@ impl Relayed {
         out.push_str(r#"":"#);
         out.push_str(raw);
         out.push('}');
+        debug_assert_eq!(out.len(), len);
         Frame::from(out)
     }
 }

@@ -11,7 +11,9 @@
 //! middle of a write that cannot complete, drops the backlog and ends (so the room hears
 //! `peer_left` now, not after the write timeout).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -3,7 +3,7 @@
 //! from other instances, and applying a repair read. An `impl Table` of its own so `mod.rs`
 //! keeps to the router's interface.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use super::view::{Event, Known, Member, RoomView, MAX_PER_ROOM};
 use super::{Groups, Membership, Table};

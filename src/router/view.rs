@@ -14,9 +14,11 @@
 //! the newest complete read of the room (the *horizon*: the join counter then and who was
 //! present) rules out for good every member with a `seq` up to it that was not present.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::protocol::{PeerInfo, ServerMessage};
 
