@@ -15,6 +15,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
@@ -374,6 +375,69 @@ async fn late_news_does_not_resurrect_a_departed_peer() {
             answers.into_iter().collect::<Vec<_>>(),
             [format!("peer {gone_id} is not in this session")]
         );
+    })
+    .await;
+}
+
+/// A rolling deploy: an instance of the version before packed messages listens only on its
+/// legacy channel (`PREFIX:chan:<id>`, one message per PUBLISH). A relay to its member is
+/// published packed on its bus channel, reaches nobody, and goes again on the legacy channel,
+/// as that version expects it; the sender is told nothing (it was delivered). Its own messages,
+/// one per PUBLISH on our legacy channel, still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_of_the_previous_version_still_gets_its_messages() {
+    let c = Cluster::start(1, "10s").await;
+    bounded_for(Duration::from_secs(30), async {
+        let s = c.session(0).await;
+        let mut host = c.host(0, &s).await;
+        let (old, member) = (uuid(), uuid());
+        let client = c._redis.client();
+        let mut pubsub = client.get_async_pubsub().await.expect("pubsub connection");
+        pubsub
+            .subscribe(format!("{PREFIX}:chan:{old}"))
+            .await
+            .unwrap();
+        let mut admin = c.admin.clone();
+        let record = format!(
+            "2|client|0|{old}|{}",
+            json!({"supported_transports": ["webrtc"], "preferred_transport": null})
+        );
+        let _: () = admin
+            .hset(format!("{PREFIX}:{{{}}}:peers", s.id), &member, record)
+            .await
+            .unwrap();
+
+        for n in 0..3 {
+            host.send_json(signal(&member, n)).await;
+        }
+        let mut messages = pubsub.on_message();
+        for n in 0..3 {
+            let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .expect("no message on the legacy channel")
+                .expect("subscription ended");
+            let payload: Vec<u8> = m.get_payload().unwrap();
+            let split = payload.iter().position(|b| *b == b'\n').expect("header");
+            let header: Value = serde_json::from_slice(&payload[..split]).unwrap();
+            assert_eq!(header["t"], "deliver");
+            assert_eq!(header["to"], json!([member]));
+            let frame: Value = serde_json::from_slice(&payload[split + 1..]).unwrap();
+            assert_eq!(frame["type"], "signal");
+            assert_eq!(frame["from_peer"], host.id());
+            assert_eq!(frame["signal"]["n"], n, "in order");
+        }
+        host.expect_silence(QUIET).await;
+
+        // And what the old instance publishes, one message per PUBLISH, reaches our member.
+        let frame = json!({"type": "signal", "from_peer": member, "signal": {"n": 9}});
+        let header =
+            json!({"t": "deliver", "room": s.id, "to": [host.id()], "from": [member, old]});
+        let receivers: i64 = admin
+            .publish(c.channel(0), format!("{header}\n{frame}"))
+            .await
+            .unwrap();
+        assert_eq!(receivers, 1);
+        assert_eq!(host.recv_type("signal").await["signal"]["n"], 9);
     })
     .await;
 }

@@ -107,9 +107,26 @@ impl Keys {
         format!("{}:{{inst:{instance}}}:peers", self.prefix)
     }
 
-    /// Pub/sub channel of one instance.
+    /// Legacy pub/sub channel of one instance: one message per `PUBLISH` (see `super::bus`).
     pub(crate) fn channel(&self, instance: &str) -> String {
         format!("{}:chan:{instance}", self.prefix)
+    }
+
+    /// Bus channel of one instance: packs of messages (see `super::bus`).
+    pub(crate) fn bus(&self, instance: &str) -> String {
+        format!("{}:bus:{instance}", self.prefix)
+    }
+
+    /// Both channels an instance listens on.
+    pub(crate) fn channels(&self, instance: &str) -> Vec<String> {
+        vec![self.bus(instance), self.channel(instance)]
+    }
+
+    /// Whether `channel` is some instance's bus channel (its messages are packed).
+    pub(crate) fn is_bus(&self, channel: &[u8]) -> bool {
+        channel
+            .strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| rest.starts_with(b":bus:"))
     }
 }
 
@@ -124,5 +141,8 @@ mod tests {
         assert_eq!(k.offers("abc", "x"), "p:{abc}:offers:x");
         assert_eq!(k.instance_peers("i"), "p:{inst:i}:peers");
         assert_eq!(k.alive(), "p:{instances}:alive");
+        assert!(k.is_bus(k.bus("i").as_bytes()));
+        assert!(!k.is_bus(k.channel("i").as_bytes()));
+        assert!(!Keys::new("q").is_bus(k.bus("i").as_bytes()));
     }
 }

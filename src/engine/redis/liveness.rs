@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
-use super::bus::{encode, Bus};
+use super::bus::{encode, pack, Bus};
 use super::conn::FAILOVER_RECONNECT_EVERY;
 use super::{build_manager, Inner, Instance, RedisSettings};
 
@@ -72,7 +72,7 @@ impl Liveness {
         self.inner.paused.load(Ordering::Acquire)
     }
 
-    /// Subscribes to this id's channel, then registers it as live. Retried every tick until
+    /// Subscribes to this id's channels, then registers it as live. Retried every tick until
     /// it succeeds; peers can join only after it did.
     pub(crate) async fn try_register(&mut self) {
         if self.paused() {
@@ -82,7 +82,7 @@ impl Liveness {
         let id = inner.current().id;
         let mut cm = inner.cm();
         if let Err(e) = inner
-            .redis("subscribe", cm.subscribe(inner.keys.channel(&id)))
+            .redis("subscribe", cm.subscribe(inner.keys.channels(&id)))
             .await
         {
             tracing::debug!(error = %e, "subscribe failed; will retry");
@@ -101,7 +101,7 @@ impl Liveness {
                 tracing::warn!(old = %id, new = %fresh, "instance id written off; taking a fresh one");
                 self.take_id(fresh);
                 let _ = inner
-                    .redis("unsubscribe", cm.unsubscribe(inner.keys.channel(&id)))
+                    .redis("unsubscribe", cm.unsubscribe(inner.keys.channels(&id)))
                     .await;
             }
             Ok(_) => {
@@ -123,9 +123,11 @@ impl Liveness {
     async fn publish_tick(&self) {
         let inner = &self.inner;
         let id = inner.current().id;
-        let payload = encode(&Bus::Tick { id: id.clone() }, None);
+        // On the bus channel, packed like what the outbox sends there: the tick proves the
+        // path the messages take.
+        let payload = pack([&encode(&Bus::Tick { id: id.clone() }, None)[..]]);
         let cmd = redis::cmd("PUBLISH")
-            .arg(inner.keys.channel(&id))
+            .arg(inner.keys.bus(&id))
             .arg(payload)
             .clone();
         let _ = inner.query::<i64>(&cmd).await;
@@ -181,7 +183,7 @@ impl Liveness {
                 let id = inner.current().id;
                 let mut cm = inner.cm();
                 let _ = inner
-                    .redis("subscribe", cm.subscribe(inner.keys.channel(&id)))
+                    .redis("subscribe", cm.subscribe(inner.keys.channels(&id)))
                     .await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
@@ -252,7 +254,7 @@ impl Liveness {
             self.last_resubscribe = Some(Instant::now());
             let mut cm = inner.cm();
             let _ = inner
-                .redis("subscribe", cm.subscribe(inner.keys.channel(&id)))
+                .redis("subscribe", cm.subscribe(inner.keys.channels(&id)))
                 .await;
             return;
         }
@@ -319,7 +321,7 @@ impl Liveness {
             .redis("deregister", inv.invoke_async::<i64>(&mut cm))
             .await;
         let _ = inner
-            .redis("unsubscribe", cm.unsubscribe(inner.keys.channel(&old)))
+            .redis("unsubscribe", cm.unsubscribe(inner.keys.channels(&old)))
             .await;
         self.last_resubscribe = None;
         self.try_register().await;
@@ -351,6 +353,6 @@ pub(crate) async fn deregister(inner: &Inner) {
         tracing::warn!(error = %e, "deregistration failed; other instances will reap this one");
     }
     let _ = inner
-        .redis("unsubscribe", cm.unsubscribe(inner.keys.channel(&id)))
+        .redis("unsubscribe", cm.unsubscribe(inner.keys.channels(&id)))
         .await;
 }

@@ -2,12 +2,18 @@
 //!
 //! Relays, room events, relay pieces and refusal reports are queued here by whoever sends them
 //! (a socket task waits only while the outbox is full) and one publisher task sends everything
-//! waiting as one pipeline of `PUBLISH`es, then the next. Order is the point: publishes left
+//! waiting as one pipeline, then the next: one `PUBLISH` per instance, of everything queued
+//! for it, packed (`super::bus::pack`). Under load a pack holds hundreds of messages, and what
+//! each costs Redis and both instances (a command, a reply, a push) is paid once per pack. Order is the point: publishes left
 //! to their senders' tasks reach Redis in the order those tasks happen to be polled once the
 //! connection's command queue is full (seen: a signal delivered four places early in a burst
 //! across instances), and a member's relays could overtake the room event of its leave. One
 //! pipeline in flight also batches by itself under load (everything queued while the last one
 //! was answered), so a burst costs one round trip per batch, not per message.
+//!
+//! A pack that reaches nobody (its instance is gone, or older and not on its bus channel) is
+//! sent again message by message on the instance's legacy channel, in a second pipeline; what
+//! that one answers is the messages' answer.
 //!
 //! Not here: the self-ping (`liveness`: it must not queue behind a burst, it measures the
 //! subscription), and the reaper's and the Admin API's pipelines (each one command batch with
@@ -19,6 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
 
+use super::bus::pack;
 use super::{fenced, Inner};
 use crate::engine::{EngineError, EngineResult};
 
@@ -43,7 +50,8 @@ impl Answer {
 }
 
 struct Message {
-    channel: String,
+    /// The instance it is for.
+    instance: String,
     payload: Vec<u8>,
     done: Option<oneshot::Sender<EngineResult<i64>>>,
 }
@@ -96,10 +104,10 @@ impl Outbox {
     /// Queues a message whose answer the caller awaits, waiting for room up to the call
     /// timeout (then the outbox is full: `Busy`). The message is queued when this returns: a
     /// caller's messages go out in the order of its calls.
-    pub(crate) async fn publish(&self, channel: String, payload: Vec<u8>) -> EngineResult<Answer> {
+    pub(crate) async fn publish(&self, instance: String, payload: Vec<u8>) -> EngineResult<Answer> {
         let (done, answer) = oneshot::channel();
         let mut m = Message {
-            channel,
+            instance,
             payload,
             done: Some(done),
         };
@@ -122,9 +130,9 @@ impl Outbox {
     }
 
     /// Queues a message nobody waits for (a report); false if the outbox is full.
-    pub(crate) fn post(&self, channel: String, payload: Vec<u8>) -> bool {
+    pub(crate) fn post(&self, instance: String, payload: Vec<u8>) -> bool {
         let m = Message {
-            channel,
+            instance,
             payload,
             done: None,
         };
@@ -163,37 +171,89 @@ pub(crate) async fn publisher(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
             answer(batch, Err(fenced("instance may have been written off")));
             continue;
         }
+        let packs = by_instance(batch);
         let mut pipe = redis::pipe();
-        for m in &batch {
-            pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload);
+        for (instance, messages) in &packs {
+            let packed = pack(messages.iter().map(|m| &m.payload[..]));
+            pipe.cmd("PUBLISH")
+                .arg(inner.keys.bus(instance))
+                .arg(packed);
         }
-        let mut cm = inner.cm();
         let sent = tokio::select! {
             _ = stop.changed() => return,
-            r = inner.redis("PUBLISH", pipe.query_async::<Vec<i64>>(&mut cm)) => r,
+            r = send(&inner, pipe, packs.len()) => r,
+        };
+        let receivers = match sent {
+            Ok(receivers) => receivers,
+            Err(e) => {
+                let messages: usize = packs.iter().map(|(_, m)| m.len()).sum();
+                tracing::warn!(error = %e, messages, "publish to instances failed");
+                answer(packs.into_iter().flat_map(|(_, m)| m), Err(e));
+                continue;
+            }
+        };
+        let (heard, unheard): (Vec<_>, Vec<_>) =
+            packs.into_iter().zip(receivers).partition(|(_, n)| *n > 0);
+        for ((_, messages), n) in heard {
+            answer(messages, Ok(n));
+        }
+        if unheard.is_empty() {
+            continue;
+        }
+        // Nobody on those bus channels: one by one on the legacy channels.
+        let messages: Vec<(String, Message)> = unheard
+            .into_iter()
+            .flat_map(|((instance, m), _)| m.into_iter().map(move |m| (instance.clone(), m)))
+            .collect();
+        let mut pipe = redis::pipe();
+        for (instance, m) in &messages {
+            pipe.cmd("PUBLISH")
+                .arg(inner.keys.channel(instance))
+                .arg(&m.payload);
+        }
+        let sent = tokio::select! {
+            _ = stop.changed() => return,
+            r = send(&inner, pipe, messages.len()) => r,
         };
         match sent {
-            Ok(receivers) if receivers.len() == batch.len() => {
-                for (m, n) in batch.into_iter().zip(receivers) {
-                    if let Some(done) = m.done {
-                        let _ = done.send(Ok(n));
-                    }
+            Ok(receivers) => {
+                for ((_, m), n) in messages.into_iter().zip(receivers) {
+                    answer([m], Ok(n));
                 }
             }
-            Ok(_) => answer(
-                batch,
-                Err(EngineError::StoreUnavailable("short pipeline reply".into())),
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, messages = batch.len(), "publish to instances failed");
-                answer(batch, Err(e));
-            }
+            Err(e) => answer(messages.into_iter().map(|(_, m)| m), Err(e)),
         }
     }
 }
 
-fn answer(batch: Vec<Message>, outcome: EngineResult<i64>) {
+/// The batch grouped by instance, each group in queue order (order matters only within an
+/// instance's channel), groups in the order of their first message.
+fn by_instance(batch: Vec<Message>) -> Vec<(String, Vec<Message>)> {
+    let mut packs: Vec<(String, Vec<Message>)> = Vec::new();
     for m in batch {
+        // A batch is for a handful of instances: a scan beats a map.
+        match packs.iter_mut().find(|(i, _)| *i == m.instance) {
+            Some((_, messages)) => messages.push(m),
+            None => packs.push((m.instance.clone(), vec![m])),
+        }
+    }
+    packs
+}
+
+/// Sends one pipeline of `n` PUBLISHes; their receiver counts.
+async fn send(inner: &Inner, pipe: redis::Pipeline, n: usize) -> EngineResult<Vec<i64>> {
+    let mut cm = inner.cm();
+    let receivers = inner
+        .redis("PUBLISH", pipe.query_async::<Vec<i64>>(&mut cm))
+        .await?;
+    if receivers.len() != n {
+        return Err(EngineError::StoreUnavailable("short pipeline reply".into()));
+    }
+    Ok(receivers)
+}
+
+fn answer(messages: impl IntoIterator<Item = Message>, outcome: EngineResult<i64>) {
+    for m in messages {
         if let Some(done) = m.done {
             let _ = done.send(outcome.clone());
         }

@@ -17,7 +17,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use redis::{PushInfo, PushKind, Value};
 
-use super::bus::{decode, encode, encode_raw, Body, Bus};
+use super::bus::{decode, encode, encode_raw, unpack, Body, Bus};
 use super::keys::Keys;
 use super::outbox::Outbox;
 use crate::peers::{CloseReason, Held, Queued};
@@ -64,15 +64,19 @@ impl Pushes {
         }
         match push.kind {
             PushKind::Message => {
-                let Some(Value::BulkString(payload)) = push.data.into_iter().nth(1) else {
+                let mut data = push.data.into_iter();
+                let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+                    (data.next(), data.next())
+                else {
                     return;
                 };
-                match decode(payload) {
-                    Some((bus, body)) => self.bus(bus, body),
-                    None => {
-                        crate::metrics::push_dropped("unparsable");
-                        tracing::warn!("unparsable bus message ignored");
-                    }
+                let payload = Bytes::from(payload);
+                if !self.keys.is_bus(&channel) {
+                    return self.message(payload);
+                }
+                match unpack(payload) {
+                    Some(messages) => messages.into_iter().for_each(|m| self.message(m)),
+                    None => unparsable(),
                 }
             }
             // Broadcasts may be missed until the subscription is back: routes are suspect.
@@ -88,6 +92,13 @@ impl Pushes {
                 self.router.want_repair_all();
             }
             _ => {}
+        }
+    }
+
+    fn message(&self, payload: Bytes) {
+        match decode(payload) {
+            Some((bus, body)) => self.bus(bus, body),
+            None => unparsable(),
         }
     }
 
@@ -229,7 +240,7 @@ impl Pushes {
     /// Queues a report; a full outbox drops it (counted): a flood of refusals is a flood of
     /// frames at a full queue, the flooder's own messages.
     fn post(&self, owner: &str, payload: Vec<u8>) {
-        if !self.outbox.post(self.keys.channel(owner), payload)
+        if !self.outbox.post(owner.to_owned(), payload)
             && {
                 crate::metrics::push_dropped("report_backlog_full");
                 true
@@ -242,6 +253,11 @@ impl Pushes {
             tracing::warn!("outbox full: dropping refusal reports");
         }
     }
+}
+
+fn unparsable() {
+    crate::metrics::push_dropped("unparsable");
+    tracing::warn!("unparsable bus message ignored");
 }
 
 /// What a sender is told of a relayed frame that was not delivered.

@@ -176,7 +176,10 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
         return Err(failed.unwrap_or_else(|| EngineError::Busy("empty reap batch".into())));
     }
     let mut publishes = redis::pipe();
-    for (channel, payload) in fanouts {
+    // One message per PUBLISH on the legacy channels: with the writes it belongs to, and read
+    // by every version.
+    for (owner, payload) in fanouts {
+        let channel = inner.keys.channel(&owner);
         publishes.cmd("PUBLISH").arg(channel).arg(payload).ignore();
     }
     publishes.cmd("SREM").arg(&set).arg(&done);

@@ -155,8 +155,7 @@ impl Inner {
             n,
         };
         let payload = encode_raw(&bus, body.as_deref().unwrap_or_default());
-        let channel = self.keys.channel(&to.owner);
-        let answer = self.outbox.publish(channel, payload).await?;
+        let answer = self.outbox.publish(to.owner.clone(), payload).await?;
         Ok(answer.receivers().await? > 0)
     }
 }

@@ -14,7 +14,7 @@ use crate::protocol::{Frame, ServerMessage};
 use crate::router::{Groups, Known, Member, Membership, Route};
 
 impl Inner {
-    /// A room event's bus message for each remote owner: (channel, payload).
+    /// A room event's bus message for each remote owner: (owner, payload).
     pub(super) fn room_event(
         &self,
         room: &str,
@@ -34,7 +34,7 @@ impl Inner {
                     left: left.map(str::to_owned),
                     from: None,
                 };
-                (self.keys.channel(&owner), encode(&bus, Some(frame)))
+                (owner, encode(&bus, Some(frame)))
             })
             .collect()
     }
@@ -44,8 +44,8 @@ impl Inner {
     /// A failure is only logged: the room event has happened in Redis.
     async fn broadcast(&self, messages: Vec<(String, Vec<u8>)>) {
         let mut answers = Vec::with_capacity(messages.len());
-        for (channel, payload) in messages {
-            match self.outbox.publish(channel, payload).await {
+        for (owner, payload) in messages {
+            match self.outbox.publish(owner, payload).await {
                 Ok(answer) => answers.push(answer.receivers()),
                 Err(e) => tracing::warn!(error = %e, "room event not published"),
             }
@@ -322,7 +322,7 @@ impl Inner {
         // leave's room event) leave this instance in order.
         let answer = self
             .outbox
-            .publish(self.keys.channel(&owner), encode(&bus, Some(&frame)))
+            .publish(owner, encode(&bus, Some(&frame)))
             .await?;
         let (inner, room, to) = (self.clone(), room.to_owned(), to.to_owned());
         let publish: BoxFuture<'static, EngineResult<Delivery>> = Box::pin(async move {
