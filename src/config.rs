@@ -204,13 +204,14 @@ pub struct Config {
     pub relay: crate::relay::RelayConfig,
 
     /// Frames queued for one peer: other clients' relays may fill 3/4 (beyond, they are
-    /// refused and their senders told); relays from other instances one more queue's worth
-    /// while their senders are held; the server's own events up to twice this, beyond which
-    /// the peer is disconnected.
+    /// refused and their senders told); relays from other instances 16 times this more while
+    /// their senders are held; the server's own events a quarter more, beyond which the peer
+    /// is disconnected.
     #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_MESSAGES", default_value_t = 256)]
     pub peer_queue_messages: usize,
 
-    /// Bytes queued for one peer, shared out as `--peer-queue-messages` is.
+    /// Bytes queued for one peer, shared out as `--peer-queue-messages` is (relays from other
+    /// instances one more queue's bytes, the server's own events twice this).
     #[arg(long, env = "BEACH_ROAD_PEER_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub peer_queue_bytes: usize,
 

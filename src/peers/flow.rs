@@ -102,8 +102,8 @@ impl Hold {
 
 impl LocalPeers {
     /// Queues a relayed frame from `from` on another instance for `peer`. Pub/sub has no
-    /// backpressure, so a frame past the relay share is still queued, up to one more queue's
-    /// worth (the frames in flight until the sender holds), and the sender is to be held
+    /// backpressure, so a frame past the relay share is still queued, up to the slack (the
+    /// frames in flight until the sender holds: `SLACK_QUEUES`), and the sender is to be held
     /// ([`Queued::Hold`], once per sender until released). Beyond that slack, or while the
     /// queue is stalled, it is refused like a local one.
     pub fn deliver_remote(&mut self, peer: &str, frame: &Frame, from: Option<&Held>) -> Queued {
@@ -114,13 +114,10 @@ impl LocalPeers {
         let mut frames = shared.frames();
         let outcome = if frames.fits(frame, share_messages, share_bytes) {
             Queued::Yes
-        } else if !shared.stalled.load(Ordering::Relaxed)
-            && frames.fits(
-                frame,
-                share_messages + self.limits.messages.max(1),
-                share_bytes + self.limits.bytes,
-            )
-        {
+        } else if !shared.stalled.load(Ordering::Relaxed) && {
+            let (messages, bytes) = self.slack();
+            frames.fits(frame, messages, bytes)
+        } {
             // Once per sender until released: a recipient that makes its senders wait must
             // catch up (back within its share) before it can make them wait again, so one that
             // takes a frame now and then costs each sender one hold, not one per frame.
@@ -163,7 +160,7 @@ impl LocalPeers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peers::{Class, QueueLimits};
+    use crate::peers::{Class, QueueLimits, SLACK_QUEUES};
 
     fn held(sender: &str) -> Held {
         Held {
@@ -172,8 +169,8 @@ mod tests {
         }
     }
 
-    /// Frames from elsewhere past the relay share (6 of 8) are queued up to one more queue's
-    /// worth (8), each sender is to hold once, and all are released once the queue is back
+    /// Frames from elsewhere past the relay share (6 of 8) are queued up to the slack (16
+    /// queues' frames), each sender is to hold once, and all are released once the queue is back
     /// within its share; past the slack they are refused and the queue counts as stalled.
     #[tokio::test]
     async fn frames_from_elsewhere_use_the_slack_and_hold_their_senders_once() {
@@ -185,7 +182,9 @@ mod tests {
         let (a, b) = (held("a"), held("b"));
         let f = Frame::from("x");
         let mut holds = Vec::new();
-        for i in 0..14 {
+        // The relay share (6), then the slack (16 queues of 8).
+        let fill = 6 + SLACK_QUEUES * 8;
+        for i in 0..fill {
             let from = if i % 2 == 0 { &a } else { &b };
             match peers.deliver_remote("r", &f, Some(from)) {
                 Queued::Yes => {}
@@ -204,7 +203,7 @@ mod tests {
         };
         assert!(!space.wait(Instant::now() + SPACE_WAIT).await);
         // Nobody is released until the queue is back within its share (6).
-        for _ in 0..7 {
+        for _ in 0..fill - 7 {
             q.try_recv().unwrap();
             assert!(q.released(false).is_empty());
         }

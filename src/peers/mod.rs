@@ -63,6 +63,12 @@ impl CloseReason {
 /// The share of a peer's queue (numerator, denominator) that relayed frames may fill; the rest
 /// is kept for the server's own control frames.
 pub const RELAY_SHARE: (usize, usize) = (3, 4);
+/// Relays from other instances may fill the relay share and then one more queue's bytes, in
+/// up to this many queues' frames, while their senders are held (see `flow.rs`): the slack
+/// must hold what a sender had under way before its hold took effect, which grows with its
+/// rate. One pair at 120-160 k/s across two instances overflowed one and four queues' frames
+/// (256, 1,024 at the defaults) with the bytes far from full; sixteen lost none.
+pub(crate) const SLACK_QUEUES: usize = 16;
 
 /// What a frame is, for [`LocalPeers::deliver`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,11 +333,17 @@ impl LocalPeers {
         let Some(shared) = self.live(peer) else {
             return Queued::Absent;
         };
-        // Control frames have the last quarter above whatever relayed frames may fill,
+        // Control frames have a quarter queue above whatever relayed frames may fill,
         // including the slack of frames from other instances (see `deliver_remote`).
         let (max_messages, max_bytes) = match class {
             Class::Relay => self.relay_share(),
-            Class::Control => (2 * self.limits.messages.max(1), 2 * self.limits.bytes),
+            Class::Control => {
+                let (messages, bytes) = self.slack();
+                (
+                    messages + (self.limits.messages / 4).max(1),
+                    bytes + self.limits.bytes / 4,
+                )
+            }
         };
         let queued = {
             let mut frames = shared.frames();
@@ -369,6 +381,15 @@ impl LocalPeers {
         (
             (self.limits.messages.max(1) * RELAY_SHARE.0 / RELAY_SHARE.1).max(1),
             self.limits.bytes * RELAY_SHARE.0 / RELAY_SHARE.1,
+        )
+    }
+
+    /// How many frames and bytes relayed frames from other instances may fill.
+    fn slack(&self) -> (usize, usize) {
+        let (messages, bytes) = self.relay_share();
+        (
+            messages + SLACK_QUEUES * self.limits.messages.max(1),
+            bytes + self.limits.bytes,
         )
     }
 
@@ -421,8 +442,9 @@ mod tests {
             bytes: 1024,
         });
         let mut q = peers.register("a");
-        // Server events may fill twice the queue (above the slack for relays from elsewhere).
-        for _ in 0..4 {
+        // Server events may fill the relay share (1), the slack for relays from elsewhere (16
+        // queues) and a quarter queue (1) above them.
+        for _ in 0..1 + SLACK_QUEUES * 2 + 1 {
             peers.deliver("a", &frame("x"), Class::Control);
         }
         assert!(peers.contains("a"));
@@ -443,7 +465,7 @@ mod tests {
         let q = peers.register("a");
         let waiter = tokio::spawn(async move { q.closed().await });
         tokio::task::yield_now().await;
-        for n in 0..3 {
+        for n in 0..SLACK_QUEUES + 3 {
             peers.deliver("a", &frame(&n.to_string()), Class::Control);
         }
         let reason = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
@@ -460,7 +482,8 @@ mod tests {
             bytes: 10,
         });
         let mut q = peers.register("a");
-        // Twice the byte bound for server events: three of these fit, the fourth does not.
+        // Twice the byte bound for server events (7 + 10 + 2): three of these fit, the fourth
+        // does not.
         for _ in 0..3 {
             assert_eq!(
                 Queued::Yes,

@@ -102,18 +102,22 @@ pub(crate) fn pack<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> 
     out
 }
 
-/// The messages of a pack, each sharing the payload's bytes; `None` when it is cut short.
-pub(crate) fn unpack(mut payload: Bytes) -> Option<Vec<Bytes>> {
+/// The messages of a pack; `None` when it is cut short. Each message of a pack of several is
+/// copied out: a frame that a slow recipient keeps queued must not keep the rest of its pack
+/// (other recipients' frames, up to 64 of the largest size) alive with it.
+pub(crate) fn unpack(payload: Bytes) -> Option<Vec<Bytes>> {
     let mut out = Vec::new();
-    while !payload.is_empty() {
-        let len = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?) as usize;
-        if payload.len() < 4 + len {
-            return None;
-        }
-        let mut message = payload.split_to(4 + len);
-        out.push(message.split_off(4));
+    let mut rest = &payload[..];
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let message = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        out.push(message);
     }
-    Some(out)
+    Some(match out[..] {
+        [only] => vec![payload.slice_ref(only)],
+        _ => out.into_iter().map(Bytes::copy_from_slice).collect(),
+    })
 }
 
 /// A decoded bus message's body: a JSON frame for the router, or raw bytes for the relay.
