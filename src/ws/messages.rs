@@ -23,10 +23,10 @@ impl<E: Engine> Connection<E> {
     pub(super) async fn handle(
         &mut self,
         sink: &mut Sink,
-        bytes: &[u8],
+        text: &str,
         relays: &mut Relays<E>,
     ) -> bool {
-        let msg = match ClientMessage::parse(bytes) {
+        let msg = match ClientMessage::parse(text) {
             Ok(msg) => msg,
             Err(e) => return self.error(sink, format!("invalid message: {e}")).await,
         };

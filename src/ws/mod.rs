@@ -348,11 +348,14 @@ impl<E: Engine> Connection<E> {
                     let ok = match msg {
                         Message::Text(text) => {
                             self.pace(text.len()).await;
-                            Box::pin(self.handle(sink, text.as_bytes(), &mut relays)).await
+                            Box::pin(self.handle(sink, text.as_str(), &mut relays)).await
                         }
                         Message::Binary(bytes) => {
                             self.pace(bytes.len()).await;
-                            Box::pin(self.handle(sink, &bytes, &mut relays)).await
+                            match std::str::from_utf8(&bytes) {
+                                Ok(text) => Box::pin(self.handle(sink, text, &mut relays)).await,
+                                Err(_) => self.error(sink, "invalid message: not UTF-8".into()).await,
+                            }
                         }
                         Message::Close(_) => return End::echo(),
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => true,

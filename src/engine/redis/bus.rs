@@ -249,6 +249,19 @@ mod tests {
         for (b, m) in back.iter().zip(messages) {
             assert_eq!(&b[..], m);
         }
+        // Copied out: a queued frame keeps only its own message alive, not the pack.
+        let payload = Bytes::from(packed.clone());
+        let pack_range = payload.as_ptr() as usize..payload.as_ptr() as usize + payload.len();
+        for b in unpack(payload.clone())
+            .unwrap()
+            .iter()
+            .filter(|b| !b.is_empty())
+        {
+            assert!(
+                !pack_range.contains(&(b.as_ptr() as usize)),
+                "a slice of the pack"
+            );
+        }
         assert!(unpack(Bytes::new()).unwrap().is_empty());
         for cut in [1, 3, 5, packed.len() - 1] {
             assert!(
