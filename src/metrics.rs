@@ -124,7 +124,7 @@ const PRESET: &[(&str, &str, &[&str])] = &[
     (
         "beach_road_pubsub_pushes_dropped_total",
         "reason",
-        &["unparsable", "report_backlog_full", "sender_not_reading"],
+        &["unparsable", "report_backlog_full"],
     ),
     (
         "beach_road_peers_joined_total",

@@ -833,19 +833,19 @@ async fn frames_cross_instances_and_membership_is_checked() {
 
         for i in 0..50 {
             let d = b
-                .deliver(&room, "sender", &pa, format!("{{\"n\":{i}}}").into())
+                .send(&room, "sender", &pa, format!("{{\"n\":{i}}}").into())
                 .await;
-            assert_eq!(d.unwrap(), Delivery::Sent);
+            assert_eq!(d.unwrap(), Delivery::Published);
         }
         for i in 0..50 {
             assert_eq!(next(&mut qa, Duration::from_secs(2)).await["n"], i);
         }
-        let d = a.deliver(&room, "sender", &pb, "{\"x\":1}".into()).await;
-        assert_eq!(d.unwrap(), Delivery::Sent);
+        let d = a.send(&room, "sender", &pb, "{\"x\":1}".into()).await;
+        assert_eq!(d.unwrap(), Delivery::Published);
         assert_eq!(next(&mut qb, Duration::from_secs(2)).await["x"], 1);
-        let d = a.deliver(&room, "sender", &new_id(), "{}".into()).await;
+        let d = a.send(&room, "sender", &new_id(), "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
-        let d = a.deliver(&new_id(), "sender", &pb, "{}".into()).await;
+        let d = a.send(&new_id(), "sender", &pb, "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
         assert_eq!(a.local_peers(), 1);
 
@@ -853,7 +853,7 @@ async fn frames_cross_instances_and_membership_is_checked() {
         let l = next(&mut qa, Duration::from_secs(2)).await;
         assert_eq!(l["type"], "peer_left");
         assert_eq!(l["peer_id"], pb.as_str());
-        let d = a.deliver(&room, "sender", &pb, "{}".into()).await;
+        let d = a.send(&room, "sender", &pb, "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
         assert!(!a.is_member(&room, &pb).await.unwrap());
         // A second leave is a no-op.
@@ -936,8 +936,8 @@ async fn a_cut_off_instance_fences_itself_and_serves_fresh_peers() {
         let j = next(&mut qa, Duration::from_secs(2)).await;
         assert_eq!(j["type"], "peer_joined");
         assert_eq!(j["peer"]["id"], pc.as_str());
-        let d = a.deliver(&room, "sender", &pc, "{\"hi\":1}".into()).await;
-        assert_eq!(d.unwrap(), Delivery::Sent);
+        let d = a.send(&room, "sender", &pc, "{\"hi\":1}".into()).await;
+        assert_eq!(d.unwrap(), Delivery::Published);
         assert_eq!(next(&mut qc, Duration::from_secs(2)).await["hi"], 1);
         a.shutdown().await;
         b.shutdown().await;
@@ -1050,7 +1050,7 @@ async fn prefixes_isolate_deployments() {
         assert!(!b.is_member(&id, &pa).await.unwrap());
         assert_eq!(b.server_peer(&id).await.unwrap(), None);
         let (pb, _qb) = join(&b, &id).await;
-        let d = a.deliver(&id, "sender", &pb, "{}".into()).await;
+        let d = a.send(&id, "sender", &pb, "{}".into()).await;
         assert_eq!(d.unwrap(), Delivery::NotMember);
         a.shutdown().await;
         b.shutdown().await;
@@ -1112,8 +1112,8 @@ async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
         };
         // Alive: the relay crosses to B.
         assert_eq!(
-            a.deliver(&room, "sender", &joiner, frame(1)).await.unwrap(),
-            Delivery::Sent
+            a.send(&room, "sender", &joiner, frame(1)).await.unwrap(),
+            Delivery::Published
         );
         assert_eq!(
             next(&mut joiner_q, Duration::from_secs(2)).await["signal"]["n"],
@@ -1124,7 +1124,7 @@ async fn a_relay_resumed_past_the_liveness_deadline_is_not_published() {
         // deadline.
         a.pause_heartbeat(true);
         a.stall_next_send(Duration::from_millis(1800));
-        let sent = a.deliver(&room, "sender", &joiner, frame(2)).await;
+        let sent = a.send(&room, "sender", &joiner, frame(2)).await;
         assert!(
             sent.is_err(),
             "a relay past the deadline must fail, got {sent:?}"
@@ -1158,9 +1158,9 @@ async fn a_refusal_on_another_instance_is_reported_to_the_sender() {
         let (room, (pa, mut qa), (pb, mut qb)) = pair_across(&a, &b).await;
         for i in 0..SENT {
             let d = b
-                .deliver(&room, &pb, &pa, format!("{{\"n\":{i}}}").into())
+                .send(&room, &pb, &pa, format!("{{\"n\":{i}}}").into())
                 .await;
-            assert_eq!(d.unwrap(), Delivery::Sent, "published");
+            assert_eq!(d.unwrap(), Delivery::Published, "published");
         }
         let mut refused = 0;
         while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(2), qb.recv()).await {

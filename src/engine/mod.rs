@@ -140,19 +140,15 @@ pub enum CodeCheck {
     NotFound,
 }
 
-/// What became of a relayed frame, as far as [`Engine::send`] knows at once.
-pub enum Sent<P> {
-    Done(Delivery),
-    /// On its way to the recipient's instance: resolves to what became of it. Pending sends
-    /// of one sender, polled in the order they were returned, reach the wire in that order.
-    Pending(P),
-}
-
-/// What an engine did with a frame for one member.
+/// What an engine did with a frame for one member, as far as it knows at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// Queued for its socket (here or on its instance).
+    /// Queued for its socket, on this instance.
     Sent,
+    /// Queued for the recipient's instance (Redis engine). Only a failure is answered, later
+    /// and to the sender's own queue, as an `error` frame: the publish failed, nobody heard it
+    /// there (see [`Delivery::Unreachable`]), or the recipient refused it.
+    Published,
     /// `to` is not a member of the room.
     NotMember,
     /// The recipient's queue has no room for relayed frames: the frame was not queued.
@@ -160,6 +156,27 @@ pub enum Delivery {
     /// The recipient is a member, but nobody listens on its instance's channel (the instance
     /// died and is not reaped yet, or its subscription is down): the frame is lost.
     Unreachable,
+}
+
+impl Delivery {
+    /// What the sender of a frame to `to` is told when it was not delivered: the metric's
+    /// reason and the `error` message; `None` when it was sent or published.
+    pub fn refusal(self, to: &str) -> Option<(&'static str, String)> {
+        match self {
+            Delivery::Sent | Delivery::Published => None,
+            Delivery::NotMember => {
+                Some(("not_member", format!("peer {to} is not in this session")))
+            }
+            Delivery::Full => Some((
+                "recipient_full",
+                format!("peer {to} is not keeping up; message dropped"),
+            )),
+            Delivery::Unreachable => Some((
+                "unreachable",
+                format!("peer {to} is unreachable; message dropped"),
+            )),
+        }
+    }
 }
 
 /// What a WebSocket `join` adds to a room; the engine assigns `joined_at`.
@@ -417,36 +434,18 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// The room's `server` peer (its latest host join), while it is a member.
     fn server_peer(&self, room: &str) -> impl Future<Output = EngineResult<Option<String>>> + Send;
 
-    /// What [`send`](Self::send) returns for a frame on its way to another instance.
-    type Publish: Future<Output = EngineResult<Delivery>> + Send + Unpin + 'static;
-
     /// Delivers a relayed frame from local member `from` to member `to` of `room`, wherever
     /// its socket is. A local recipient has it (or has refused it) when this returns; for a
-    /// remote one the publish is returned pending, so the sender can go on reading while it is
-    /// under way (a refusal over there is reported back to `from` as an `error` frame).
+    /// remote one it is queued for that instance ([`Delivery::Published`]), so the sender goes
+    /// on reading while it is under way, and only a failure is reported back to `from`, as an
+    /// `error` frame in its queue.
     fn send(
         &self,
         room: &str,
         from: &str,
         to: &str,
         frame: Frame,
-    ) -> impl Future<Output = EngineResult<Sent<Self::Publish>>> + Send;
-
-    /// [`send`](Self::send), waiting for a pending publish too.
-    fn deliver(
-        &self,
-        room: &str,
-        from: &str,
-        to: &str,
-        frame: Frame,
-    ) -> impl Future<Output = EngineResult<Delivery>> + Send {
-        async move {
-            match self.send(room, from, to, frame).await? {
-                Sent::Done(d) => Ok(d),
-                Sent::Pending(p) => p.await,
-            }
-        }
-    }
+    ) -> impl Future<Output = EngineResult<Delivery>> + Send;
 
     /// Releases senders on other instances that were held for a local socket's queue (see
     /// [`crate::peers::Hold`]); only the Redis engine has such senders.

@@ -302,6 +302,15 @@ impl Router {
         self.with(|t| t.deliver_member(room, to, frame, Class::Relay))
     }
 
+    /// Tells local member `sender` of `room` that a relay of its was not delivered elsewhere
+    /// (an `error` frame), as a server event: refusals come back in packs, far faster than
+    /// the relay share would take them, and each must be told. Its socket task writes a full
+    /// batch before it reads again (`crate::ws`), so a sender is slowed to the pace it takes
+    /// them at; one that does not read its socket at all is cut as a slow consumer.
+    pub fn tell_sender(&self, room: &str, sender: &str, frame: &Frame) {
+        self.with(|t| t.deliver_member(room, sender, frame, Class::Control));
+    }
+
     /// Frames from another instance for local members `to` of `room`: a room event (`ev`) is
     /// told to whoever has not been told it; a relayed frame (`ev` is `None`) from `from` is
     /// delivered (see [`LocalPeers::deliver_remote`](crate::peers::LocalPeers::deliver_remote)).

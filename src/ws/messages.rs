@@ -6,13 +6,11 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::{
-    Connection, InFlight, Relays, Sink, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN,
-    MAX_PEER_INFO_BYTES, MAX_TRANSPORTS,
+    Connection, Sink, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN, MAX_PEER_INFO_BYTES,
+    MAX_TRANSPORTS,
 };
 use crate::access::admit;
-use crate::engine::{
-    Delivery, Engine, EngineError, EngineResult, Grant, JoinResult, NewPeer, Sent,
-};
+use crate::engine::{Delivery, Engine, EngineError, EngineResult, Grant, JoinResult, NewPeer};
 use crate::metrics;
 use crate::protocol::{
     common_transports, valid_id, ClientMessage, Frame, Relayed, Role, ServerMessage,
@@ -20,12 +18,7 @@ use crate::protocol::{
 
 impl<E: Engine> Connection<E> {
     /// Handles one client frame. Returns false when the socket can no longer be written.
-    pub(super) async fn handle(
-        &mut self,
-        sink: &mut Sink,
-        text: &str,
-        relays: &mut Relays<E>,
-    ) -> bool {
+    pub(super) async fn handle(&mut self, sink: &mut Sink, text: &str) -> bool {
         let msg = match ClientMessage::parse(text) {
             Ok(msg) => msg,
             Err(e) => return self.error(sink, format!("invalid message: {e}")).await,
@@ -61,9 +54,9 @@ impl<E: Engine> Connection<E> {
                 payload,
             } => {
                 let frame = kind.frame(&self.peer_id, payload);
-                self.relay(sink, kind, &to_peer, frame, relays).await
+                self.relay(sink, kind, &to_peer, frame).await
             }
-            ClientMessage::Debug { request } => Box::pin(self.debug(sink, request, relays)).await,
+            ClientMessage::Debug { request } => Box::pin(self.debug(sink, request)).await,
         }
     }
 
@@ -210,55 +203,30 @@ impl<E: Engine> Connection<E> {
     }
 
     /// Forwards a message to another member of this socket's room.
-    async fn relay(
-        &mut self,
-        sink: &mut Sink,
-        kind: Relayed,
-        to: &str,
-        frame: Frame,
-        relays: &mut Relays<E>,
-    ) -> bool {
+    async fn relay(&mut self, sink: &mut Sink, kind: Relayed, to: &str, frame: Frame) -> bool {
         let Some(room) = self.room.clone() else {
             return self.error(sink, "join the session first".into()).await;
         };
         if !valid_id(to) {
             return self.error(sink, "invalid to_peer".into()).await;
         }
-        match self.app.engine.send(&room, &self.peer_id, to, frame).await {
-            Ok(Sent::Done(delivery)) => {
-                if matches!(delivery, Delivery::Sent) {
-                    metrics::relayed(kind, metrics::Path::Local);
-                }
-                self.report(sink, to, Ok(delivery)).await
-            }
-            Ok(Sent::Pending(publish)) => {
-                metrics::relayed(kind, metrics::Path::Redis);
-                let to = to.to_owned();
-                relays.push(InFlight { to, publish });
-                true
-            }
-            Err(e) => self.report(sink, to, Err(e)).await,
+        let outcome = self.app.engine.send(&room, &self.peer_id, to, frame).await;
+        match outcome {
+            Ok(Delivery::Sent) => metrics::relayed(kind, metrics::Path::Local),
+            Ok(Delivery::Published) => metrics::relayed(kind, metrics::Path::Redis),
+            _ => {}
         }
+        self.report(sink, to, outcome).await
     }
 
-    /// Tells the sender what became of its relay to `to`, unless it was delivered.
-    pub(super) async fn report(
-        &mut self,
-        sink: &mut Sink,
-        to: &str,
-        outcome: EngineResult<Delivery>,
-    ) -> bool {
+    /// Tells the sender what became of its relay to `to`, unless it was delivered (or is on
+    /// its way to another instance: a failure there is told later, through its queue).
+    async fn report(&mut self, sink: &mut Sink, to: &str, outcome: EngineResult<Delivery>) -> bool {
         let (reason, message) = match outcome {
-            Ok(Delivery::Sent) => return true,
-            Ok(Delivery::NotMember) => ("not_member", format!("peer {to} is not in this session")),
-            Ok(Delivery::Full) => (
-                "recipient_full",
-                format!("peer {to} is not keeping up; message dropped"),
-            ),
-            Ok(Delivery::Unreachable) => (
-                "unreachable",
-                format!("peer {to} is unreachable; message dropped"),
-            ),
+            Ok(delivery) => match delivery.refusal(to) {
+                Some(refusal) => refusal,
+                None => return true,
+            },
             Err(e) => {
                 tracing::info!(peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "relay failed");
                 ("publish_failed", e.client_message().into())
@@ -272,7 +240,7 @@ impl<E: Engine> Connection<E> {
     }
 
     /// `debug` goes to the room's server peer, wrapped as a custom-transport signal.
-    async fn debug(&mut self, sink: &mut Sink, request: Value, relays: &mut Relays<E>) -> bool {
+    async fn debug(&mut self, sink: &mut Sink, request: Value) -> bool {
         let Some(room) = self.room.clone() else {
             return self.error(sink, "join the session first".into()).await;
         };
@@ -299,7 +267,6 @@ impl<E: Engine> Connection<E> {
         });
         let raw = serde_json::value::to_raw_value(&signal).expect("a JSON value serializes");
         let frame = Relayed::Signal.frame(&self.peer_id, &raw);
-        self.relay(sink, Relayed::Signal, &server, frame, relays)
-            .await
+        self.relay(sink, Relayed::Signal, &server, frame).await
     }
 }

@@ -12,17 +12,14 @@ mod end;
 mod messages;
 mod upgrade;
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{FuturesUnordered, SplitSink, SplitStream};
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::json;
@@ -32,7 +29,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::Message;
 
 use crate::client::client_ip;
-use crate::engine::{Delivery, Engine, EngineResult};
+use crate::engine::Engine;
 use crate::http::App;
 use crate::peers::{CloseReason, PeerQueue};
 use crate::protocol::{new_id, valid_id, Frame, ServerMessage};
@@ -53,9 +50,6 @@ pub const MAX_PEER_INFO_BYTES: usize = 4096;
 /// error storm back. A relay that was not delivered is always reported (see `report`).
 const ERROR_BURST: u32 = 5;
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
-/// Relays to other instances one socket may have under way at once; its next frame is read
-/// when one of them is done (their outcomes are reported to it as they come).
-const MAX_IN_FLIGHT: usize = 64;
 /// tungstenite's own write buffer: every frame goes straight through it, so it holds one
 /// frame (a piece of at most `upgrade::FRAGMENT` bytes) at a time; this is only its bound.
 const MAX_WRITE_BUFFER: usize = 64 * 1024;
@@ -186,23 +180,6 @@ impl Budget {
     }
 }
 
-/// A relay on its way to another instance, with its recipient (named when it is refused).
-struct InFlight<P> {
-    to: String,
-    publish: P,
-}
-
-impl<P: Future<Output = EngineResult<Delivery>> + Unpin> Future for InFlight<P> {
-    type Output = (String, EngineResult<Delivery>);
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        Pin::new(&mut this.publish)
-            .poll(cx)
-            .map(|r| (std::mem::take(&mut this.to), r))
-    }
-}
-
 struct Connection<E: Engine> {
     app: App<E>,
     /// The id in the URL: the public session id or a token.
@@ -219,10 +196,6 @@ struct Connection<E: Engine> {
     /// Batches collect under the socket until their flush.
     cork: Cork,
 }
-
-/// Relays under way, polled in the order they were sent (so they reach the wire in it). Owned
-/// by `serve`, not the connection: the futures need not be `Sync`.
-type Relays<E> = FuturesUnordered<InFlight<<E as Engine>::Publish>>;
 
 impl<E: Engine> Connection<E> {
     fn new(app: App<E>, path_id: String, client: IpAddr, cork: Cork) -> Self {
@@ -295,9 +268,6 @@ impl<E: Engine> Connection<E> {
         // A socket that never joins holds a slot for nothing: it gets `join_timeout`.
         let join_deadline = tokio::time::sleep(config.join_timeout);
         tokio::pin!(join_deadline);
-        // Dropped with `serve`: relays still under way were sent already (their commands are on
-        // the wire ahead of the leave's); their outcomes have nobody to be reported to.
-        let mut relays: Relays<E> = FuturesUnordered::new();
         let hold = queue.hold();
         loop {
             let held = hold.until();
@@ -329,12 +299,10 @@ impl<E: Engine> Connection<E> {
                 },
                 // Held by a recipient elsewhere: no frame is read until it is lifted.
                 _ = hold.lifted(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {}
-                Some((to, outcome)) = relays.next(), if !relays.is_empty() => {
-                    if !Box::pin(self.report(sink, &to, outcome)).await {
-                        return End::silent();
-                    }
-                }
-                msg = stream.next(), if relays.len() < MAX_IN_FLIGHT && held.is_none() => {
+                // A full batch waiting is written before the next frame is read: a client whose
+                // frames come back as errors (refusals from elsewhere) is slowed to the pace it
+                // takes them at, instead of filling its own queue with what it is told.
+                msg = stream.next(), if held.is_none() && queue.backlog() < MAX_BATCH => {
                     let msg = match msg {
                         Some(Ok(msg)) => msg,
                         // An abrupt disconnect is ordinary for these clients: debug, not error.
@@ -348,12 +316,12 @@ impl<E: Engine> Connection<E> {
                     let ok = match msg {
                         Message::Text(text) => {
                             self.pace(text.len()).await;
-                            Box::pin(self.handle(sink, text.as_str(), &mut relays)).await
+                            Box::pin(self.handle(sink, text.as_str())).await
                         }
                         Message::Binary(bytes) => {
                             self.pace(bytes.len()).await;
                             match std::str::from_utf8(&bytes) {
-                                Ok(text) => Box::pin(self.handle(sink, text, &mut relays)).await,
+                                Ok(text) => Box::pin(self.handle(sink, text)).await,
                                 Err(_) => self.error(sink, "invalid message: not UTF-8".into()).await,
                             }
                         }

@@ -18,7 +18,7 @@ use self::state::State;
 use super::admin::{CloseOutcome, InstanceView, SessionView};
 use super::{
     Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, Grant, JoinResult, NewPeer,
-    Sent, SessionRecord,
+    SessionRecord,
 };
 use crate::peers::CloseReason;
 use crate::protocol::{Frame, PeerInfo, ServerMessage};
@@ -240,23 +240,19 @@ impl Engine for MemoryEngine {
         Ok(self.with(|s| s.server_peer(room)))
     }
 
-    type Publish = std::future::Ready<EngineResult<Delivery>>;
-
     async fn send(
         &self,
         room: &str,
         _from: &str,
         to: &str,
         frame: Frame,
-    ) -> EngineResult<Sent<Self::Publish>> {
+    ) -> EngineResult<Delivery> {
         // Every member is a local socket whose membership the router recorded with its join.
-        Ok(Sent::Done(
-            match self.router.relay(room, to, &frame).await {
-                Route::Delivered => Delivery::Sent,
-                Route::Full(_) => Delivery::Full,
-                Route::Absent | Route::Remote(_) | Route::Unknown { .. } => Delivery::NotMember,
-            },
-        ))
+        Ok(match self.router.relay(room, to, &frame).await {
+            Route::Delivered => Delivery::Sent,
+            Route::Full(_) => Delivery::Full,
+            Route::Absent | Route::Remote(_) | Route::Unknown { .. } => Delivery::NotMember,
+        })
     }
 
     async fn ready(&self) -> EngineResult<()> {

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::RedisResult;
 use tokio::sync::watch;
@@ -46,7 +45,7 @@ use self::scripts::Scripts;
 use crate::engine::admin::{CloseOutcome, InstanceView, SessionView};
 use crate::engine::{
     Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Grant,
-    JoinResult, NewPeer, Sent, SessionRecord,
+    JoinResult, NewPeer, SessionRecord,
 };
 use crate::protocol::Frame;
 use crate::router::{Membership, Router};
@@ -484,15 +483,7 @@ impl Engine for RedisEngine {
         i.query(&cmd).await
     }
 
-    type Publish = BoxFuture<'static, EngineResult<Delivery>>;
-
-    async fn send(
-        &self,
-        room: &str,
-        from: &str,
-        to: &str,
-        frame: Frame,
-    ) -> EngineResult<Sent<Self::Publish>> {
+    async fn send(&self, room: &str, from: &str, to: &str, frame: Frame) -> EngineResult<Delivery> {
         self.inner.send(room, from, to, frame).await
     }
 

@@ -2,18 +2,19 @@
 //!
 //! Relays, room events, relay pieces and refusal reports are queued here by whoever sends them
 //! (a socket task waits only while the outbox is full) and one publisher task sends everything
-//! waiting as one pipeline, then the next: one `PUBLISH` per instance, of everything queued
-//! for it, packed (`super::bus::pack`). Under load a pack holds hundreds of messages, and what
-//! each costs Redis and both instances (a command, a reply, a push) is paid once per pack. Order is the point: publishes left
-//! to their senders' tasks reach Redis in the order those tasks happen to be polled once the
-//! connection's command queue is full (seen: a signal delivered four places early in a burst
-//! across instances), and a member's relays could overtake the room event of its leave. One
-//! pipeline in flight also batches by itself under load (everything queued while the last one
-//! was answered), so a burst costs one round trip per batch, not per message.
+//! waiting as one pipeline, then the next: a `PUBLISH` per instance of what is queued for it,
+//! packed (`super::bus::pack`, up to 64 messages), so a command, its reply and the push are
+//! paid once per pack under load. Order is the point: publishes left to their senders' tasks
+//! reached Redis in the order those tasks happened to be polled once the connection's command
+//! queue was full (seen: a signal delivered four places early in a burst across instances),
+//! and a member's relays could overtake the room event of its leave. One pipeline in flight
+//! also batches by itself under load (everything queued while the last one was answered).
 //!
 //! A pack that reaches nobody (its instance is gone, or older and not on its bus channel) is
 //! sent again message by message on the instance's legacy channel, in a second pipeline; what
-//! that one answers is the messages' answer.
+//! that one answers is the messages' answer. A relayed frame is answered only if it failed,
+//! to its sender's queue (`Inner::undelivered`): a relay costs no channel, future or wakeup
+//! of its own (those were a third of two instances' CPU in a burst).
 //!
 //! Not here: the self-ping (`liveness`: it must not queue behind a burst, it measures the
 //! subscription), and the reaper's and the Admin API's pipelines (each one command batch with
@@ -56,7 +57,26 @@ struct Message {
     /// The instance it is for.
     instance: String,
     payload: Vec<u8>,
-    done: Option<oneshot::Sender<EngineResult<i64>>>,
+    done: Done,
+}
+
+/// Who hears what became of a message.
+enum Done {
+    /// Nobody (a report, a hold, a release).
+    Nobody,
+    /// The caller, who awaits the number of receivers (room events, relay pieces).
+    Caller(oneshot::Sender<EngineResult<i64>>),
+    /// A relayed frame: only a failure is answered, to its sender (see `Inner::undelivered`).
+    Sender(Relay),
+}
+
+/// A relayed frame's sender and recipient, for the report should it not be delivered.
+pub(crate) struct Relay {
+    pub room: String,
+    pub sender: String,
+    pub to: String,
+    /// The recipient's record was read for this frame (not a cached route).
+    pub looked_up: bool,
 }
 
 #[derive(Default)]
@@ -90,6 +110,8 @@ impl Outbox {
     }
 
     /// Queues a message if there is room; gives it back otherwise.
+    // Given back by value (a few words, no heap) only when the outbox is full.
+    #[allow(clippy::result_large_err)]
     fn try_push(&self, m: Message) -> Result<(), Message> {
         {
             let mut q = self.queue();
@@ -109,10 +131,36 @@ impl Outbox {
     /// caller's messages go out in the order of its calls.
     pub(crate) async fn publish(&self, instance: String, payload: Vec<u8>) -> EngineResult<Answer> {
         let (done, answer) = oneshot::channel();
-        let mut m = Message {
+        self.push(Message {
             instance,
             payload,
-            done: Some(done),
+            done: Done::Caller(done),
+        })
+        .await?;
+        Ok(Answer(answer))
+    }
+
+    /// Queues a relayed frame, as [`publish`](Self::publish) does; nothing is answered unless
+    /// it fails, and then to its sender's queue.
+    pub(crate) async fn relay(
+        &self,
+        instance: String,
+        payload: Vec<u8>,
+        relay: Relay,
+    ) -> EngineResult<()> {
+        self.push(Message {
+            instance,
+            payload,
+            done: Done::Sender(relay),
+        })
+        .await
+    }
+
+    /// Queues `m`, waiting for room up to the call timeout (then `Busy`).
+    async fn push(&self, m: Message) -> EngineResult<()> {
+        // Nearly always there is room: no timer then.
+        let Err(mut m) = self.try_push(m) else {
+            return Ok(());
         };
         let queued = tokio::time::timeout(self.wait, async {
             loop {
@@ -126,10 +174,9 @@ impl Outbox {
                 space.await;
             }
         });
-        match queued.await {
-            Ok(()) => Ok(Answer(answer)),
-            Err(_) => Err(EngineError::Busy("outbox full".into())),
-        }
+        queued
+            .await
+            .map_err(|_| EngineError::Busy("outbox full".into()))
     }
 
     /// Queues a message nobody waits for (a report); false if the outbox is full.
@@ -137,7 +184,7 @@ impl Outbox {
         let m = Message {
             instance,
             payload,
-            done: None,
+            done: Done::Nobody,
         };
         self.try_push(m).is_ok()
     }
@@ -170,62 +217,69 @@ pub(crate) async fn publisher(inner: Arc<Inner>, mut stop: watch::Receiver<bool>
                 _ = inner.outbox.ready.notified() => continue,
             }
         }
-        if !inner.alive_locally() {
-            answer(batch, Err(fenced("instance may have been written off")));
-            continue;
-        }
-        let packs = by_instance(batch);
-        let mut pipe = redis::pipe();
-        for (instance, messages) in &packs {
-            let packed = pack(messages.iter().map(|m| &m.payload[..]));
-            pipe.cmd("PUBLISH")
-                .arg(inner.keys.bus(instance))
-                .arg(packed);
-        }
-        let sent = tokio::select! {
+        let mut failed = Vec::new();
+        tokio::select! {
             _ = stop.changed() => return,
-            r = send(&inner, pipe, packs.len()) => r,
-        };
-        let receivers = match sent {
-            Ok(receivers) => receivers,
-            Err(e) => {
-                let messages: usize = packs.iter().map(|(_, m)| m.len()).sum();
-                tracing::warn!(error = %e, messages, "publish to instances failed");
-                answer(packs.into_iter().flat_map(|(_, m)| m), Err(e));
-                continue;
+            () = publish(&inner, batch, &mut failed) => {}
+        }
+        if !failed.is_empty() {
+            inner.undelivered(failed).await;
+        }
+    }
+}
+
+/// A relayed frame that was not delivered: the publish failed, or nobody heard it (`None`).
+pub(crate) type Failed = (Relay, Option<EngineError>);
+
+/// Publishes one batch: a pack per instance, then what nobody heard one by one on the legacy
+/// channels. Callers are answered; relays that failed are added to `failed`.
+async fn publish(inner: &Inner, batch: Vec<Message>, failed: &mut Vec<Failed>) {
+    if !inner.alive_locally() {
+        let fenced = fenced("instance may have been written off");
+        return answer(batch, Err(fenced), failed);
+    }
+    let packs = by_instance(batch);
+    let mut pipe = redis::pipe();
+    for (instance, messages) in &packs {
+        let packed = pack(messages.iter().map(|m| &m.payload[..]));
+        pipe.cmd("PUBLISH")
+            .arg(inner.keys.bus(instance))
+            .arg(packed);
+    }
+    let receivers = match send(inner, pipe, packs.len()).await {
+        Ok(receivers) => receivers,
+        Err(e) => {
+            let messages: usize = packs.iter().map(|(_, m)| m.len()).sum();
+            tracing::warn!(error = %e, messages, "publish to instances failed");
+            return answer(packs.into_iter().flat_map(|(_, m)| m), Err(e), failed);
+        }
+    };
+    let (heard, unheard): (Vec<_>, Vec<_>) =
+        packs.into_iter().zip(receivers).partition(|(_, n)| *n > 0);
+    for ((_, messages), n) in heard {
+        answer(messages, Ok(n), failed);
+    }
+    if unheard.is_empty() {
+        return;
+    }
+    // Nobody on those bus channels: one by one on the legacy channels.
+    let messages: Vec<(String, Message)> = unheard
+        .into_iter()
+        .flat_map(|((instance, m), _)| m.into_iter().map(move |m| (instance.clone(), m)))
+        .collect();
+    let mut pipe = redis::pipe();
+    for (instance, m) in &messages {
+        pipe.cmd("PUBLISH")
+            .arg(inner.keys.channel(instance))
+            .arg(&m.payload);
+    }
+    match send(inner, pipe, messages.len()).await {
+        Ok(receivers) => {
+            for ((_, m), n) in messages.into_iter().zip(receivers) {
+                answer([m], Ok(n), failed);
             }
-        };
-        let (heard, unheard): (Vec<_>, Vec<_>) =
-            packs.into_iter().zip(receivers).partition(|(_, n)| *n > 0);
-        for ((_, messages), n) in heard {
-            answer(messages, Ok(n));
         }
-        if unheard.is_empty() {
-            continue;
-        }
-        // Nobody on those bus channels: one by one on the legacy channels.
-        let messages: Vec<(String, Message)> = unheard
-            .into_iter()
-            .flat_map(|((instance, m), _)| m.into_iter().map(move |m| (instance.clone(), m)))
-            .collect();
-        let mut pipe = redis::pipe();
-        for (instance, m) in &messages {
-            pipe.cmd("PUBLISH")
-                .arg(inner.keys.channel(instance))
-                .arg(&m.payload);
-        }
-        let sent = tokio::select! {
-            _ = stop.changed() => return,
-            r = send(&inner, pipe, messages.len()) => r,
-        };
-        match sent {
-            Ok(receivers) => {
-                for ((_, m), n) in messages.into_iter().zip(receivers) {
-                    answer([m], Ok(n));
-                }
-            }
-            Err(e) => answer(messages.into_iter().map(|(_, m)| m), Err(e)),
-        }
+        Err(e) => answer(messages.into_iter().map(|(_, m)| m), Err(e), failed),
     }
 }
 
@@ -258,10 +312,23 @@ async fn send(inner: &Inner, pipe: redis::Pipeline, n: usize) -> EngineResult<Ve
     Ok(receivers)
 }
 
-fn answer(messages: impl IntoIterator<Item = Message>, outcome: EngineResult<i64>) {
+/// Answers what became of `messages`: their callers, and the senders of relays that failed.
+fn answer(
+    messages: impl IntoIterator<Item = Message>,
+    outcome: EngineResult<i64>,
+    failed: &mut Vec<Failed>,
+) {
     for m in messages {
-        if let Some(done) = m.done {
-            let _ = done.send(outcome.clone());
+        match m.done {
+            Done::Nobody => {}
+            Done::Caller(done) => {
+                let _ = done.send(outcome.clone());
+            }
+            Done::Sender(relay) => match &outcome {
+                Ok(0) => failed.push((relay, None)),
+                Ok(_) => {}
+                Err(e) => failed.push((relay, Some(e.clone()))),
+            },
         }
     }
 }

@@ -20,7 +20,7 @@ use redis::{PushInfo, PushKind, Value};
 use super::bus::{decode, encode, encode_raw, unpack, Body, Bus};
 use super::keys::Keys;
 use super::outbox::Outbox;
-use crate::peers::{CloseReason, Held, Queued};
+use crate::peers::{CloseReason, Held};
 use crate::protocol::ServerMessage;
 use crate::relay::Piece;
 use crate::router::{Event, Known, Router};
@@ -178,11 +178,7 @@ impl Pushes {
             } => {
                 let message = refusal(&peer, full);
                 let frame = ServerMessage::error(message).to_frame();
-                // The sender's own queue: if it is full too, the sender is not reading its
-                // socket and cannot be told anything; counted for the operator.
-                if let Queued::Full(_) = self.router.deliver_member(&room, &to, &frame) {
-                    crate::metrics::push_dropped("sender_not_reading");
-                }
+                self.router.tell_sender(&room, &to, &frame);
             }
         }
     }

@@ -4,11 +4,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
-
 use super::bus::{encode, known, parse_members, Blob, Bus};
+use super::outbox::{Failed, Relay};
 use super::{fenced, unavailable, Inner};
-use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer, Sent};
+use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 use crate::router::{Groups, Known, Member, Membership, Route};
@@ -264,38 +263,36 @@ impl Inner {
     }
 
     /// Delivers a relayed frame from local `from` to member `to` of `room`: to a local socket
-    /// at once, to a remote one by publishing to its owner's channel (returned pending; see
-    /// [`crate::engine::Engine::send`]).
+    /// at once, to a remote one through the outbox to its owner's channel (a failure is told
+    /// later; see [`crate::engine::Engine::send`]).
     pub(super) async fn send(
         self: &Arc<Self>,
         room: &str,
         from: &str,
         to: &str,
         frame: Frame,
-    ) -> EngineResult<Sent<BoxFuture<'static, EngineResult<Delivery>>>> {
+    ) -> EngineResult<Delivery> {
         // The sender may have been reaped (and the room told it left): relay nothing for it.
         if !self.alive_locally() {
             return Err(fenced("instance may have been written off"));
         }
         let (owner, looked_up) = match self.router.relay(room, to, &frame).await {
-            Route::Delivered => return Ok(Sent::Done(Delivery::Sent)),
-            Route::Full(_) => return Ok(Sent::Done(Delivery::Full)),
-            Route::Absent => return Ok(Sent::Done(Delivery::NotMember)),
+            Route::Delivered => return Ok(Delivery::Sent),
+            Route::Full(_) => return Ok(Delivery::Full),
+            Route::Absent => return Ok(Delivery::NotMember),
             Route::Remote(owner) => (owner, false),
             Route::Unknown { epoch } => {
                 let Some(known) = self.lookup(room, to).await? else {
-                    return Ok(Sent::Done(Delivery::NotMember));
+                    return Ok(Delivery::NotMember);
                 };
                 if known.owner == self.current().id {
                     // Ours by record but not (or no longer) recorded by the router: a join in
                     // flight gets the frame, a peer on its way out does not.
-                    return Ok(Sent::Done(
-                        match self.router.deliver_member(room, to, &frame) {
-                            Queued::Yes | Queued::Hold(_) => Delivery::Sent,
-                            Queued::Full(_) => Delivery::Full,
-                            Queued::Absent => Delivery::NotMember,
-                        },
-                    ));
+                    return Ok(match self.router.deliver_member(room, to, &frame) {
+                        Queued::Yes | Queued::Hold(_) => Delivery::Sent,
+                        Queued::Full(_) => Delivery::Full,
+                        Queued::Absent => Delivery::NotMember,
+                    });
                 }
                 self.router.learn(room, epoch, &known);
                 (known.owner, true)
@@ -320,24 +317,61 @@ impl Inner {
         };
         // Queued in the socket task, before its next frame is read: a sender's relays (and its
         // leave's room event) leave this instance in order.
-        let answer = self
-            .outbox
-            .publish(owner, encode(&bus, Some(&frame)))
+        let relay = Relay {
+            room: room.to_owned(),
+            sender: from.to_owned(),
+            to: to.to_owned(),
+            looked_up,
+        };
+        self.outbox
+            .relay(owner, encode(&bus, Some(&frame)), relay)
             .await?;
-        let (inner, room, to) = (self.clone(), room.to_owned(), to.to_owned());
-        let publish: BoxFuture<'static, EngineResult<Delivery>> = Box::pin(async move {
-            let receivers = answer.receivers().await?;
-            if receivers > 0 {
-                return Ok(Delivery::Sent);
+        Ok(Delivery::Published)
+    }
+
+    /// Tells the senders of relays that were not delivered (see [`super::outbox`]), each with
+    /// an `error` in its own queue, as a refusal on the recipient's instance is told. A relay
+    /// nobody heard (the owner died and is not reaped yet, or its subscription is down) loses
+    /// its cached route; unless its record was just read, it is read again (one pipeline for
+    /// all), so the sender hears `not in this session` if it is gone, else `unreachable`.
+    pub(super) async fn undelivered(&self, failed: Vec<Failed>) {
+        for (r, _) in failed.iter().filter(|(_, e)| e.is_none()) {
+            self.router.forget(&r.room, &r.to);
+        }
+        let mut pipe = redis::pipe();
+        let unread: Vec<usize> = (0..failed.len())
+            .filter(|&i| failed[i].1.is_none() && !failed[i].0.looked_up)
+            .collect();
+        for &i in &unread {
+            pipe.cmd("HEXISTS")
+                .arg(self.keys.members(&failed[i].0.room))
+                .arg(&failed[i].0.to);
+        }
+        let mut gone = vec![false; failed.len()];
+        if !unread.is_empty() {
+            let mut cm = self.cm();
+            // Unread when Redis does not answer: `unreachable` is the truth then.
+            if let Ok(exists) = self
+                .redis("HEXISTS", pipe.query_async::<Vec<bool>>(&mut cm))
+                .await
+            {
+                for (&i, exists) in unread.iter().zip(exists) {
+                    gone[i] = !exists;
+                }
             }
-            // Nobody listens on the owner's channel: its instance died (not reaped yet) or its
-            // subscription is down. The frame is lost either way; the route goes.
-            inner.router.forget(&room, &to);
-            if !looked_up && inner.lookup(&room, &to).await?.is_none() {
-                return Ok(Delivery::NotMember);
-            }
-            Ok(Delivery::Unreachable)
-        });
-        Ok(Sent::Pending(publish))
+        }
+        for ((r, error), gone) in failed.into_iter().zip(gone) {
+            let (reason, message) = match error {
+                Some(e) => {
+                    tracing::info!(peer = %r.sender, kind = e.kind(), cause = e.cause(), "relay failed");
+                    ("publish_failed", e.client_message().to_owned())
+                }
+                None if gone => Delivery::NotMember.refusal(&r.to).expect("a refusal"),
+                None => Delivery::Unreachable.refusal(&r.to).expect("a refusal"),
+            };
+            crate::metrics::relay_error(reason);
+            let frame = ServerMessage::error(message).to_frame();
+            self.router.tell_sender(&r.room, &r.sender, &frame);
+        }
     }
 }
