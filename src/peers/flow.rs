@@ -57,6 +57,24 @@ pub struct Held {
     pub owner: String,
 }
 
+/// Relays one socket may have waiting in the outbox for other instances: reading its next frame
+/// waits below this, so one flooding socket cannot take the whole outbox (16 MiB) from every
+/// other socket of its instance.
+pub const MAX_OUTSTANDING: usize = 64;
+
+/// One relay of a local socket on its way to another instance, counted against
+/// [`MAX_OUTSTANDING`] until it is dropped (when the outbox is done with it, whatever the
+/// outcome).
+pub struct Outstanding(Arc<PeerShared>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        if self.0.outstanding.fetch_sub(1, Ordering::AcqRel) == MAX_OUTSTANDING {
+            self.0.drained.notify_one();
+        }
+    }
+}
+
 /// Senders held for one recipient at most; more go on unheld (their frames use the slack, and
 /// are refused beyond it).
 const MAX_HELD: usize = 16;
@@ -93,6 +111,18 @@ impl Hold {
         }
     }
 
+    /// Whether this socket has [`MAX_OUTSTANDING`] relays waiting for other instances: then it
+    /// reads nothing either, until [`drained`](Self::drained).
+    pub fn at_cap(&self) -> bool {
+        self.0.outstanding.load(Ordering::Acquire) >= MAX_OUTSTANDING
+    }
+
+    /// Resolves once this socket's outstanding relays fell below the cap (at once if that
+    /// happened since the last check: `notify_one` keeps a permit).
+    pub async fn drained(&self) {
+        self.0.drained.notified().await;
+    }
+
     /// Resolves when the hold is released or `until` has passed.
     pub async fn lifted(&self, until: Instant) {
         // `notify_one` leaves a permit: a release since `until()` is not missed.
@@ -101,6 +131,14 @@ impl Hold {
 }
 
 impl LocalPeers {
+    /// Counts a relay of local socket `peer` on its way to another instance (`None` when the
+    /// socket is gone).
+    pub fn outstanding(&mut self, peer: &str) -> Option<Outstanding> {
+        let shared = self.live(peer)?;
+        shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        Some(Outstanding(shared))
+    }
+
     /// Queues a relayed frame from `from` on another instance for `peer`. Pub/sub has no
     /// backpressure, so a frame past the relay share is still queued, up to the slack (the
     /// frames in flight until the sender holds: `SLACK_QUEUES`), and the sender is to be held
@@ -210,6 +248,30 @@ mod tests {
         q.try_recv().unwrap();
         assert_eq!(q.released(false), vec![a, b]);
         assert!(q.released(true).is_empty(), "released once");
+    }
+
+    /// A socket's relays on their way elsewhere are counted until the outbox drops them; at
+    /// the cap its reading waits, and the first one done wakes it.
+    #[tokio::test]
+    async fn outstanding_relays_cap_reading_until_one_is_done() {
+        let mut peers = LocalPeers::new(QueueLimits {
+            messages: 8,
+            bytes: 1024,
+        });
+        let q = peers.register("s");
+        let hold = q.hold();
+        let mut out: Vec<Outstanding> = (0..MAX_OUTSTANDING - 1)
+            .map(|_| peers.outstanding("s").unwrap())
+            .collect();
+        assert!(!hold.at_cap());
+        out.push(peers.outstanding("s").unwrap());
+        assert!(hold.at_cap());
+        out.pop();
+        assert!(!hold.at_cap());
+        tokio::time::timeout(Duration::from_secs(1), hold.drained())
+            .await
+            .expect("the relay that left the cap woke the socket");
+        assert!(peers.outstanding("gone").is_none());
     }
 
     /// A held socket's hold ends when released, or when it runs out.

@@ -12,18 +12,17 @@
 //! `peer_left` now, not after the write timeout).
 
 use std::collections::VecDeque;
-
-use foldhash::{HashMap, HashMapExt};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use foldhash::{HashMap, HashMapExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::protocol::Frame;
 
 mod flow;
-pub use flow::{Held, Hold, Space, HOLD_WAIT, SPACE_WAIT};
+pub use flow::{Held, Hold, Outstanding, Space, HOLD_WAIT, MAX_OUTSTANDING, SPACE_WAIT};
 
 /// Why the server ended a socket's queue; the socket's task turns it into a close frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +153,10 @@ pub struct PeerShared {
     held: AtomicBool,
     /// Wakes the socket task when its hold is released.
     released: Notify,
+    /// This socket's relays waiting in the outbox for another instance (see [`Outstanding`]).
+    outstanding: AtomicUsize,
+    /// Wakes the socket task when they fall below [`MAX_OUTSTANDING`].
+    drained: Notify,
 }
 
 impl PeerShared {

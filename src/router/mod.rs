@@ -302,6 +302,12 @@ impl Router {
         self.with(|t| t.deliver_member(room, to, frame, Class::Relay))
     }
 
+    /// Counts a relay of local socket `peer` on its way to another instance (see
+    /// [`crate::peers::MAX_OUTSTANDING`]).
+    pub fn outstanding(&self, peer: &str) -> Option<crate::peers::Outstanding> {
+        self.with(|t| t.peers.outstanding(peer))
+    }
+
     /// Tells local member `sender` of `room` that a relay of its was not delivered elsewhere
     /// (an `error` frame), as a server event: refusals come back in packs, far faster than
     /// the relay share would take them, and each must be told. Its socket task writes a full

@@ -302,7 +302,11 @@ impl<E: Engine> Connection<E> {
                 // A full batch waiting is written before the next frame is read: a client whose
                 // frames come back as errors (refusals from elsewhere) is slowed to the pace it
                 // takes them at, instead of filling its own queue with what it is told.
-                msg = stream.next(), if held.is_none() && queue.backlog() < MAX_BATCH => {
+                // As many relays of this socket as it may have waiting for other instances.
+                () = hold.drained(), if hold.at_cap() => {}
+                msg = stream.next(), if held.is_none()
+                    && queue.backlog() < MAX_BATCH
+                    && !hold.at_cap() => {
                     let msg = match msg {
                         Some(Ok(msg)) => msg,
                         // An abrupt disconnect is ordinary for these clients: debug, not error.

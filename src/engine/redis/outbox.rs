@@ -77,6 +77,8 @@ pub(crate) struct Relay {
     pub to: String,
     /// The recipient's record was read for this frame (not a cached route).
     pub looked_up: bool,
+    /// Counts against the sender's cap until the outbox is done with the frame.
+    pub _outstanding: Option<crate::peers::Outstanding>,
 }
 
 #[derive(Default)]

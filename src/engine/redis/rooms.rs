@@ -322,6 +322,7 @@ impl Inner {
             sender: from.to_owned(),
             to: to.to_owned(),
             looked_up,
+            _outstanding: self.router.outstanding(from),
         };
         self.outbox
             .relay(owner, encode(&bus, Some(&frame)), relay)
