@@ -283,8 +283,15 @@ impl<E: Engine> Connection<E> {
                     Some(frame) => {
                         let closing = queue.closing();
                         tokio::select! {
-                            ok = Box::pin(self.write_batch(sink, frame, queue)) => if !ok {
-                                return End::silent();
+                            ok = Box::pin(self.write_batch(sink, frame, queue)) => {
+                                if !ok {
+                                    return End::silent();
+                                }
+                                // Not reading while a full batch waits (below): a client that
+                                // takes our frames is not idle, though we do not see its own.
+                                if queue.backlog() >= MAX_BATCH {
+                                    self.last_seen = Instant::now();
+                                }
                             },
                             // Closed by the server while this write waits on a full socket (a
                             // slow consumer): end now and leave the room, instead of after the
