@@ -208,11 +208,6 @@ impl PeerQueue {
         }
     }
 
-    /// Frames waiting to be written.
-    pub fn backlog(&self) -> usize {
-        self.shared.frames().queue.len()
-    }
-
     /// The next frame if one is queued already (the socket task batches its writes).
     pub fn try_recv(&mut self) -> Option<Frame> {
         let shared = &self.shared;

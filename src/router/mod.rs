@@ -310,9 +310,9 @@ impl Router {
 
     /// Tells local member `sender` of `room` that a relay of its was not delivered elsewhere
     /// (an `error` frame), as a server event: refusals come back in packs, far faster than
-    /// the relay share would take them, and each must be told. Its socket task writes a full
-    /// batch before it reads again (`crate::ws`), so a sender is slowed to the pace it takes
-    /// them at; one that does not read its socket at all is cut as a slow consumer.
+    /// the relay share would take them, and each must be told. A sender that reads its socket
+    /// drains them (a write takes a batch, a read one frame); one that does not read at all is
+    /// cut as a slow consumer.
     pub fn tell_sender(&self, room: &str, sender: &str, frame: &Frame) {
         self.with(|t| t.deliver_member(room, sender, frame, Class::Control));
     }

@@ -283,15 +283,8 @@ impl<E: Engine> Connection<E> {
                     Some(frame) => {
                         let closing = queue.closing();
                         tokio::select! {
-                            ok = Box::pin(self.write_batch(sink, frame, queue)) => {
-                                if !ok {
-                                    return End::silent();
-                                }
-                                // Not reading while a full batch waits (below): a client that
-                                // takes our frames is not idle, though we do not see its own.
-                                if queue.backlog() >= MAX_BATCH {
-                                    self.last_seen = Instant::now();
-                                }
+                            ok = Box::pin(self.write_batch(sink, frame, queue)) => if !ok {
+                                return End::silent();
                             },
                             // Closed by the server while this write waits on a full socket (a
                             // slow consumer): end now and leave the room, instead of after the
@@ -306,14 +299,9 @@ impl<E: Engine> Connection<E> {
                 },
                 // Held by a recipient elsewhere: no frame is read until it is lifted.
                 _ = hold.lifted(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {}
-                // A full batch waiting is written before the next frame is read: a client whose
-                // frames come back as errors (refusals from elsewhere) is slowed to the pace it
-                // takes them at, instead of filling its own queue with what it is told.
                 // As many relays of this socket as it may have waiting for other instances.
                 () = hold.drained(), if hold.at_cap() => {}
-                msg = stream.next(), if held.is_none()
-                    && queue.backlog() < MAX_BATCH
-                    && !hold.at_cap() => {
+                msg = stream.next(), if held.is_none() && !hold.at_cap() => {
                     let msg = match msg {
                         Some(Ok(msg)) => msg,
                         // An abrupt disconnect is ordinary for these clients: debug, not error.
