@@ -50,7 +50,8 @@ pub struct Config {
     #[arg(long, env = "BEACH_ROAD_BIND", default_value = "0.0.0.0")]
     pub bind: IpAddr,
 
-    /// Redis URL (redis://host:port/db). Unset: one instance on the in-process engine.
+    /// Redis URL (redis://host:port/db; redis+cluster://host:port[,host:port...] for a Redis
+    /// Cluster; rediss for TLS). Unset: one instance on the in-process engine.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 

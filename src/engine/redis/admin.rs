@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::bus::{encode, parse_members, Bus};
+use super::bus::{encode, parse_members, publish_one, Bus};
 use super::Inner;
 use crate::engine::admin::{CloseOutcome, InstanceView, PeerView, SessionView};
 use crate::engine::EngineResult;
@@ -13,8 +13,6 @@ use crate::protocol::unix_now;
 
 /// Instances listed at most (a deployment has a handful).
 const MAX_INSTANCES: isize = 1000;
-/// Token keys deleted per pipeline after a close.
-const TOKEN_BATCH: usize = 1024;
 
 impl Inner {
     pub(super) async fn admin_session(&self, id: &str) -> EngineResult<Option<SessionView>> {
@@ -107,16 +105,12 @@ impl Inner {
                 room: id.to_owned(),
                 peers,
             };
-            pipe.cmd("PUBLISH")
-                .arg(k.channel(owner))
-                .arg(encode(&bus, None))
-                .ignore();
+            publish_one(&mut pipe, k, owner, &encode(&bus, None)).ignore();
         }
         // Tokens no longer resolve (their session has no code now); they go anyway.
-        for batch in tokens.chunks(TOKEN_BATCH) {
-            pipe.cmd("DEL")
-                .arg(batch.iter().map(|t| k.token(t)).collect::<Vec<_>>())
-                .ignore();
+        // One DEL each: every token is in its own slot (a cluster refuses a DEL across slots).
+        for t in tokens {
+            pipe.cmd("DEL").arg(k.token(t)).ignore();
         }
         if pipe.cmd_iter().next().is_some() {
             let mut cm = self.cm();

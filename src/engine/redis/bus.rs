@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use axum::body::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::keys::Keys;
 use crate::protocol::{Frame, PeerInfo, Role};
 use crate::router::{Known, Member};
 
@@ -100,6 +101,24 @@ pub(crate) fn pack<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> 
         out.extend_from_slice(m);
     }
     out
+}
+
+/// Adds to `pipe` the publish of one message to `instance`, with writes it belongs to (the
+/// reaper's, the Admin API's): on its legacy channel, read by every version; in a cluster,
+/// which has none, as a pack of one on its bus.
+pub(crate) fn publish_one<'a>(
+    pipe: &'a mut redis::Pipeline,
+    keys: &Keys,
+    instance: &str,
+    message: &[u8],
+) -> &'a mut redis::Pipeline {
+    if keys.sharded() {
+        pipe.cmd(keys.publish())
+            .arg(keys.bus(instance))
+            .arg(pack([message]))
+    } else {
+        pipe.cmd("PUBLISH").arg(keys.channel(instance)).arg(message)
+    }
 }
 
 /// The messages of a pack; `None` when it is cut short. Each message of a pack of several is

@@ -8,12 +8,30 @@
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
     prefix: String,
+    /// On a Redis Cluster: an instance's bus is a shard channel (`SPUBLISH` reaches only the
+    /// node owning its slot; a plain `PUBLISH` would be broadcast to every node).
+    sharded: bool,
 }
 
 impl Keys {
-    pub(crate) fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str, sharded: bool) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            sharded,
+        }
+    }
+
+    /// Whether instances talk over shard channels (a cluster), without legacy channels.
+    pub(crate) fn sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// The command publishing to a bus channel.
+    pub(crate) fn publish(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
         }
     }
 
@@ -117,9 +135,15 @@ impl Keys {
         format!("{}:bus:{instance}", self.prefix)
     }
 
-    /// Both channels an instance listens on.
+    /// The channels an instance listens on: its bus and its legacy channel; in a cluster only
+    /// its bus (no instance of the previous version runs on one, and a shard subscription
+    /// takes channels of one slot).
     pub(crate) fn channels(&self, instance: &str) -> Vec<String> {
-        vec![self.bus(instance), self.channel(instance)]
+        if self.sharded {
+            vec![self.bus(instance)]
+        } else {
+            vec![self.bus(instance), self.channel(instance)]
+        }
     }
 
     /// Whether `channel` is some instance's bus channel (its messages are packed).
@@ -136,13 +160,17 @@ mod tests {
 
     #[test]
     fn session_keys_share_one_hash_tag() {
-        let k = Keys::new("p");
+        let k = Keys::new("p", false);
         assert_eq!(k.members("abc"), "p:{abc}:peers");
         assert_eq!(k.offers("abc", "x"), "p:{abc}:offers:x");
         assert_eq!(k.instance_peers("i"), "p:{inst:i}:peers");
         assert_eq!(k.alive(), "p:{instances}:alive");
         assert!(k.is_bus(k.bus("i").as_bytes()));
         assert!(!k.is_bus(k.channel("i").as_bytes()));
-        assert!(!Keys::new("q").is_bus(k.bus("i").as_bytes()));
+        assert!(!Keys::new("q", false).is_bus(k.bus("i").as_bytes()));
+        assert_eq!(k.channels("i"), ["p:bus:i", "p:chan:i"]);
+        let sharded = Keys::new("p", true);
+        assert_eq!(sharded.channels("i"), ["p:bus:i"]);
+        assert_eq!((k.publish(), sharded.publish()), ("PUBLISH", "SPUBLISH"));
     }
 }

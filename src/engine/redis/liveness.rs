@@ -11,12 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
 use super::bus::{encode, pack, Bus};
-use super::conn::FAILOVER_RECONNECT_EVERY;
-use super::{build_manager, Inner, Instance, RedisSettings};
+use super::conn::{connect, Conn, FAILOVER_RECONNECT_EVERY};
+use super::{Inner, Instance, RedisSettings};
 
 /// How often the self-message is published: every heartbeat, at least once a second.
 pub(crate) fn tick_interval(s: &RedisSettings) -> Duration {
@@ -38,7 +37,7 @@ pub(crate) fn stale_after(s: &RedisSettings) -> Duration {
 /// Owns the connection and identity senders: the only writer of both.
 pub(crate) struct Liveness {
     inner: Arc<Inner>,
-    conn: watch::Sender<ConnectionManager>,
+    conn: watch::Sender<Conn>,
     instance: watch::Sender<Instance>,
     gen: Arc<AtomicU64>,
     last_ok: Instant,
@@ -51,7 +50,7 @@ pub(crate) struct Liveness {
 impl Liveness {
     pub(crate) fn new(
         inner: Arc<Inner>,
-        conn: watch::Sender<ConnectionManager>,
+        conn: watch::Sender<Conn>,
         instance: watch::Sender<Instance>,
         gen: Arc<AtomicU64>,
     ) -> Self {
@@ -80,14 +79,11 @@ impl Liveness {
         }
         let inner = &self.inner;
         let id = inner.current().id;
-        let mut cm = inner.cm();
-        if let Err(e) = inner
-            .redis("subscribe", cm.subscribe(inner.keys.channels(&id)))
-            .await
-        {
+        if let Err(e) = inner.subscribe(&id).await {
             tracing::debug!(error = %e, "subscribe failed; will retry");
             return;
         }
+        let mut cm = inner.cm();
         let mut inv = inner.scripts.instance_register.prepare_invoke();
         inv.key(inner.keys.alive()).key(inner.keys.dead()).arg(&id);
         let sent = Instant::now();
@@ -100,9 +96,7 @@ impl Liveness {
                 let fresh = crate::protocol::new_id();
                 tracing::warn!(old = %id, new = %fresh, "instance id written off; taking a fresh one");
                 self.take_id(fresh);
-                let _ = inner
-                    .redis("unsubscribe", cm.unsubscribe(inner.keys.channels(&id)))
-                    .await;
+                inner.unsubscribe(&id).await;
             }
             Ok(_) => {
                 inner.mark_alive(sent);
@@ -126,7 +120,7 @@ impl Liveness {
         // On the bus channel, packed like what the outbox sends there: the tick proves the
         // path the messages take.
         let payload = pack([&encode(&Bus::Tick { id: id.clone() }, None)[..]]);
-        let cmd = redis::cmd("PUBLISH")
+        let cmd = redis::cmd(inner.keys.publish())
             .arg(inner.keys.bus(&id))
             .arg(payload)
             .clone();
@@ -143,6 +137,10 @@ impl Liveness {
                 _ = tick.tick() => self.step().await,
                 // A failover sign: reconnect now, not at the next tick.
                 _ = inner.reconnect.notified() => {}
+                // Redis dropped our shard subscription (its slot moved): renew it now.
+                _ = inner.pushes.unsubscribed.notified() => {
+                    let _ = inner.subscribe(&inner.current().id).await;
+                }
             }
             self.reconnect_after_failover().await;
         }
@@ -169,7 +167,7 @@ impl Liveness {
     async fn replace_connection(&mut self, why: &str) {
         let inner = self.inner.clone();
         let gen = self.gen.load(Ordering::Acquire) + 1;
-        match build_manager(
+        match connect(
             &inner.settings.url,
             inner.config.call_timeout,
             inner.pushes.clone(),
@@ -180,11 +178,7 @@ impl Liveness {
                 crate::metrics::connection_replaced();
                 self.gen.store(gen, Ordering::Release);
                 self.conn.send_replace(cm);
-                let id = inner.current().id;
-                let mut cm = inner.cm();
-                let _ = inner
-                    .redis("subscribe", cm.subscribe(inner.keys.channels(&id)))
-                    .await;
+                let _ = inner.subscribe(&inner.current().id).await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot build a Redis connection"),
         }
@@ -252,10 +246,7 @@ impl Liveness {
         let id = inner.current().id;
         if self.last_resubscribe.is_none_or(|t| t.elapsed() >= stale) {
             self.last_resubscribe = Some(Instant::now());
-            let mut cm = inner.cm();
-            let _ = inner
-                .redis("subscribe", cm.subscribe(inner.keys.channels(&id)))
-                .await;
+            let _ = inner.subscribe(&id).await;
             return;
         }
         // Still deaf after a resubscribe. Replace the manager only when Redis does answer (a
@@ -264,7 +255,7 @@ impl Liveness {
         if self.last_replace.elapsed() < Duration::from_secs(10) {
             return;
         }
-        let pong = inner.query::<String>(&redis::cmd("PING")).await.is_ok();
+        let pong = inner.query::<i64>(&inner.probe()).await.is_ok();
         let long_outage = self.last_ok.elapsed() > Duration::from_secs(30);
         if !(pong || long_outage) {
             return;
@@ -320,9 +311,7 @@ impl Liveness {
         let _ = inner
             .redis("deregister", inv.invoke_async::<i64>(&mut cm))
             .await;
-        let _ = inner
-            .redis("unsubscribe", cm.unsubscribe(inner.keys.channels(&old)))
-            .await;
+        inner.unsubscribe(&old).await;
         self.last_resubscribe = None;
         self.try_register().await;
     }
@@ -352,7 +341,5 @@ pub(crate) async fn deregister(inner: &Inner) {
     {
         tracing::warn!(error = %e, "deregistration failed; other instances will reap this one");
     }
-    let _ = inner
-        .redis("unsubscribe", cm.unsubscribe(inner.keys.channels(&id)))
-        .await;
+    inner.unsubscribe(&id).await;
 }

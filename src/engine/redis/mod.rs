@@ -10,8 +10,9 @@
 //! closes in [`admin`]; the connection and its errors in [`conn`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
-//! One `ConnectionManager` (RESP3, push channel, automatic resubscription, unbounded retries)
-//! carries both commands and the subscription; every call is bounded by `call_timeout`.
+//! One connection ([`conn::Conn`]: a `ConnectionManager` to one node, or a cluster connection
+//! to a Redis Cluster; RESP3, push channel, automatic resubscription) carries both commands and
+//! the subscription; every call is bounded by `call_timeout`.
 
 mod admin;
 mod bus;
@@ -33,12 +34,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use redis::RedisResult;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use self::conn::build_manager;
+use self::conn::{cluster_nodes, connect, Conn};
 use self::keys::Keys;
 use self::pushes::Pushes;
 use self::scripts::Scripts;
@@ -80,7 +80,7 @@ pub(crate) struct Inner {
     settings: RedisSettings,
     keys: Keys,
     scripts: Scripts,
-    conn: watch::Receiver<ConnectionManager>,
+    conn: watch::Receiver<Conn>,
     instance: watch::Receiver<Instance>,
     router: Arc<Router>,
     /// What arrives on this instance's channel (the manager calls it).
@@ -129,7 +129,7 @@ impl RedisEngine {
         let router = Arc::new(Router::new(&id, config.queue));
         let last_tick = Arc::new(AtomicU64::new(0));
         let origin = Instant::now();
-        let keys = Keys::new(&settings.key_prefix);
+        let keys = Keys::new(&settings.key_prefix, cluster_nodes(&settings.url).is_some());
         let outbox = Arc::new(outbox::Outbox::new(config.call_timeout));
         let pushes = Pushes::new(
             router.clone(),
@@ -139,7 +139,7 @@ impl RedisEngine {
             keys.clone(),
             outbox.clone(),
         );
-        let cm = build_manager(&settings.url, config.call_timeout, pushes.clone(), 0)?;
+        let cm = connect(&settings.url, config.call_timeout, pushes.clone(), 0)?;
         let (conn_tx, conn_rx) = watch::channel(cm);
         let (inst_tx, inst_rx) = watch::channel(Instance {
             id,
@@ -228,7 +228,7 @@ impl RedisEngine {
 }
 
 impl Inner {
-    fn cm(&self) -> ConnectionManager {
+    fn cm(&self) -> Conn {
         self.conn.borrow().clone()
     }
 
@@ -318,6 +318,7 @@ fn command_name(cmd: &redis::Cmd) -> &'static str {
     };
     const KNOWN: &[&str] = &[
         "PUBLISH",
+        "SPUBLISH",
         "GET",
         "HGET",
         "HEXISTS",

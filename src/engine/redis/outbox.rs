@@ -12,7 +12,8 @@
 //!
 //! A pack that reaches nobody (its instance is gone, or older and not on its bus channel) is
 //! sent again message by message on the instance's legacy channel, in a second pipeline; what
-//! that one answers is the messages' answer. A relayed frame is answered only if it failed,
+//! that one answers is the messages' answer. In a cluster the bus is a shard channel (one
+//! `SPUBLISH` per instance, to the node owning its slot) and there is no legacy channel. A relayed frame is answered only if it failed,
 //! to its sender's queue (`Inner::undelivered`): a relay costs no channel, future or wakeup
 //! of its own (those were a third of two instances' CPU in a burst).
 //!
@@ -244,7 +245,7 @@ async fn publish(inner: &Inner, batch: Vec<Message>, failed: &mut Vec<Failed>) {
     let mut pipe = redis::pipe();
     for (instance, messages) in &packs {
         let packed = pack(messages.iter().map(|m| &m.payload[..]));
-        pipe.cmd("PUBLISH")
+        pipe.cmd(inner.keys.publish())
             .arg(inner.keys.bus(instance))
             .arg(packed);
     }
@@ -263,6 +264,11 @@ async fn publish(inner: &Inner, batch: Vec<Message>, failed: &mut Vec<Failed>) {
     }
     if unheard.is_empty() {
         return;
+    }
+    if inner.keys.sharded() {
+        // A cluster has no legacy channels: nobody heard these.
+        let messages = unheard.into_iter().flat_map(|((_, m), _)| m);
+        return answer(messages, Ok(0), failed);
     }
     // Nobody on those bus channels: one by one on the legacy channels.
     let messages: Vec<(String, Message)> = unheard

@@ -1,5 +1,5 @@
-//! What arrives on this instance's channel, handled where it arrives: the `ConnectionManager`
-//! calls [`Pushes::handle`] for every push, and each is dispatched to the router at once
+//! What arrives on this instance's channel, handled where it arrives: the connection calls
+//! [`Pushes::handle`] for every push, and each is dispatched to the router at once
 //! (synchronous, never waiting: delivery is into bounded queues), so there is no push queue to
 //! fall behind, no task hop and nothing to drop.
 //!
@@ -27,7 +27,7 @@ use crate::router::{Event, Known, Router};
 
 pub(crate) struct Pushes {
     router: Arc<Router>,
-    /// Generation of the current `ConnectionManager`; pushes of older ones are ignored.
+    /// Generation of the current connection; pushes of older ones are ignored.
     gen: Arc<AtomicU64>,
     /// Milliseconds since `origin` when our own tick last arrived (0 = never).
     last_tick: Arc<AtomicU64>,
@@ -35,6 +35,9 @@ pub(crate) struct Pushes {
     keys: Keys,
     outbox: Arc<Outbox>,
     lost_reports: AtomicU64,
+    /// Redis ended our shard subscription (its slot moved to another node): the liveness task
+    /// subscribes again at once, where the slot is now.
+    pub(crate) unsubscribed: tokio::sync::Notify,
 }
 
 impl Pushes {
@@ -54,6 +57,7 @@ impl Pushes {
             keys,
             outbox,
             lost_reports: AtomicU64::new(0),
+            unsubscribed: tokio::sync::Notify::new(),
         })
     }
 
@@ -63,7 +67,8 @@ impl Pushes {
             return;
         }
         match push.kind {
-            PushKind::Message => {
+            // A plain channel's message, or a shard channel's (in a cluster).
+            PushKind::Message | PushKind::SMessage => {
                 let mut data = push.data.into_iter();
                 let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
                     (data.next(), data.next())
@@ -84,12 +89,18 @@ impl Pushes {
                 crate::metrics::pubsub_disconnected();
                 self.router.clear_routes();
             }
-            PushKind::Subscribe => {
+            PushKind::Subscribe | PushKind::SSubscribe => {
                 // Subscribed (again): whatever was published in the gap is lost, so the rooms
                 // are re-read now, after the subscription took effect.
                 crate::metrics::pubsub_resubscribed();
                 self.router.clear_routes();
                 self.router.want_repair_all();
+            }
+            // Unasked (a slot migration): deaf until subscribed again where the slot went.
+            PushKind::SUnsubscribe => {
+                crate::metrics::pubsub_disconnected();
+                self.router.clear_routes();
+                self.unsubscribed.notify_one();
             }
             _ => {}
         }

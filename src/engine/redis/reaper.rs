@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::RedisResult;
 use tokio::sync::watch;
 
-use super::bus::parse_members;
+use super::bus::{parse_members, publish_one};
 use super::Inner;
 use crate::engine::{EngineError, EngineResult};
 use crate::router::{Known, Member};
@@ -176,11 +176,8 @@ async fn batch(inner: &Inner, dead: &str) -> EngineResult<usize> {
         return Err(failed.unwrap_or_else(|| EngineError::Busy("empty reap batch".into())));
     }
     let mut publishes = redis::pipe();
-    // One message per PUBLISH on the legacy channels: with the writes it belongs to, and read
-    // by every version.
     for (owner, payload) in fanouts {
-        let channel = inner.keys.channel(&owner);
-        publishes.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        publish_one(&mut publishes, &inner.keys, &owner, &payload).ignore();
     }
     publishes.cmd("SREM").arg(&set).arg(&done);
     let mut cm = inner.cm();
