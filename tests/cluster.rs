@@ -1,5 +1,8 @@
 //! Multi-instance tests (issue 3, and the SIGTERM drain of issue 4): two or three real
 //! `beach-road` processes on one real `redis-server` that each test starts on a free port.
+//! The flows, the signals in order, kill, freeze and the Redis outage also run on a local Redis
+//! Cluster of three primaries and three replicas (issue 11): each is a module of two tests,
+//! `node` and `cluster` ([`on_both`]).
 //!
 //! Instances run with short liveness intervals (`--heartbeat-interval 250ms`,
 //! `--instance-timeout 1500ms`) so that kill, freeze and outage scenarios finish quickly, and
@@ -26,8 +29,8 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 
 use common::{
-    bounded_for, find_peer, flows, sdp, uuid, Api, RedisServer, Scope, Server, ServerBuilder,
-    Session, Ws, WAIT,
+    bounded_for, find_peer, flows, sdp, uuid, Api, RedisCluster, RedisServer, Scope, Server,
+    ServerBuilder, Session, Ws, WAIT,
 };
 
 const HEARTBEAT: &str = "250ms";
@@ -42,7 +45,70 @@ const QUIET: Duration = Duration::from_millis(500);
 /// `n` instances on one private Redis. Field order: the servers are killed before Redis.
 struct Cluster {
     servers: Vec<Server>,
-    redis: RedisServer,
+    redis: Store,
+}
+
+/// Which Redis the instances share.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    Node,
+    Cluster,
+}
+
+/// Runs `async fn $body(On)` as two tests: `$body::node` on one Redis server and
+/// `$body::cluster` on a Redis Cluster.
+macro_rules! on_both {
+    ($body:ident) => {
+        mod $body {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn node() {
+                super::$body(super::On::Node).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                super::$body(super::On::Cluster).await
+            }
+        }
+    };
+}
+
+/// The Redis of one [`Cluster`]: one server, or three primaries with a replica each.
+enum Store {
+    Node(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Store {
+    fn start(on: On) -> Store {
+        match on {
+            On::Node => Store::Node(RedisServer::start()),
+            On::Cluster => Store::Cluster(RedisCluster::start()),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Store::Node(r) => r.url(),
+            Store::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Every Redis process killed (an outage).
+    fn kill(&mut self) {
+        match self {
+            Store::Node(r) => r.kill(),
+            Store::Cluster(c) => c.kill_all(),
+        }
+    }
+
+    /// Back, empty, on the same ports.
+    fn restart(&mut self) {
+        match self {
+            Store::Node(r) => r.restart(),
+            Store::Cluster(c) => c.restart_all(),
+        }
+    }
 }
 
 /// A fresh secret for one cluster (at least 32 bytes, as the server requires).
@@ -52,7 +118,13 @@ fn cluster_secret() -> String {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
-        Self::start_with(n, |_| Vec::new()).await
+        Self::start_on(On::Node, n).await
+    }
+
+    /// `n` instances on a fresh Redis of kind `on`.
+    async fn start_on(on: On, n: usize) -> Cluster {
+        let secret = cluster_secret();
+        Self::start_full(on, n, |_| vec!["--secret".to_owned(), secret.clone()]).await
     }
 
     /// Starts `n` instances sharing one secret; `extra(i)` adds flags to instance `i`. Waits
@@ -70,7 +142,11 @@ impl Cluster {
     /// Starts `n` instances with exactly the flags of `extra(i)` (which must give the secret)
     /// besides Redis and the liveness intervals.
     async fn start_with_secrets(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
-        let redis = RedisServer::start();
+        Self::start_full(On::Node, n, extra).await
+    }
+
+    async fn start_full(on: On, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+        let redis = tokio::task::block_in_place(|| Store::start(on));
         let starts = (0..n).map(|i| {
             let builder = ServerBuilder::new()
                 .redis_url(&redis.url())
@@ -220,9 +296,9 @@ async fn assert_cross_instance_room(c: &Cluster, a: usize, b: usize) -> (Ws, Ws,
 // 1. Whole flows of both generations, host on A and joiner on B
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generation1_flow_across_instances() {
-    let c = Cluster::start(2).await;
+on_both!(generation1_flow_across_instances);
+async fn generation1_flow_across_instances(on: On) {
+    let c = Cluster::start_on(on, 2).await;
     bounded_for(
         Duration::from_secs(30),
         flows::generation1_flow(c.s(0), c.s(1)),
@@ -230,9 +306,9 @@ async fn generation1_flow_across_instances() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generation2_flow_across_instances() {
-    let c = Cluster::start(2).await;
+on_both!(generation2_flow_across_instances);
+async fn generation2_flow_across_instances(on: On) {
+    let c = Cluster::start_on(on, 2).await;
     bounded_for(
         Duration::from_secs(30),
         flows::generation2_flow(c.s(0), c.s(1)),
@@ -251,16 +327,16 @@ async fn browser_flow_across_instances() {
 // 2. 1000 signals across instances, both directions interleaved
 // ---------------------------------------------------------------------------------------------
 
+on_both!(thousand_signals_across_instances_in_order);
 /// With the default sender budget (50 signals/s after a burst of 200) each side's 1000 signals
 /// take ~16 s: pacing must slow a sender down without losing, duplicating or reordering any.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_signals_across_instances_in_order() {
+async fn thousand_signals_across_instances_in_order(on: On) {
     const N: usize = 1000;
     /// Signals in flight per direction before the receivers drain: well below the share of the
     /// per-peer queue relayed frames may fill (3/4 of 256), so none is refused as "not keeping
     /// up" (the test fails on any `error`).
     const WINDOW: usize = 50;
-    let c = Cluster::start(2).await;
+    let c = Cluster::start_on(on, 2).await;
     bounded_for(Duration::from_secs(60), async {
         let s = c.session(0).await;
         let (mut a, _) = c.host(0, &s).await;
@@ -491,9 +567,9 @@ async fn instances_without_a_shared_secret_refuse_each_others_codes() {
 // 4. kill -9 of an instance
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_survivors_get_peer_left_within_5s() {
-    let c = Cluster::start(3).await;
+on_both!(kill_9_survivors_get_peer_left_within_5s);
+async fn kill_9_survivors_get_peer_left_within_5s(on: On) {
+    let c = Cluster::start_on(on, 3).await;
     bounded_for(Duration::from_secs(30), async {
         // Room 1: host on A, victim joiner on B, joiner on C.
         let r1 = c.session(0).await;
@@ -551,9 +627,9 @@ async fn kill_9_survivors_get_peer_left_within_5s() {
 // 5. SIGSTOP past the timeout, then SIGCONT
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigstop_then_sigcont_fences_without_ghosts() {
-    let c = Cluster::start(3).await;
+on_both!(sigstop_then_sigcont_fences_without_ghosts);
+async fn sigstop_then_sigcont_fences_without_ghosts(on: On) {
+    let c = Cluster::start_on(on, 3).await;
     bounded_for(Duration::from_secs(40), async {
         // One room: host on A, two peers on B (to be frozen), a joiner on C.
         let s = c.session(0).await;
@@ -676,9 +752,9 @@ async fn sigstop_then_sigcont_fences_without_ghosts() {
 // 6. Redis killed and restarted empty
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restarted_empty_ready_flips_and_new_sessions_work() {
-    let mut c = Cluster::start(3).await;
+on_both!(redis_restarted_empty_ready_flips_and_new_sessions_work);
+async fn redis_restarted_empty_ready_flips_and_new_sessions_work(on: On) {
+    let mut c = Cluster::start_on(on, 3).await;
     let n = c.servers.len();
     bounded_for(Duration::from_secs(60), async {
         // A working room before the outage.

@@ -13,6 +13,7 @@ pub mod flows;
 pub mod metrics;
 pub mod pair;
 pub mod redis;
+pub mod redis_cluster;
 pub mod tls;
 
 use std::fs::File;
@@ -31,6 +32,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 pub use self::redis::RedisServer;
+// Unused in the test binaries without a cluster (`-D warnings`).
+#[allow(unused_imports)]
+pub use self::redis_cluster::RedisCluster;
 
 /// Default wait for one expected message or response.
 pub const WAIT: Duration = Duration::from_secs(3);

@@ -217,24 +217,45 @@ fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>)>> {
     Some(parts)
 }
 
-/// Sends the parts of a split pipeline together; the replies in the pipeline's order.
+/// Sends the parts of a split pipeline together; the replies in the pipeline's order. A part
+/// that failed while others went (its node is down) answers an error in place of each of its
+/// replies, so a caller can tell what went (`Pipeline::ignore_errors`); every part failing is
+/// the pipeline failing.
 async fn query_parts(
     conn: ClusterConnection,
     parts: Vec<(Pipeline, Vec<usize>)>,
     n: usize,
 ) -> RedisResult<Vec<Value>> {
-    let replies = futures::future::try_join_all(parts.iter().map(|(pipe, _)| {
+    let replies = futures::future::join_all(parts.iter().map(|(pipe, _)| {
         let mut conn = conn.clone();
         async move { conn.req_packed_commands(pipe, 0, pipe.len()).await }
     }))
-    .await?;
+    .await;
+    if replies.iter().all(Result::is_err) {
+        return replies
+            .into_iter()
+            .next()
+            .expect("two parts or more")
+            .map(|_| Vec::new());
+    }
     let mut out = vec![Value::Nil; n];
-    for ((_, at), values) in parts.iter().zip(replies) {
-        for (i, v) in at.iter().zip(values) {
-            out[*i] = v;
+    for ((_, at), reply) in parts.iter().zip(replies) {
+        match reply {
+            Ok(values) => at.iter().zip(values).for_each(|(i, v)| out[*i] = v),
+            Err(e) => {
+                let error = as_reply(&e);
+                at.iter().for_each(|i| out[*i] = error.clone());
+            }
         }
     }
     Ok(out)
+}
+
+/// An error as the reply of a command (redis-rs has no public constructor for one).
+fn as_reply(e: &RedisError) -> Value {
+    let text = e.to_string().replace(['\r', '\n'], " ");
+    let code = e.code().unwrap_or("UNAVAILABLE");
+    redis::parse_redis_value(format!("-{code} {text}\r\n").as_bytes()).unwrap_or(Value::Nil)
 }
 
 /// The node cannot take writes, and reconnecting may reach one that can.
@@ -403,5 +424,17 @@ mod tests {
         };
         assert_eq!(args(&parts[0].0), [&b"1"[..], b"PING", b"3"]);
         assert_eq!(args(&parts[1].0), [&b"2"[..]]);
+    }
+
+    #[test]
+    fn a_failed_part_answers_an_error_in_place_of_each_reply() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused\r\n");
+        let error = as_reply(&RedisError::from(refused));
+        let replies = Value::Array(vec![Value::Int(1), error]);
+        let r: Vec<RedisResult<i64>> = redis::from_redis_value(replies).unwrap();
+        assert_eq!(r[0].as_ref().ok(), Some(&1));
+        assert!(r[1]
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("refused")));
     }
 }

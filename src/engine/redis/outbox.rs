@@ -249,31 +249,29 @@ async fn publish(inner: &Inner, batch: Vec<Message>, failed: &mut Vec<Failed>) {
             .arg(inner.keys.bus(instance))
             .arg(packed);
     }
-    let receivers = match send(inner, pipe, packs.len()).await {
-        Ok(receivers) => receivers,
+    let outcomes = match send(inner, pipe, packs.len()).await {
+        Ok(outcomes) => outcomes,
         Err(e) => {
             let messages: usize = packs.iter().map(|(_, m)| m.len()).sum();
             tracing::warn!(error = %e, messages, "publish to instances failed");
             return answer(packs.into_iter().flat_map(|(_, m)| m), Err(e), failed);
         }
     };
-    let (heard, unheard): (Vec<_>, Vec<_>) =
-        packs.into_iter().zip(receivers).partition(|(_, n)| *n > 0);
-    for ((_, messages), n) in heard {
-        answer(messages, Ok(n), failed);
+    let mut unheard = Vec::new();
+    for ((instance, messages), outcome) in packs.into_iter().zip(outcomes) {
+        match outcome {
+            // A cluster has no legacy channels: nobody heard it.
+            Ok(0) if !inner.keys.sharded() => unheard.push((instance, messages)),
+            outcome => answer(messages, outcome, failed),
+        }
     }
     if unheard.is_empty() {
         return;
     }
-    if inner.keys.sharded() {
-        // A cluster has no legacy channels: nobody heard these.
-        let messages = unheard.into_iter().flat_map(|((_, m), _)| m);
-        return answer(messages, Ok(0), failed);
-    }
     // Nobody on those bus channels: one by one on the legacy channels.
     let messages: Vec<(String, Message)> = unheard
         .into_iter()
-        .flat_map(|((instance, m), _)| m.into_iter().map(move |m| (instance.clone(), m)))
+        .flat_map(|(instance, m)| m.into_iter().map(move |m| (instance.clone(), m)))
         .collect();
     let mut pipe = redis::pipe();
     for (instance, m) in &messages {
@@ -282,9 +280,9 @@ async fn publish(inner: &Inner, batch: Vec<Message>, failed: &mut Vec<Failed>) {
             .arg(&m.payload);
     }
     match send(inner, pipe, messages.len()).await {
-        Ok(receivers) => {
-            for ((_, m), n) in messages.into_iter().zip(receivers) {
-                answer([m], Ok(n), failed);
+        Ok(outcomes) => {
+            for ((_, m), outcome) in messages.into_iter().zip(outcomes) {
+                answer([m], outcome, failed);
             }
         }
         Err(e) => answer(messages.into_iter().map(|(_, m)| m), Err(e), failed),
@@ -308,16 +306,28 @@ fn by_instance(batch: Vec<Message>) -> Vec<(String, Vec<Message>)> {
     packs
 }
 
-/// Sends one pipeline of `n` PUBLISHes; their receiver counts.
-async fn send(inner: &Inner, pipe: redis::Pipeline, n: usize) -> EngineResult<Vec<i64>> {
+/// Sends one pipeline of `n` publishes; each one's receiver count. In a cluster some may fail
+/// while others went (their nodes differ: see `conn`), so each has its own outcome.
+async fn send(
+    inner: &Inner,
+    mut pipe: redis::Pipeline,
+    n: usize,
+) -> EngineResult<Vec<EngineResult<i64>>> {
     let mut cm = inner.cm();
-    let receivers = inner
-        .redis("PUBLISH", pipe.query_async::<Vec<i64>>(&mut cm))
+    let replies = inner
+        .redis(
+            "PUBLISH",
+            pipe.ignore_errors()
+                .query_async::<Vec<redis::RedisResult<i64>>>(&mut cm),
+        )
         .await?;
-    if receivers.len() != n {
+    if replies.len() != n {
         return Err(EngineError::StoreUnavailable("short pipeline reply".into()));
     }
-    Ok(receivers)
+    Ok(replies
+        .into_iter()
+        .map(|r| r.map_err(|e| inner.store_error(&e)))
+        .collect())
 }
 
 /// Answers what became of `messages`: their callers, and the senders of relays that failed.
