@@ -691,8 +691,12 @@ impl Api {
 
     /// Registers a fresh session (`None`: a generated code); asserts success.
     pub async fn new_session(&self, passphrase: Option<&str>) -> Session {
-        let id = uuid();
-        let body = self.register(&id, passphrase).await;
+        self.new_session_with_id(&uuid(), passphrase).await
+    }
+
+    /// Registers session `id`; asserts success.
+    pub async fn new_session_with_id(&self, id: &str, passphrase: Option<&str>) -> Session {
+        let body = self.register(id, passphrase).await;
         assert_eq!(body["success"], true, "register failed: {body}");
         let signaling = body["transports"][0]["metadata"]["signaling_url"]
             .as_str()
@@ -700,7 +704,7 @@ impl Api {
         Session {
             code: body["join_code"].as_str().unwrap().to_owned(),
             host: url_id(signaling),
-            id,
+            id: id.to_owned(),
         }
     }
 
