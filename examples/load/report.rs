@@ -6,11 +6,14 @@ use std::collections::BTreeMap;
 
 use crate::Args;
 
-/// Columns: the label each figure line carries, and its heading.
-const COLUMNS: [(&str, &str); 4] = [
+/// Columns: the label each figure line carries, and its heading (a column without figures,
+/// a server the run left out, is not printed).
+const COLUMNS: [(&str, &str); 6] = [
     ("inproc", "in-process"),
     ("redis1", "Redis 1 inst"),
     ("redis2", "2 instances"),
+    ("cluster1", "2 inst 1 shard"),
+    ("cluster3", "2 inst 3 shards"),
     ("matchbox", "matchbox"),
 ];
 
@@ -187,15 +190,19 @@ pub fn run(a: &Args) {
         "beach-road bench: medians of {} run(s); load from examples/load, 256-byte signals",
         t.runs()
     );
+    let columns: Vec<(&str, &str)> = COLUMNS
+        .into_iter()
+        .filter(|(label, _)| t.results.keys().any(|(l, _)| l == label))
+        .collect();
     print!("{:width$}", "figure");
-    for (_, head) in COLUMNS {
-        print!(" {head:>13}");
+    for (_, head) in &columns {
+        print!(" {head:>15}");
     }
     println!();
     for (title, key, decimals) in &rows {
         print!("{title:width$}");
-        for (label, _) in COLUMNS {
-            print!(" {:>13}", fmt(t.get(label, key), *decimals));
+        for (label, _) in &columns {
+            print!(" {:>15}", fmt(t.get(label, key), *decimals));
         }
         println!();
     }
@@ -268,6 +275,16 @@ pub fn run(a: &Args) {
     line(
         "burst across 2 instances / PUBLISH unpipelined".into(),
         ratio(t.get("redis2", "burst_rate"), pub1),
+        1.0,
+        true,
+        "x",
+    );
+    line(
+        "burst across 2 instances, cluster 3 shards / 1 shard".into(),
+        ratio(
+            t.get("cluster3", "burst_rate"),
+            t.get("cluster1", "burst_rate"),
+        ),
         1.0,
         true,
         "x",
