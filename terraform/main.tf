@@ -30,9 +30,17 @@ locals {
 
   redis_port = 6379
   # REDIS_URL is rediss://:<AUTH token>@<this>:6379 (TLS: the replication group has encryption in
-  # transit on). It holds the token, so it is not in the env file below: each instance composes
+  # transit on), or in cluster mode rediss+cluster://:<AUTH token>@<this>:6379 with the
+  # configuration endpoint as the one seed node (the client learns the other nodes and the slot
+  # map from it). It holds the token, so it is not in the env file below: each instance composes
   # it at boot into the root-only /etc/beach-road/redis.env (see the user data).
-  redis_host = aws_elasticache_replication_group.redis.primary_endpoint_address
+  redis_host = (var.redis_cluster_mode ? aws_elasticache_replication_group.redis.configuration_endpoint_address
+  : aws_elasticache_replication_group.redis.primary_endpoint_address)
+  # The boot helper's HOST argument: the endpoint, and in cluster mode the URL scheme before it
+  # (the helper accepts rediss:// (the default) and rediss+cluster:// there, nothing without TLS).
+  # The scheme rides in the template's redis_host rather than in a variable of its own so that the
+  # template keeps the variables scripts/check-terraform renders it with.
+  redis_fetch_host = var.redis_cluster_mode ? "rediss+cluster://${local.redis_host}" : local.redis_host
 
   # The ALB's nodes live in its subnets: their X-Forwarded-For is the only one to believe (the
   # ALB appends the address it saw, the server takes the right-most hop it does not trust).
@@ -73,7 +81,7 @@ locals {
     server_secret_arn     = aws_secretsmanager_secret.server_secret.arn
     server_secret_version = var.server_secret_version
     redis_auth_secret_arn = local.redis_auth_secret_arn
-    redis_host            = local.redis_host
+    redis_host            = local.redis_fetch_host
     redis_port            = local.redis_port
     log_group             = aws_cloudwatch_log_group.instances.name
     install_ssm_agent     = var.install_ssm_agent
@@ -174,14 +182,25 @@ resource "aws_vpc_security_group_ingress_rule" "redis_from_instances" {
 # sessions and joins get 503; the instances' heartbeat scripts are allowed to run at the limit, so
 # no instance is fenced) instead of evicting other users' live sessions, rooms and mailboxes.
 # ElastiCache's default.redis7 group evicts (volatile-lru).
+# Cluster mode: the same family with cluster-enabled yes (what default.redis7.cluster.on has), under
+# another name, so that switching modes replaces the group instead of changing a static parameter
+# of one in use (the replication group is replaced with it, see terraform_data.redis_mode).
 resource "aws_elasticache_parameter_group" "redis" {
-  name        = "${var.name}-redis7"
+  name        = var.redis_cluster_mode ? "${var.name}-redis7-cluster" : "${var.name}-redis7"
   family      = "redis7"
   description = "beach-road: refuse writes when full, never evict"
 
   parameter {
     name  = "maxmemory-policy"
     value = "noeviction"
+  }
+
+  dynamic "parameter" {
+    for_each = var.redis_cluster_mode ? ["yes"] : []
+    content {
+      name  = "cluster-enabled"
+      value = parameter.value
+    }
   }
 }
 
@@ -190,9 +209,22 @@ resource "aws_elasticache_subnet_group" "redis" {
   subnet_ids = var.private_subnet_ids
 }
 
-# Cluster mode disabled: one primary and replicas in other AZs. The primary endpoint is a DNS name
-# that follows the primary through an automatic failover; beach-road reconnects and /ready is 503
-# while Redis is away (see the ASG below for what the health check does with that).
+# ElastiCache cannot turn cluster mode on or off in place the way Terraform would try (a new
+# parameter group, resharding a group without shards): a change of mode replaces the replication
+# group instead, and with it every live session, room and mailbox (README). Created on the first
+# apply of a deployment that predates it, which replaces nothing.
+resource "terraform_data" "redis_mode" {
+  input = var.redis_cluster_mode ? "cluster" : "single"
+}
+
+# Single-node mode (default; cluster mode disabled): one primary and replicas in other AZs. The
+# primary endpoint is a DNS name that follows the primary through an automatic failover;
+# beach-road reconnects and /ready is 503 while Redis is away (see the ASG below for what the
+# health check does with that).
+# Cluster mode (redis_cluster_mode): redis_shards shards, each a primary with
+# redis_replicas_per_shard replicas in other AZs, failing over on its own; the instances connect
+# through the configuration endpoint and follow the slot map (MOVED, ASK) themselves. Sessions are
+# spread over the shards by hash slot, cross-instance messages go by sharded pub/sub (Redis 7).
 resource "aws_elasticache_replication_group" "redis" {
   replication_group_id = var.name
   description          = "beach-road shared state (sessions, rooms, mailbox, instance liveness)"
@@ -201,7 +233,11 @@ resource "aws_elasticache_replication_group" "redis" {
   node_type            = var.redis_node_type
   port                 = local.redis_port
   parameter_group_name = aws_elasticache_parameter_group.redis.name
-  num_cache_clusters   = var.redis_num_nodes
+  num_cache_clusters   = var.redis_cluster_mode ? null : var.redis_num_nodes
+
+  cluster_mode            = var.redis_cluster_mode ? "enabled" : null
+  num_node_groups         = var.redis_cluster_mode ? var.redis_shards : null
+  replicas_per_node_group = var.redis_cluster_mode ? var.redis_replicas_per_shard : null
 
   automatic_failover_enabled = true
   multi_az_enabled           = true
@@ -227,6 +263,10 @@ resource "aws_elasticache_replication_group" "redis" {
   auto_minor_version_upgrade = true
   # Everything in it expires within hours (session TTL 12h); no backups.
   snapshot_retention_limit = 0
+
+  lifecycle {
+    replace_triggered_by = [terraform_data.redis_mode]
+  }
 }
 
 # --- Load balancer -------------------------------------------------------------------------------

@@ -96,9 +96,11 @@ locals {
 
   refresh_alarms = [for k in ["unhealthy-hosts", "elb-5xx", "target-5xx"] : aws_cloudwatch_metric_alarm.alb[k]]
 
-  # Redis alarms, per node (<name>-001, -002, ...: ElastiCache's names for the nodes of a
-  # replication group with cluster mode disabled).
-  redis_nodes = [for i in range(var.redis_num_nodes) : format("%s-%03d", var.name, i + 1)]
+  # Redis alarms, per node: ElastiCache's names for the nodes of a replication group, <name>-001,
+  # -002, ... with cluster mode disabled, <name>-<shard>-<node> (<name>-0001-001, ...) with it.
+  redis_nodes = (var.redis_cluster_mode
+    ? [for p in setproduct(range(1, var.redis_shards + 1), range(1, var.redis_replicas_per_shard + 2)) : format("%s-%04d-%03d", var.name, p[0], p[1])]
+  : [for i in range(var.redis_num_nodes) : format("%s-%03d", var.name, i + 1)])
   redis_metric_alarms = {
     # Redis runs commands on one thread: this is the CPU that limits it.
     engine-cpu = {

@@ -21,8 +21,14 @@ output "server_secret_arn" {
   value       = aws_secretsmanager_secret.server_secret.arn
 }
 
+output "redis_endpoint" {
+  description = "The Redis endpoint the instances connect to (port 6379, TLS, AUTH): the primary endpoint (REDIS_URL rediss://), or in cluster mode the configuration endpoint (rediss+cluster://)."
+  value       = local.redis_host
+}
+
 output "redis_primary_endpoint" {
-  value = aws_elasticache_replication_group.redis.primary_endpoint_address
+  description = "Single-node mode: the primary endpoint (null in cluster mode: see redis_endpoint)."
+  value       = var.redis_cluster_mode ? null : aws_elasticache_replication_group.redis.primary_endpoint_address
 }
 
 output "target_group_arn" {

@@ -152,7 +152,7 @@ variable "refresh_checkpoint_percentages" {
   default     = [50, 100]
 
   validation {
-    condition     = length(var.refresh_checkpoint_percentages) > 0 && try(var.refresh_checkpoint_percentages[length(var.refresh_checkpoint_percentages) - 1] == 100, false) && join(",", var.refresh_checkpoint_percentages) == join(",", sort(var.refresh_checkpoint_percentages)) && alltrue([for p in var.refresh_checkpoint_percentages : p > 0 && p <= 100])
+    condition     = length(var.refresh_checkpoint_percentages) > 0 && try(var.refresh_checkpoint_percentages[length(var.refresh_checkpoint_percentages) - 1] == 100, false) && alltrue([for i in range(1, length(var.refresh_checkpoint_percentages)) : var.refresh_checkpoint_percentages[i - 1] <= var.refresh_checkpoint_percentages[i]]) && alltrue([for p in var.refresh_checkpoint_percentages : p > 0 && p <= 100])
     error_message = "refresh_checkpoint_percentages: ascending values in 1-100, the last one 100."
   }
 }
@@ -263,7 +263,7 @@ variable "redis_auth_token" {
 }
 
 variable "redis_engine_version" {
-  description = "ElastiCache Redis engine version (7.x)."
+  description = "ElastiCache Redis engine version (7.x). Redis Cluster mode needs 7 or later (sharded pub/sub: SSUBSCRIBE, SPUBLISH), which the 7.x rule below guarantees in both modes."
   type        = string
   default     = "7.1"
 
@@ -279,13 +279,49 @@ variable "redis_node_type" {
 }
 
 variable "redis_num_nodes" {
-  description = "Number of cache nodes (primary + replicas); at least 2 for automatic failover."
+  description = "Single-node mode (redis_cluster_mode = false) only: number of cache nodes (primary + replicas); at least 2 for automatic failover."
   type        = number
   default     = 2
 
   validation {
     condition     = var.redis_num_nodes >= 2
     error_message = "Automatic failover and multi-AZ need at least 2 nodes."
+  }
+}
+
+variable "redis_cluster_mode" {
+  description = "Run Redis as a Redis Cluster (ElastiCache cluster mode enabled: redis_shards shards of one primary and redis_replicas_per_shard replicas each) instead of one primary with replicas (redis_num_nodes). The instances then get REDIS_URL=rediss+cluster://:<token>@<configuration endpoint>:6379. Changing it on an existing deployment replaces the replication group: every live session, room and mailbox is lost (README)."
+  type        = bool
+  default     = false
+}
+
+variable "redis_shards" {
+  description = "Cluster mode only: number of shards (node groups); the 16384 hash slots are spread over them. ElastiCache allows at most 500 nodes in a cluster (shards x (1 + replicas)); the default quota is 90."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.redis_shards == floor(var.redis_shards) && var.redis_shards >= 1 && var.redis_shards <= 500
+    error_message = "redis_shards: a whole number from 1 to 500."
+  }
+  validation {
+    condition     = !var.redis_cluster_mode || var.redis_shards * (var.redis_replicas_per_shard + 1) <= 500
+    error_message = "redis_shards x (1 + redis_replicas_per_shard): at most 500 nodes in an ElastiCache cluster."
+  }
+}
+
+variable "redis_replicas_per_shard" {
+  description = "Cluster mode only: replicas of each shard's primary, in other AZs. At least 1 in cluster mode: automatic failover and multi-AZ are always on, and a shard without a replica has nothing to fail over to."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.redis_replicas_per_shard == floor(var.redis_replicas_per_shard) && var.redis_replicas_per_shard >= 0 && var.redis_replicas_per_shard <= 5
+    error_message = "redis_replicas_per_shard: a whole number from 0 to 5."
+  }
+  validation {
+    condition     = !var.redis_cluster_mode || var.redis_replicas_per_shard >= 1
+    error_message = "redis_replicas_per_shard: at least 1 in cluster mode (automatic failover and multi-AZ need a replica in every shard)."
   }
 }
 

@@ -12,7 +12,9 @@ written straight into root-only files (0600), never to stdout, argv or the envir
   beach-road-aws-fetch s3        REGION DNS_SUFFIX BUCKET KEY FILE
 
 redis-env writes `REDIS_URL=rediss://:<token, percent-encoded>@HOST:PORT` (systemd EnvironmentFile
-syntax). terraform/tests/check_aws_fetch.py checks the signatures against botocore's.
+syntax); HOST given as `rediss+cluster://HOST` (a Redis Cluster's configuration endpoint) makes it
+`REDIS_URL=rediss+cluster://:<token>@HOST:PORT`. No other scheme: TLS either way.
+terraform/tests/check_aws_fetch.py checks the signatures against botocore's.
 """
 import datetime
 import hashlib
@@ -141,8 +143,17 @@ def write_private(path, data):
     os.replace(tmp, path)
 
 
+REDIS_SCHEMES = ("rediss", "rediss+cluster")
+
+
 def redis_url(token, host, port):
-    return f"rediss://:{urllib.parse.quote(token, safe='')}@{host}:{port}"
+    """`host` is an endpoint, or `rediss+cluster://` and an endpoint (a Redis Cluster)."""
+    scheme, sep, bare = host.partition("://")
+    if not sep:
+        scheme, bare = "rediss", host
+    if scheme not in REDIS_SCHEMES or not bare:
+        raise SystemExit(f"redis-env: HOST must be HOST or rediss+cluster://HOST, not {host!r}")
+    return f"{scheme}://:{urllib.parse.quote(token, safe='')}@{bare}:{port}"
 
 
 def s3_object(region, suffix, bucket, key, path):

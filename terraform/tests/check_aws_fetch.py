@@ -3,7 +3,8 @@ scripts/check-terraform with the Python of checkov's virtualenv, which has botoc
 
 - Its SigV4 signatures equal botocore's for the two requests the instances make (Secrets Manager
   GetSecretValue, S3 GetObject), with a session token, at a fixed time.
-- redis-env percent-encodes the AUTH token, so any token ElastiCache accepts makes a valid URL.
+- redis-env percent-encodes the AUTH token, so any token ElastiCache accepts makes a valid URL,
+  keeps a rediss+cluster:// scheme given with the host (cluster mode) and refuses any other.
 - Secret files are created 0600.
 No network: nothing is sent.
 """
@@ -93,13 +94,31 @@ def main():
           and parsed.username == "" and "#" not in url)
     failures += check("redis-env URL round-trips every allowed token character", ok, True)
 
+    # Cluster mode: the scheme comes with the configuration endpoint; the token is handled alike.
+    url = aws_fetch.redis_url(token, "rediss+cluster://clustercfg.x.cache.amazonaws.com", 6379)
+    parsed = urllib.parse.urlsplit(url)
+    ok = (parsed.scheme == "rediss+cluster" and parsed.hostname == "clustercfg.x.cache.amazonaws.com"
+          and parsed.port == 6379 and urllib.parse.unquote(parsed.password) == token
+          and parsed.username == "" and "#" not in url)
+    failures += check("redis-env cluster URL (rediss+cluster://) round-trips the token", ok, True)
+
+    refused = []
+    for host in ("redis://master.x.cache.amazonaws.com", "redis+cluster://clustercfg.x",
+                 "rediss+cluster://"):
+        try:
+            aws_fetch.redis_url(token, host, 6379)
+        except SystemExit as e:
+            refused.append(token not in str(e))
+    failures += check("redis-env refuses schemes without TLS (and no token in the message)",
+                      refused, [True, True, True])
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "secret")
         aws_fetch.write_private(path, b"x" * 64)
         mode = stat.S_IMODE(os.stat(path).st_mode)
         failures += check("secret file mode 0600", oct(mode), oct(0o600))
 
-    print(f"{4 - failures} passed, {failures} failed")
+    print(f"{6 - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 

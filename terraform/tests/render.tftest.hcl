@@ -42,6 +42,9 @@ mock_provider "aws" {
       arn_suffix = "targetgroup/beach-road/0123456789abcdef"
     }
   }
+  mock_resource "aws_lb_listener" {
+    defaults = { arn = "arn:aws:elasticloadbalancing:us-east-1:123456789012:listener/app/beach-road/0123456789abcdef/0123456789abcdef" }
+  }
   mock_resource "aws_kms_key" {
     defaults = { arn = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000001" }
   }
@@ -189,6 +192,19 @@ run "s3_binary" {
     error_message = "the replication group must use the noeviction parameter group"
   }
 
+  # Single-node mode (the default): one primary and a replica, no cluster-enabled parameter.
+  assert {
+    condition = (aws_elasticache_replication_group.redis.num_cache_clusters == 2
+      && aws_elasticache_replication_group.redis.automatic_failover_enabled && aws_elasticache_replication_group.redis.multi_az_enabled
+      && aws_elasticache_parameter_group.redis.name == "beach-road-redis7"
+    && !anytrue([for p in aws_elasticache_parameter_group.redis.parameter : p.name == "cluster-enabled"]))
+    error_message = "single-node mode: redis_num_nodes nodes with failover, a parameter group without cluster-enabled"
+  }
+  assert {
+    condition     = output.redis_endpoint == "master.beach-road.abc123.use1.cache.amazonaws.com" && output.redis_primary_endpoint == output.redis_endpoint && terraform_data.redis_mode.output == "single"
+    error_message = "single-node mode: the primary endpoint is the one to use"
+  }
+
   # Redis AUTH: a random token, in Secrets Manager, composed into REDIS_URL at boot only.
   assert {
     condition     = aws_elasticache_replication_group.redis.transit_encryption_enabled == true && aws_elasticache_replication_group.redis.auth_token == random_password.redis_auth[0].result
@@ -313,6 +329,99 @@ run "s3_binary" {
     condition     = aws_wafv2_web_acl_association.alb.resource_arn == aws_lb.this.arn
     error_message = "the WAF protects the ALB"
   }
+}
+
+# Redis Cluster: shards of a primary and replicas, a cluster-enabled parameter group of the same
+# family, and REDIS_URL=rediss+cluster://:<token>@<configuration endpoint>:6379 composed at boot
+# exactly like the single-node URL (same secret, same TLS and AUTH).
+run "redis_cluster_mode" {
+  command = apply
+
+  variables {
+    redis_cluster_mode       = true
+    redis_shards             = 4
+    redis_replicas_per_shard = 2
+  }
+
+  # The mock's primary endpoint stays set, so that using it instead would show.
+  override_resource {
+    target = aws_elasticache_replication_group.redis
+    values = { configuration_endpoint_address = "clustercfg.beach-road.abc123.use1.cache.amazonaws.com" }
+  }
+  override_resource {
+    target = aws_secretsmanager_secret.redis_auth[0]
+    values = { arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:beach-road-redis-auth-GhIjKl" }
+  }
+
+  assert {
+    condition = (aws_elasticache_replication_group.redis.num_node_groups == 4
+      && aws_elasticache_replication_group.redis.replicas_per_node_group == 2
+    && aws_elasticache_replication_group.redis.cluster_mode == "enabled")
+    error_message = "cluster mode: redis_shards node groups, redis_replicas_per_shard replicas each"
+  }
+  assert {
+    condition     = aws_elasticache_replication_group.redis.automatic_failover_enabled && aws_elasticache_replication_group.redis.multi_az_enabled
+    error_message = "cluster mode keeps automatic failover and multi-AZ"
+  }
+  assert {
+    condition = (aws_elasticache_parameter_group.redis.family == "redis7" && aws_elasticache_parameter_group.redis.name == "beach-road-redis7-cluster"
+      && anytrue([for p in aws_elasticache_parameter_group.redis.parameter : p.name == "cluster-enabled" && p.value == "yes"])
+      && anytrue([for p in aws_elasticache_parameter_group.redis.parameter : p.name == "maxmemory-policy" && p.value == "noeviction"])
+    && aws_elasticache_replication_group.redis.parameter_group_name == aws_elasticache_parameter_group.redis.name)
+    error_message = "cluster mode: the same family with cluster-enabled yes, still noeviction"
+  }
+  assert {
+    condition = (aws_elasticache_replication_group.redis.engine_version == "7.1"
+      && aws_elasticache_replication_group.redis.transit_encryption_enabled == true && aws_elasticache_replication_group.redis.transit_encryption_mode == "required"
+    && aws_elasticache_replication_group.redis.auth_token == random_password.redis_auth[0].result)
+    error_message = "cluster mode: Redis 7 (sharded pub/sub), TLS required and AUTH with the generated token"
+  }
+  assert {
+    condition     = strcontains(local.user_data, "\"$fetch\" redis-env 'us-east-1' 'amazonaws.com' 'arn:aws:secretsmanager:us-east-1:123456789012:secret:beach-road-redis-auth-GhIjKl' 'rediss+cluster://clustercfg.beach-road.abc123.use1.cache.amazonaws.com' '6379' /etc/beach-road/redis.env\n")
+    error_message = "user data composes REDIS_URL with the rediss+cluster:// scheme and the configuration endpoint"
+  }
+  assert {
+    condition     = !strcontains(local.user_data, "master.beach-road")
+    error_message = "cluster mode: not the primary endpoint"
+  }
+  assert {
+    condition     = !can(regex("(?m)^REDIS_URL=", local.user_data)) && !strcontains(local.user_data, nonsensitive(random_password.redis_auth[0].result))
+    error_message = "neither REDIS_URL nor the token is in the user data"
+  }
+  assert {
+    condition     = output.redis_endpoint == "clustercfg.beach-road.abc123.use1.cache.amazonaws.com" && output.redis_primary_endpoint == null
+    error_message = "the endpoint output is the configuration endpoint in cluster mode"
+  }
+  assert {
+    condition     = terraform_data.redis_mode.output == "cluster"
+    error_message = "the mode is tracked, so that changing it replaces the replication group"
+  }
+  assert {
+    condition     = length(aws_cloudwatch_metric_alarm.redis) == 48 && aws_cloudwatch_metric_alarm.redis["beach-road-0004-003-evictions"].dimensions["CacheClusterId"] == "beach-road-0004-003"
+    error_message = "four Redis alarms per node of every shard (<name>-<shard>-<node>)"
+  }
+}
+
+run "rejects_cluster_without_replicas" {
+  command = plan
+
+  variables {
+    redis_cluster_mode       = true
+    redis_replicas_per_shard = 0
+  }
+
+  expect_failures = [var.redis_replicas_per_shard]
+}
+
+run "rejects_too_many_shards" {
+  command = plan
+
+  variables {
+    redis_cluster_mode = true
+    redis_shards       = 501
+  }
+
+  expect_failures = [var.redis_shards]
 }
 
 run "https_binary_custom_drain" {
