@@ -11,8 +11,8 @@
 //! cluster connection follows failovers and slot moves itself (`MOVED`, `ASK`, a refreshed slot
 //! map) and resubscribes its shard channel where the slot went.
 //!
-//! In a cluster a pipeline must stay on one slot; [`Conn`] splits one that does not into a
-//! pipeline per slot, each in its commands' order, sent together (see `split_by_slot`).
+//! In a cluster a pipeline must stay on one slot; [`Conn`] splits one that does not
+//! (`super::slots`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,13 +21,13 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
 use redis::{
-    Arg, Cmd, ErrorKind, Pipeline, ProtocolVersion, PushInfo, RedisError, RedisFuture, RedisResult,
+    Cmd, ErrorKind, Pipeline, ProtocolVersion, PushInfo, RedisError, RedisFuture, RedisResult,
     ServerErrorKind, Value,
 };
 
 use super::pushes::Pushes;
+use super::slots;
 use super::{fenced, liveness, unavailable, Inner};
 use crate::engine::{EngineError, EngineResult};
 
@@ -160,9 +160,9 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Node(cm) => cm.req_packed_commands(pipe, offset, count),
-            Conn::Cluster(c) => match split_by_slot(pipe) {
+            Conn::Cluster(c) => match slots::split_by_slot(pipe) {
                 None => c.req_packed_commands(pipe, offset, count),
-                Some(parts) => Box::pin(query_parts(c.clone(), parts, pipe.len())),
+                Some(parts) => Box::pin(slots::query_parts(c.clone(), parts, pipe.len())),
             },
         }
     }
@@ -170,92 +170,6 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         0
     }
-}
-
-/// The first key of a command we send (`EVALSHA`: after the digest and the key count); `None`
-/// for one without (`PING`, `TIME`).
-fn first_key(cmd: &Cmd) -> Option<&[u8]> {
-    let mut args = cmd.args_iter().filter_map(|a| match a {
-        Arg::Simple(bytes) => Some(bytes),
-        _ => None,
-    });
-    let name = args.next()?;
-    if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
-        args.nth(1)?;
-    }
-    args.next()
-}
-
-/// A pipeline on several slots (the outbox's publishes to several instances, refreshes of many
-/// sessions) as one pipeline per slot with the positions of its commands; keyless commands go
-/// with the first. `None` when it is on one slot, as a cluster takes it. A transaction is
-/// never split (Redis refuses one across slots, as it should).
-fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>)>> {
-    if pipe.is_transaction() {
-        return None;
-    }
-    let slots: Vec<Option<Slot>> = pipe
-        .cmd_iter()
-        .map(|c| first_key(c).map(Slot::for_key))
-        .collect();
-    let mut keys: Vec<Slot> = Vec::new();
-    for s in slots.iter().flatten() {
-        if !keys.contains(s) {
-            keys.push(*s);
-        }
-    }
-    if keys.len() < 2 {
-        return None;
-    }
-    let mut parts: Vec<(Pipeline, Vec<usize>)> =
-        keys.iter().map(|_| (redis::pipe(), Vec::new())).collect();
-    for (i, (cmd, slot)) in pipe.cmd_iter().zip(&slots).enumerate() {
-        let part = slot.map_or(0, |s| keys.iter().position(|k| *k == s).unwrap_or(0));
-        parts[part].0.add_command(cmd.clone());
-        parts[part].1.push(i);
-    }
-    Some(parts)
-}
-
-/// Sends the parts of a split pipeline together; the replies in the pipeline's order. A part
-/// that failed while others went (its node is down) answers an error in place of each of its
-/// replies, so a caller can tell what went (`Pipeline::ignore_errors`); every part failing is
-/// the pipeline failing.
-async fn query_parts(
-    conn: ClusterConnection,
-    parts: Vec<(Pipeline, Vec<usize>)>,
-    n: usize,
-) -> RedisResult<Vec<Value>> {
-    let replies = futures::future::join_all(parts.iter().map(|(pipe, _)| {
-        let mut conn = conn.clone();
-        async move { conn.req_packed_commands(pipe, 0, pipe.len()).await }
-    }))
-    .await;
-    if replies.iter().all(Result::is_err) {
-        return replies
-            .into_iter()
-            .next()
-            .expect("two parts or more")
-            .map(|_| Vec::new());
-    }
-    let mut out = vec![Value::Nil; n];
-    for ((_, at), reply) in parts.iter().zip(replies) {
-        match reply {
-            Ok(values) => at.iter().zip(values).for_each(|(i, v)| out[*i] = v),
-            Err(e) => {
-                let error = as_reply(&e);
-                at.iter().for_each(|i| out[*i] = error.clone());
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// An error as the reply of a command (redis-rs has no public constructor for one).
-fn as_reply(e: &RedisError) -> Value {
-    let text = e.to_string().replace(['\r', '\n'], " ");
-    let code = e.code().unwrap_or("UNAVAILABLE");
-    redis::parse_redis_value(format!("-{code} {text}\r\n").as_bytes()).unwrap_or(Value::Nil)
 }
 
 /// The node cannot take writes, and reconnecting may reach one that can.
@@ -365,76 +279,5 @@ mod tests {
         let t = Duration::from_secs(1);
         assert!(connect("http+cluster://a:1", t, pushes(), 0).is_err());
         assert!(connect("redis+cluster://", t, pushes(), 0).is_err());
-    }
-
-    fn slot(key: &str) -> Slot {
-        Slot::for_key(key)
-    }
-
-    #[test]
-    fn first_keys_of_commands_and_scripts() {
-        let c = redis::cmd("HGET").arg("p:{s}:peers").arg("x").clone();
-        assert_eq!(first_key(&c), Some(&b"p:{s}:peers"[..]));
-        let e = redis::cmd("EVALSHA")
-            .arg("abc")
-            .arg(1)
-            .arg("p:{t}:x")
-            .clone();
-        assert_eq!(first_key(&e), Some(&b"p:{t}:x"[..]));
-        assert_eq!(first_key(&redis::cmd("PING")), None);
-    }
-
-    #[test]
-    fn a_pipeline_on_one_slot_is_left_whole() {
-        let mut p = redis::pipe();
-        p.cmd("GET")
-            .arg("p:{s}:a")
-            .cmd("TIME")
-            .cmd("HGETALL")
-            .arg("p:{s}:b");
-        assert!(split_by_slot(&p).is_none());
-        let mut t = redis::pipe();
-        t.atomic()
-            .cmd("GET")
-            .arg("p:{s}:a")
-            .cmd("GET")
-            .arg("p:{u}:a");
-        assert!(split_by_slot(&t).is_none(), "a transaction is never split");
-    }
-
-    #[test]
-    fn a_pipeline_across_slots_is_split_in_order() {
-        let (a, b) = ("p:bus:one", "p:bus:two");
-        assert_ne!(slot(a), slot(b));
-        let mut p = redis::pipe();
-        p.cmd("SPUBLISH").arg(a).arg("1");
-        p.cmd("SPUBLISH").arg(b).arg("2");
-        p.cmd("PING");
-        p.cmd("SPUBLISH").arg(a).arg("3");
-        let parts = split_by_slot(&p).expect("two slots");
-        let at: Vec<Vec<usize>> = parts.iter().map(|(_, at)| at.clone()).collect();
-        assert_eq!(at, [vec![0, 2, 3], vec![1]]);
-        let args = |pipe: &Pipeline| -> Vec<Vec<u8>> {
-            pipe.cmd_iter()
-                .filter_map(|c| match c.args_iter().last() {
-                    Some(Arg::Simple(b)) => Some(b.to_vec()),
-                    _ => None,
-                })
-                .collect()
-        };
-        assert_eq!(args(&parts[0].0), [&b"1"[..], b"PING", b"3"]);
-        assert_eq!(args(&parts[1].0), [&b"2"[..]]);
-    }
-
-    #[test]
-    fn a_failed_part_answers_an_error_in_place_of_each_reply() {
-        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused\r\n");
-        let error = as_reply(&RedisError::from(refused));
-        let replies = Value::Array(vec![Value::Int(1), error]);
-        let r: Vec<RedisResult<i64>> = redis::from_redis_value(replies).unwrap();
-        assert_eq!(r[0].as_ref().ok(), Some(&1));
-        assert!(r[1]
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("refused")));
     }
 }

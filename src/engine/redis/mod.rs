@@ -7,7 +7,8 @@
 //! there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
 //! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
 //! [`reaper`]; keeping sessions with members alive in [`refresh`]; the Admin API's reads and
-//! closes in [`admin`]; the connection and its errors in [`conn`].
+//! closes in [`admin`]; the connection and its errors in [`conn`], pipelines on a cluster in
+//! [`slots`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One connection ([`conn::Conn`]: a `ConnectionManager` to one node, or a cluster connection
@@ -27,6 +28,7 @@ mod relay;
 mod repair;
 mod rooms;
 mod scripts;
+mod slots;
 mod store;
 
 use std::future::Future;
