@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
+use common::metrics::Scrape;
 use common::{
     bounded_for, find_peer, uuid, RedisCluster, Server, ServerBuilder, Session, Ws, UNPACED,
 };
@@ -312,6 +313,7 @@ async fn slots_migrated_during_relays_lose_no_member_and_every_loss_is_told() {
             RedisCluster::slot_of("beach-road:{instances}:alive"),
             RedisCluster::slot_of(&a_bus),
         ];
+        let before = Scrape::of(&c.servers[0]).await;
         let t0 = Instant::now();
         tokio::task::block_in_place(|| {
             for slot in slots {
@@ -335,12 +337,65 @@ async fn slots_migrated_during_relays_lose_no_member_and_every_loss_is_told() {
             );
         }
         eprintln!("migration: 3 slots moved in {:?}", t0.elapsed());
+        // A's channel moved: Redis ended its subscription, and A subscribed again where it went.
+        let after = Scrape::of(&c.servers[0]).await;
+        for series in [
+            "beach_road_pubsub_disconnects_total",
+            "beach_road_pubsub_resubscriptions_total",
+        ] {
+            let (b, a) = (before.get(series, &[]), after.get(series, &[]));
+            assert!(a > b, "{series}: {b} → {a}");
+        }
 
         let (at_host, at_joiner) = (at_host.await.unwrap(), at_joiner.await.unwrap());
         assert_every_loss_told("host → joiner", &at_joiner, &at_host);
         assert_every_loss_told("joiner → host", &at_host, &at_joiner);
         c.assert_alive(&pids);
         c.assert_room_whole(&s, &host_id, &joiner_id).await;
+    })
+    .await;
+}
+
+/// A cluster that is down when an instance starts: the instance is alive and not ready (both
+/// answered at once), and ready and serving once the cluster is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_while_the_cluster_is_down_serves_once_it_is_back() {
+    let mut redis = tokio::task::block_in_place(RedisCluster::start);
+    let url = redis.url();
+    tokio::task::block_in_place(|| redis.kill_all());
+    let mut server = ServerBuilder::new()
+        .redis_url(&url)
+        .args(["--heartbeat-interval", "250ms"])
+        .start()
+        .await;
+    bounded_for(Duration::from_secs(60), async {
+        let api = server.api();
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert_eq!(api.get("/ready").await.unwrap().status, 503);
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "/ready took {:?}",
+                t.elapsed()
+            );
+            assert_eq!(server.health().await.expect("/health answers").0, 200);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::task::block_in_place(|| redis.restart_all());
+        let t0 = Instant::now();
+        while api.get("/ready").await.map(|r| r.status).ok() != Some(200) {
+            assert!(
+                t0.elapsed() < RECOVERY_BOUND,
+                "not ready:\n{}",
+                server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("cluster back → ready after {:?}", t0.elapsed());
+        let s = api.new_session(None).await;
+        let mut host = Ws::connect(&server.ws_url(&s.host)).await;
+        host.join(None).await;
+        assert_eq!(server.try_exit(), None);
     })
     .await;
 }

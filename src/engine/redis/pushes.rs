@@ -96,11 +96,15 @@ impl Pushes {
                 self.router.clear_routes();
                 self.router.want_repair_all();
             }
-            // Unasked (a slot migration): deaf until subscribed again where the slot went.
+            // Our current channel, unasked (its slot moved): deaf until subscribed again where
+            // the slot went. (We unsubscribe only ids we left, and at shutdown.)
             PushKind::SUnsubscribe => {
-                crate::metrics::pubsub_disconnected();
-                self.router.clear_routes();
-                self.unsubscribed.notify_one();
+                let ours = self.keys.bus(&self.router.id());
+                if push.data.first() == Some(&Value::BulkString(ours.into_bytes())) {
+                    crate::metrics::pubsub_disconnected();
+                    self.router.clear_routes();
+                    self.unsubscribed.notify_one();
+                }
             }
             _ => {}
         }
