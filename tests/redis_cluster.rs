@@ -42,6 +42,11 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
+        Self::start_with(&[]).await
+    }
+
+    /// Two instances with flags `extra` besides the test's.
+    async fn start_with(extra: &[&str]) -> Setup {
         let redis = tokio::task::block_in_place(RedisCluster::start);
         let secret = format!("rc-{}-{}", uuid(), uuid());
         let starts = (0..2).map(|_| {
@@ -52,6 +57,7 @@ impl Setup {
                 .args(["--heartbeat-interval", "250ms", "--instance-timeout", "8s"])
                 .args(["--secret", &secret])
                 .args(UNPACED)
+                .args(extra.iter().copied())
                 .start()
         });
         let servers = futures::future::join_all(starts).await;
@@ -396,6 +402,51 @@ async fn an_instance_started_while_the_cluster_is_down_serves_once_it_is_back() 
         let mut host = Ws::connect(&server.ws_url(&s.host)).await;
         host.join(None).await;
         assert_eq!(server.try_exit(), None);
+    })
+    .await;
+}
+
+/// Sessions with members on every shard outlive their ttl, every refresh succeeding: the
+/// refresher's pipeline of `touch.lua` for all rooms is split by slot, and each node gets the
+/// `SCRIPT LOAD` ahead of it (sent to one node only, it left the others answering `NOSCRIPT`
+/// until chance had sent it to each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_members_on_every_shard_outlive_their_ttl() {
+    const TTL: Duration = Duration::from_secs(2);
+    let c = Setup::start_with(&["--session-ttl", "2s"]).await;
+    bounded_for(Duration::from_secs(60), async {
+        let mut rooms = Vec::new();
+        for port in c.redis.primaries() {
+            let s = c.session_on(port).await;
+            let (host, joiner) = c.room(&s).await;
+            rooms.push((s, host, joiner));
+        }
+        // Idle, connected, past the ttl: only the refresher keeps the sessions.
+        tokio::time::sleep(TTL + TTL * 3 / 4).await;
+        // Every refresh went through (before, the first ones failed with NOSCRIPT until a
+        // `SCRIPT LOAD` sent to a random node had happened to reach each node).
+        for server in &c.servers {
+            let failed: f64 = Scrape::of(server)
+                .await
+                .0
+                .iter()
+                .filter(|(series, _)| {
+                    series.starts_with("beach_road_redis_errors_total")
+                        && series.contains("command=\"touch\"")
+                })
+                .map(|(_, n)| n)
+                .sum();
+            assert_eq!(failed, 0.0, "refreshes failed:\n{}", server.log());
+        }
+        for (s, host, joiner) in &rooms {
+            let status = c.servers[1].api().status(&s.id).await;
+            assert_eq!(
+                status.body["exists"], true,
+                "session {} expired: {}",
+                s.id, status.body
+            );
+            c.assert_room_whole(s, &host.id(), &joiner.id()).await;
+        }
     })
     .await;
 }

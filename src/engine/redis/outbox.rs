@@ -13,9 +13,10 @@
 //! A pack that reaches nobody (its instance is gone, or older and not on its bus channel) is
 //! sent again message by message on the instance's legacy channel, in a second pipeline; what
 //! that one answers is the messages' answer. In a cluster the bus is a shard channel (one
-//! `SPUBLISH` per instance, to the node owning its slot) and there is no legacy channel. A relayed frame is answered only if it failed,
-//! to its sender's queue (`Inner::undelivered`): a relay costs no channel, future or wakeup
-//! of its own (those were a third of two instances' CPU in a burst).
+//! `SPUBLISH` per instance, to the node owning its slot) and there is no legacy channel. A
+//! relayed frame is answered only if it failed, to its sender's queue (`Inner::undelivered`): a
+//! relay costs no channel, future or wakeup of its own (those were a third of two instances' CPU
+//! in a burst).
 //!
 //! Not here: the self-ping (`liveness`: it must not queue behind a burst, it measures the
 //! subscription), and the reaper's and the Admin API's pipelines (each one command batch with
@@ -307,7 +308,7 @@ fn by_instance(batch: Vec<Message>) -> Vec<(String, Vec<Message>)> {
 }
 
 /// Sends one pipeline of `n` publishes; each one's receiver count. In a cluster some may fail
-/// while others went (their nodes differ: see `conn`), so each has its own outcome.
+/// while others went (their nodes differ: see `super::slots`), so each has its own outcome.
 async fn send(
     inner: &Inner,
     mut pipe: redis::Pipeline,

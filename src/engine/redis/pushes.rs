@@ -101,6 +101,9 @@ impl Pushes {
             PushKind::SUnsubscribe => {
                 let ours = self.keys.bus(&self.router.id());
                 if push.data.first() == Some(&Value::BulkString(ours.into_bytes())) {
+                    tracing::info!(
+                        "Redis ended our shard subscription (slot moved): subscribing again"
+                    );
                     crate::metrics::pubsub_disconnected();
                     self.router.clear_routes();
                     self.unsubscribed.notify_one();

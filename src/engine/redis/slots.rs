@@ -11,22 +11,31 @@ use redis::cluster_routing::Slot;
 use redis::{Arg, Cmd, Pipeline, RedisError, RedisResult, Value};
 
 /// The first key of a command we send (`EVALSHA`: after the digest and the key count); `None`
-/// for one without (`PING`, `TIME`).
+/// for one without ([`KEYLESS`]).
 fn first_key(cmd: &Cmd) -> Option<&[u8]> {
     let mut args = cmd.args_iter().filter_map(|a| match a {
         Arg::Simple(bytes) => Some(bytes),
         _ => None,
     });
     let name = args.next()?;
+    if KEYLESS.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+        return None;
+    }
     if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
         args.nth(1)?;
     }
     args.next()
 }
 
+/// The commands without a key that we pipeline.
+const KEYLESS: [&[u8]; 3] = [b"SCRIPT", b"PING", b"TIME"];
+
+/// The position of a reply that is not kept (a keyless command's copy, see [`split_by_slot`]).
+const DISCARD: usize = usize::MAX;
+
 /// A pipeline on several slots (the outbox's publishes to several instances, refreshes of many
-/// sessions) as one pipeline per slot with the positions of its commands; keyless commands go
-/// with the first. `None` when it is on one slot, as a cluster takes it. A transaction is
+/// sessions) as one pipeline per slot with the positions of its commands; a keyless command
+/// (`SCRIPT LOAD` ahead of the scripts it loads) goes to every part. `None` when it is on one slot, as a cluster takes it. A transaction is
 /// never split (Redis refuses one across slots, as it should).
 pub(super) fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>)>> {
     if pipe.is_transaction() {
@@ -48,9 +57,21 @@ pub(super) fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>
     let mut parts: Vec<(Pipeline, Vec<usize>)> =
         keys.iter().map(|_| (redis::pipe(), Vec::new())).collect();
     for (i, (cmd, slot)) in pipe.cmd_iter().zip(&slots).enumerate() {
-        let part = slot.map_or(0, |s| keys.iter().position(|k| *k == s).unwrap_or(0));
-        parts[part].0.add_command(cmd.clone());
-        parts[part].1.push(i);
+        match slot {
+            Some(s) => {
+                let part = &mut parts[keys.iter().position(|k| k == s).unwrap_or(0)];
+                part.0.add_command(cmd.clone());
+                part.1.push(i);
+            }
+            // Keyless (`SCRIPT LOAD` before the scripts it loads): to every node, in its place;
+            // the first part's reply is the one kept.
+            None => {
+                for (j, part) in parts.iter_mut().enumerate() {
+                    part.0.add_command(cmd.clone());
+                    part.1.push(if j == 0 { i } else { DISCARD });
+                }
+            }
+        }
     }
     Some(parts)
 }
@@ -79,10 +100,18 @@ pub(super) async fn query_parts(
     let mut out = vec![Value::Nil; n];
     for ((_, at), reply) in parts.iter().zip(replies) {
         match reply {
-            Ok(values) => at.iter().zip(values).for_each(|(i, v)| out[*i] = v),
+            Ok(values) => {
+                for (&i, v) in at.iter().zip(values) {
+                    if i != DISCARD {
+                        out[i] = v;
+                    }
+                }
+            }
             Err(e) => {
                 let error = as_reply(&e);
-                at.iter().for_each(|i| out[*i] = error.clone());
+                at.iter()
+                    .filter(|&&i| i != DISCARD)
+                    .for_each(|&i| out[i] = error.clone());
             }
         }
     }
@@ -115,6 +144,8 @@ mod tests {
             .clone();
         assert_eq!(first_key(&e), Some(&b"p:{t}:x"[..]));
         assert_eq!(first_key(&redis::cmd("PING")), None);
+        let load = redis::cmd("SCRIPT").arg("LOAD").arg("return 1").clone();
+        assert_eq!(first_key(&load), None);
     }
 
     #[test]
@@ -146,7 +177,7 @@ mod tests {
         p.cmd("SPUBLISH").arg(a).arg("3");
         let parts = split_by_slot(&p).expect("two slots");
         let at: Vec<Vec<usize>> = parts.iter().map(|(_, at)| at.clone()).collect();
-        assert_eq!(at, [vec![0, 2, 3], vec![1]]);
+        assert_eq!(at, [vec![0, 2, 3], vec![1, DISCARD]]);
         let args = |pipe: &Pipeline| -> Vec<Vec<u8>> {
             pipe.cmd_iter()
                 .filter_map(|c| match c.args_iter().last() {
@@ -156,7 +187,11 @@ mod tests {
                 .collect()
         };
         assert_eq!(args(&parts[0].0), [&b"1"[..], b"PING", b"3"]);
-        assert_eq!(args(&parts[1].0), [&b"2"[..]]);
+        assert_eq!(
+            args(&parts[1].0),
+            [&b"2"[..], b"PING"],
+            "keyless: to every node"
+        );
     }
 
     #[test]
