@@ -1,6 +1,6 @@
 //! Shared harness of the integration tests: the real `beach-road` binary on a free loopback
 //! port, a WebSocket client, HTTP helpers, and [`conformance!`] to run one test body against
-//! both engines.
+//! both engines (the Redis engine on one node and on a Redis Cluster).
 //!
 //! Every wait here is bounded: a server that does not come up, a message that does not arrive
 //! or a test that hangs fails with a message instead of blocking the suite. Processes are killed
@@ -141,14 +141,17 @@ impl Drop for TempDir {
 pub enum Engine {
     Memory,
     Redis,
+    /// The Redis engine on a Redis Cluster (three primaries, three replicas).
+    RedisCluster,
 }
 
-/// One server (and, for [`Engine::Redis`], its own redis-server) for one test.
+/// One server (and, for the Redis engine, its own redis-server or Redis Cluster) for one test.
 pub struct Ctx {
     pub engine: Engine,
     pub server: Server,
     /// Declared after `server` so the server is killed first.
     pub redis: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
 }
 
 impl Ctx {
@@ -158,12 +161,16 @@ impl Ctx {
 
     /// Starts with extra flags or environment; the Redis URL is added for [`Engine::Redis`].
     pub async fn start_with(engine: Engine, builder: ServerBuilder) -> Ctx {
-        let redis = match engine {
-            Engine::Memory => None,
-            Engine::Redis => Some(RedisServer::start()),
+        let redis = (engine == Engine::Redis).then(RedisServer::start);
+        let cluster = (engine == Engine::RedisCluster)
+            .then(|| tokio::task::block_in_place(RedisCluster::start));
+        let url = match (&redis, &cluster) {
+            (Some(r), _) => Some(r.url()),
+            (_, Some(c)) => Some(c.url()),
+            _ => None,
         };
-        let builder = match &redis {
-            Some(r) => builder.redis_url(&r.url()),
+        let builder = match url {
+            Some(url) => builder.redis_url(&url),
             None => builder,
         };
         let server = builder.start().await;
@@ -171,6 +178,7 @@ impl Ctx {
             engine,
             server,
             redis,
+            cluster,
         }
     }
 
@@ -262,8 +270,9 @@ pub fn url_id(url: &str) -> String {
     segments[at + 1].to_owned()
 }
 
-/// Runs each `async fn name(ctx: &Ctx) { .. }` as two tests, `memory::name` and `redis::name`,
-/// each with its own server (and redis-server), bounded by [`TEST_TIMEOUT`].
+/// Runs each `async fn name(ctx: &Ctx) { .. }` as three tests, `memory::name`, `redis::name` and
+/// `cluster::name` (the Redis engine on a Redis Cluster), each with its own server (and
+/// redis-server or cluster), bounded by [`TEST_TIMEOUT`].
 #[macro_export]
 macro_rules! conformance {
     ($(async fn $name:ident($ctx:ident: &Ctx) $body:block)*) => {
@@ -284,6 +293,17 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let ctx = $crate::common::Ctx::start($crate::common::Engine::Redis).await;
+                    $crate::common::bounded(super::$name(&ctx)).await;
+                }
+            )*
+        }
+
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ctx =
+                        $crate::common::Ctx::start($crate::common::Engine::RedisCluster).await;
                     $crate::common::bounded(super::$name(&ctx)).await;
                 }
             )*
