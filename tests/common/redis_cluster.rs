@@ -1,5 +1,6 @@
 //! A private Redis Cluster per test: three primaries and three replicas on free loopback ports,
-//! no persistence, every process killed on drop. Never the system Redis, never a mock.
+//! no persistence, every process killed on drop. Never the system Redis, never a mock. With
+//! `start_tls`, TLS only: clients, the cluster bus and replication.
 //!
 //! Roles (which port is a primary, which owns a slot) are always asked of the cluster
 //! (`CLUSTER NODES`), never remembered: failovers, migrations and restarts change them. Every
@@ -9,7 +10,7 @@
 
 use std::fs::File;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -41,12 +42,24 @@ pub struct RedisCluster {
     /// Every node's `--dir`: `nodes-P.conf`, `P.log`, `dump-P.rdb`, and `create.log`.
     dir: PathBuf,
     nodes: Vec<Node>,
+    /// TLS only (`start_tls`): the directory of `ca.pem`, `redis.pem` and `redis.key`.
+    tls: Option<PathBuf>,
 }
 
 impl RedisCluster {
     /// Six nodes made a cluster by `redis-cli --cluster create … --cluster-replicas 1`; returns
     /// once it has converged (see `converged`). Retries on fresh ports if one was taken meanwhile.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// As [`RedisCluster::start`], but TLS only: clients, the cluster bus (port P + 10000) and
+    /// replication, on the certificates of `certs` (`common::tls::make_certs(certs, "redis")`).
+    pub fn start_tls(certs: &Path) -> Self {
+        Self::start_with(Some(certs.to_owned()))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> Self {
         let mut why = String::new();
         for _ in 0..3 {
             let ports = free_ports();
@@ -54,6 +67,7 @@ impl RedisCluster {
             let mut c = RedisCluster {
                 dir: fresh_dir(),
                 nodes: nodes.collect(),
+                tls: tls.clone(),
             };
             let created = (0..NODES).try_for_each(|i| c.spawn(i));
             match created.and_then(|()| c.create()) {
@@ -67,21 +81,42 @@ impl RedisCluster {
         panic!("redis cluster did not start: {why}");
     }
 
-    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/`: the current primaries.
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/` (`rediss+cluster://` with TLS):
+    /// the current primaries.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.primaries().iter().map(addr).collect();
-        format!("redis+cluster://{}/", seeds.join(","))
+        format!("{}+cluster://{}/", self.scheme(), seeds.join(","))
     }
 
-    /// `redis://127.0.0.1:P/` of every running node.
+    /// `redis://127.0.0.1:P/` (`rediss://` with TLS) of every running node.
     pub fn node_urls(&self) -> Vec<String> {
-        let url = |p| format!("redis://{}/", addr(p));
+        let url = |p| format!("{}://{}/", self.scheme(), addr(p));
         self.live().iter().map(url).collect()
     }
 
-    /// A plain (non-cluster) client of one node.
+    /// A plain (non-cluster) client of one node; with TLS it trusts the test CA.
     pub fn client_for(&self, port: u16) -> redis::Client {
-        redis::Client::open(format!("redis://{}/", addr(&port))).unwrap()
+        let url = format!("{}://{}/", self.scheme(), addr(&port));
+        let client = match &self.tls {
+            None => redis::Client::open(url),
+            Some(certs) => {
+                let ca = std::fs::read(certs.join("ca.pem")).expect("read ca.pem");
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca),
+                };
+                redis::Client::build_with_tls(url, certs)
+            }
+        };
+        client.unwrap()
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        }
     }
 
     /// The running primaries owning slots, in slot order.
@@ -164,7 +199,8 @@ impl RedisCluster {
         assert!(primaries.contains(&to_port), "{to_port} is not a primary");
         let (from_id, to_id) = (self.id_of(from), self.id_of(to_port));
         let setslot = |port: u16, how: &str| {
-            let r = ask::<()>(port, &format!("CLUSTER SETSLOT {slot} {how}"));
+            let node = self.client_for(port);
+            let r = ask::<()>(&node, &format!("CLUSTER SETSLOT {slot} {how}"));
             r.unwrap_or_else(|e| panic!("SETSLOT {slot} {how} on {port}: {e}"))
         };
         setslot(to_port, &format!("IMPORTING {from_id}"));
@@ -209,12 +245,12 @@ impl RedisCluster {
     }
 
     fn id_of(&self, port: u16) -> String {
-        ask(port, "CLUSTER MYID").unwrap_or_else(|e| panic!("{port}: {e}"))
+        ask(&self.client_for(port), "CLUSTER MYID").unwrap_or_else(|e| panic!("{port}: {e}"))
     }
 
     /// `CLUSTER NODES` of the first running node that answers.
     fn view(&self) -> Vec<Entry> {
-        let answer = |p| ask(p, "CLUSTER NODES").ok();
+        let answer = |p| ask(&self.client_for(p), "CLUSTER NODES").ok();
         let nodes = self.live().into_iter().find_map(answer);
         parse_nodes(nodes.expect("a node answering"))
     }
@@ -226,17 +262,32 @@ impl RedisCluster {
         // dbfilename is per node as a replica's full sync writes it. Without
         // `repl-diskless-sync-delay 0` a primary waits 5 s for more replicas before a full sync.
         let args = format!(
-            "--port {port} --bind 127.0.0.1 --cluster-enabled yes --cluster-node-timeout 1000 \
+            "--bind 127.0.0.1 --cluster-enabled yes --cluster-node-timeout 1000 \
              --cluster-config-file nodes-{port}.conf --logfile {port}.log --appendonly no \
              --dbfilename dump-{port}.rdb --repl-diskless-sync-delay 0"
         );
         let mut cmd = Command::new(SERVER);
         cmd.arg("--dir").arg(&self.dir).args(args.split(' '));
+        match &self.tls {
+            None => cmd.arg("--port").arg(port.to_string()),
+            // The cluster bus (port + 10000) and replication go over TLS too; no client certs.
+            Some(certs) => cmd
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(["--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(certs.join("redis.pem"))
+                .arg("--tls-key-file")
+                .arg(certs.join("redis.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(certs.join("ca.pem")),
+        };
         cmd.args(["--save", ""]).stdin(Stdio::null());
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let child = child.map_err(|e| format!("{SERVER}: {e}"))?;
+        let node = self.client_for(port);
         let child = self.nodes[i].child.insert(child);
-        let up = poll(NODE_START, || match ask::<String>(port, "PING") {
+        let up = poll(NODE_START, || match ask::<String>(&node, "PING") {
             Ok(_) => Ok(None),
             Err(e) => child.try_wait().ok().flatten().map(Some).ok_or(e),
         });
@@ -261,6 +312,9 @@ impl RedisCluster {
         let log = self.dir.join("create.log");
         let out = File::create(&log).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(CLI);
+        if let Some(certs) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(certs.join("ca.pem"));
+        }
         cmd.args(["--cluster", "create"]);
         cmd.args(self.nodes.iter().map(|n| addr(&n.port)));
         cmd.args(["--cluster-replicas", "1", "--cluster-yes"]);
@@ -280,15 +334,16 @@ impl RedisCluster {
 
     /// Moves every key of `slot` (MIGRATING on `from`, IMPORTING on `to`) from `from` to `to`.
     fn move_keys(&self, slot: u16, from: u16, to: u16) {
+        let node = self.client_for(from);
         loop {
             let get = format!("CLUSTER GETKEYSINSLOT {slot} 100");
-            let keys: Vec<Vec<u8>> = ask(from, &get).unwrap_or_else(|e| panic!("{from}: {e}"));
+            let keys: Vec<Vec<u8>> = ask(&node, &get).unwrap_or_else(|e| panic!("{from}: {e}"));
             if keys.is_empty() {
                 return;
             }
             let mut migrate = redis::cmd("MIGRATE");
             migrate.arg("127.0.0.1").arg(to).arg("").arg(0).arg(5000);
-            let r = query::<()>(from, migrate.arg("KEYS").arg(&keys));
+            let r = query::<()>(&node, migrate.arg("KEYS").arg(&keys));
             r.unwrap_or_else(|e| panic!("MIGRATE on {from}: {e}"));
         }
     }
@@ -306,19 +361,20 @@ impl RedisCluster {
     fn converged(&self) -> Result<(), String> {
         let (live, mut agreed) = (self.live(), None);
         for &port in &live {
-            let info: String = ask(port, "CLUSTER INFO")?;
+            let node = self.client_for(port);
+            let info: String = ask(&node, "CLUSTER INFO")?;
             let missing = |w: &&str| !info.lines().any(|l| l.trim() == *w);
             if let Some(want) = OK_INFO.into_iter().find(missing) {
                 return Err(format!("{port}: not {want}"));
             }
-            let view = parse_nodes(ask(port, "CLUSTER NODES")?);
+            let view = parse_nodes(ask(&node, "CLUSTER NODES")?);
             let summary = summarize(&view, &live).map_err(|e| format!("{port} sees {e}"))?;
             let first = agreed.get_or_insert_with(|| summary.clone());
             if *first != summary {
                 return Err(format!("views differ: [{first}] vs [{summary}] of {port}"));
             }
             if view.iter().any(|e| e.myself && !e.primary) {
-                let repl: String = ask(port, "INFO replication")?;
+                let repl: String = ask(&node, "INFO replication")?;
                 if !repl.lines().any(|l| l.trim() == "master_link_status:up") {
                     return Err(format!("replica {port}: link to its primary not up"));
                 }
@@ -422,18 +478,17 @@ fn addr(port: &u16) -> String {
 }
 
 /// A command of space-separated words, as [`query`].
-fn ask<T: redis::FromRedisValue>(port: u16, words: &str) -> Result<T, String> {
+fn ask<T: redis::FromRedisValue>(node: &redis::Client, words: &str) -> Result<T, String> {
     let mut cmd = redis::Cmd::new();
     for w in words.split(' ') {
         cmd.arg(w);
     }
-    query(port, &cmd)
+    query(node, &cmd)
 }
 
-/// One command on a fresh connection to `127.0.0.1:port`, bounded by [`IO_TIMEOUT`].
-fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Result<T, String> {
-    let client = redis::Client::open(format!("redis://{}/", addr(&port))).unwrap();
-    let con = client.get_connection_with_timeout(IO_TIMEOUT);
+/// One command on a fresh connection to `node` (see `client_for`), bounded by [`IO_TIMEOUT`].
+fn query<T: redis::FromRedisValue>(node: &redis::Client, cmd: &redis::Cmd) -> Result<T, String> {
+    let con = node.get_connection_with_timeout(IO_TIMEOUT);
     let mut con = con.map_err(|e| e.to_string())?;
     let _ = con.set_read_timeout(Some(IO_TIMEOUT));
     let _ = con.set_write_timeout(Some(IO_TIMEOUT));
