@@ -255,43 +255,78 @@ fn assert_every_loss_told(what: &str, at_receiver: &Got, at_sender: &Got) {
     assert!(lost < N / 2, "{what}: most signals lost");
 }
 
+/// A room across the instances relaying both ways, everything that matters on one primary.
+struct Relaying {
+    /// The primary holding the registry's slot, A's channel's and the session's.
+    primary: u16,
+    a_bus: String,
+    session: Session,
+    host_id: String,
+    joiner_id: String,
+    pids: Vec<i32>,
+    at_host: JoinHandle<Got>,
+    at_joiner: JoinHandle<Got>,
+}
+
+impl Setup {
+    /// Gathers the registry's slot and A's channel's on the primary of the latter, registers a
+    /// session there, opens a room across the instances and relays both ways; returns 1 s in.
+    async fn relaying(&self) -> Relaying {
+        let a_bus = format!("beach-road:bus:{}", self.instance_id(0));
+        let primary = self.redis.primary_of_slot(RedisCluster::slot_of(&a_bus));
+        tokio::task::block_in_place(|| self.gather_on(primary));
+        let session = self.session_on(primary).await;
+        let (host, joiner) = self.room(&session).await;
+        let (host_id, joiner_id) = (host.id(), joiner.id());
+        let r = Relaying {
+            primary,
+            a_bus,
+            pids: self.servers.iter().map(Server::pid).collect(),
+            at_host: side(host, joiner_id.clone()),
+            at_joiner: side(joiner, host_id.clone()),
+            session,
+            host_id,
+            joiner_id,
+        };
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        r
+    }
+
+    /// Both ready again within [`RECOVERY_BOUND`] of `t0`.
+    async fn assert_ready_again(&self, t0: Instant) {
+        for i in 0..2 {
+            let left = RECOVERY_BOUND.saturating_sub(t0.elapsed());
+            let back = self.wait_ready(i, left).await;
+            let log = || self.servers[i].log();
+            assert!(back.is_some(), "instance {i} not ready again:\n{}", log());
+        }
+    }
+
+    /// Once the relays are done: every loss told, nobody restarted, the room whole.
+    async fn assert_relayed(&mut self, r: Relaying) {
+        let (at_host, at_joiner) = (r.at_host.await.unwrap(), r.at_joiner.await.unwrap());
+        assert_every_loss_told("host → joiner", &at_joiner, &at_host);
+        assert_every_loss_told("joiner → host", &at_host, &at_joiner);
+        self.assert_alive(&r.pids);
+        self.assert_room_whole(&r.session, &r.host_id, &r.joiner_id)
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_during_relays_loses_no_member_and_every_loss_is_told() {
     let mut c = Setup::start().await;
     bounded_for(Duration::from_secs(120), async {
-        let a_bus = format!("beach-road:bus:{}", c.instance_id(0));
-        let victim = c.redis.primary_of_slot(RedisCluster::slot_of(&a_bus));
-        tokio::task::block_in_place(|| c.gather_on(victim));
-        let s = c.session_on(victim).await;
-        let (host, joiner) = c.room(&s).await;
-        let (host_id, joiner_id) = (host.id(), joiner.id());
-        let pids: Vec<i32> = c.servers.iter().map(Server::pid).collect();
-        let at_host = side(host, joiner_id.clone());
-        let at_joiner = side(joiner, host_id.clone());
-
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let r = c.relaying().await;
         let t0 = Instant::now();
-        let slot = RedisCluster::slot_of(&a_bus);
+        let slot = RedisCluster::slot_of(&r.a_bus);
         let promoted = tokio::task::block_in_place(|| c.redis.kill_primary_and_wait_failover(slot));
-        for i in 0..2 {
-            let left = RECOVERY_BOUND.saturating_sub(t0.elapsed());
-            let back = c.wait_ready(i, left).await;
-            assert!(
-                back.is_some(),
-                "instance {i} not ready again:\n{}",
-                c.servers[i].log()
-            );
-        }
+        c.assert_ready_again(t0).await;
         eprintln!(
             "failover: replica promoted after {promoted:?}, both ready after {:?}",
             t0.elapsed()
         );
-
-        let (at_host, at_joiner) = (at_host.await.unwrap(), at_joiner.await.unwrap());
-        assert_every_loss_told("host → joiner", &at_joiner, &at_host);
-        assert_every_loss_told("joiner → host", &at_host, &at_joiner);
-        c.assert_alive(&pids);
-        c.assert_room_whole(&s, &host_id, &joiner_id).await;
+        c.assert_relayed(r).await;
     })
     .await;
 }
@@ -300,24 +335,14 @@ async fn a_primary_killed_during_relays_loses_no_member_and_every_loss_is_told()
 async fn slots_migrated_during_relays_lose_no_member_and_every_loss_is_told() {
     let mut c = Setup::start().await;
     bounded_for(Duration::from_secs(120), async {
-        let a_bus = format!("beach-road:bus:{}", c.instance_id(0));
-        let from = c.redis.primary_of_slot(RedisCluster::slot_of(&a_bus));
-        tokio::task::block_in_place(|| c.gather_on(from));
-        let s = c.session_on(from).await;
-        let (host, joiner) = c.room(&s).await;
-        let (host_id, joiner_id) = (host.id(), joiner.id());
-        let pids: Vec<i32> = c.servers.iter().map(Server::pid).collect();
-        let at_host = side(host, joiner_id.clone());
-        let at_joiner = side(joiner, host_id.clone());
-
+        let r = c.relaying().await;
         // The session's slot, then the registry's and A's channel's, each with half a second
         // in the window where the source answers `ASK` for all its keys.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let to = c.redis.other_primary(from);
+        let to = c.redis.other_primary(r.primary);
         let slots = [
-            RedisCluster::slot_of(&format!("{{{}}}", s.id)),
+            RedisCluster::slot_of(&format!("{{{}}}", r.session.id)),
             RedisCluster::slot_of("beach-road:{instances}:alive"),
-            RedisCluster::slot_of(&a_bus),
+            RedisCluster::slot_of(&r.a_bus),
         ];
         let before = Scrape::of(&c.servers[0]).await;
         let t0 = Instant::now();
@@ -333,15 +358,7 @@ async fn slots_migrated_during_relays_lose_no_member_and_every_loss_is_told() {
                 "slot {slot} did not move"
             );
         }
-        for i in 0..2 {
-            let left = RECOVERY_BOUND.saturating_sub(t0.elapsed());
-            let back = c.wait_ready(i, left).await;
-            assert!(
-                back.is_some(),
-                "instance {i} not ready:\n{}",
-                c.servers[i].log()
-            );
-        }
+        c.assert_ready_again(t0).await;
         eprintln!("migration: 3 slots moved in {:?}", t0.elapsed());
         // A's channel moved: Redis ended its subscription, and A subscribed again where it went.
         let after = Scrape::of(&c.servers[0]).await;
@@ -352,12 +369,7 @@ async fn slots_migrated_during_relays_lose_no_member_and_every_loss_is_told() {
             let (b, a) = (before.get(series, &[]), after.get(series, &[]));
             assert!(a > b, "{series}: {b} → {a}");
         }
-
-        let (at_host, at_joiner) = (at_host.await.unwrap(), at_joiner.await.unwrap());
-        assert_every_loss_told("host → joiner", &at_joiner, &at_host);
-        assert_every_loss_told("joiner → host", &at_host, &at_joiner);
-        c.assert_alive(&pids);
-        c.assert_room_whole(&s, &host_id, &joiner_id).await;
+        c.assert_relayed(r).await;
     })
     .await;
 }

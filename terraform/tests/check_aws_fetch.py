@@ -87,20 +87,21 @@ def main():
     # Every printable ASCII character but / " @ and space (ElastiCache also refuses %, which
     # is kept here to show that it would be encoded too).
     token = "".join(chr(c) for c in range(33, 127) if chr(c) not in '/"@')
-    url = aws_fetch.redis_url(token, "master.x.cache.amazonaws.com", 6379)
-    parsed = urllib.parse.urlsplit(url)
-    ok = (parsed.scheme == "rediss" and parsed.hostname == "master.x.cache.amazonaws.com"
-          and parsed.port == 6379 and urllib.parse.unquote(parsed.password) == token
-          and parsed.username == "" and "#" not in url)
-    failures += check("redis-env URL round-trips every allowed token character", ok, True)
 
+    def round_trips(host_arg, scheme, host):
+        url = aws_fetch.redis_url(token, host_arg, 6379)
+        parsed = urllib.parse.urlsplit(url)
+        return (parsed.scheme == scheme and parsed.hostname == host and parsed.port == 6379
+                and urllib.parse.unquote(parsed.password) == token
+                and parsed.username == "" and "#" not in url)
+
+    failures += check("redis-env URL round-trips every allowed token character",
+                      round_trips("master.x.cache.amazonaws.com", "rediss",
+                                  "master.x.cache.amazonaws.com"), True)
     # Cluster mode: the scheme comes with the configuration endpoint; the token is handled alike.
-    url = aws_fetch.redis_url(token, "rediss+cluster://clustercfg.x.cache.amazonaws.com", 6379)
-    parsed = urllib.parse.urlsplit(url)
-    ok = (parsed.scheme == "rediss+cluster" and parsed.hostname == "clustercfg.x.cache.amazonaws.com"
-          and parsed.port == 6379 and urllib.parse.unquote(parsed.password) == token
-          and parsed.username == "" and "#" not in url)
-    failures += check("redis-env cluster URL (rediss+cluster://) round-trips the token", ok, True)
+    failures += check("redis-env cluster URL (rediss+cluster://) round-trips the token",
+                      round_trips("rediss+cluster://clustercfg.x.cache.amazonaws.com",
+                                  "rediss+cluster", "clustercfg.x.cache.amazonaws.com"), True)
 
     refused = []
     for host in ("redis://master.x.cache.amazonaws.com", "redis+cluster://clustercfg.x",
