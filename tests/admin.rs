@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{bounded, Ctx, RedisServer, Server, ServerBuilder, Session, Ws};
+use common::{bounded, Ctx, RedisCluster, RedisServer, Server, ServerBuilder, Session, Ws};
 
 const TOKEN: &str = "admin-token-for-the-tests-0123456789abcdef";
 /// Wrong tokens an address may present before it is refused (`admin::FAILURE_BURST`).
@@ -150,7 +150,8 @@ async fn joiner_on(server: &Server, session: &Session) -> (Ws, String) {
     (ws, token)
 }
 
-/// Runs each body against both engines, each with its own server with the Admin API on.
+/// Runs each body against both engines (Redis: one node and a cluster), each with its own server
+/// with the Admin API on.
 macro_rules! both_engines {
     ($(async fn $name:ident($ctx:ident: &Ctx) $body:block)*) => {
         $(async fn $name($ctx: &Ctx) $body)*
@@ -170,6 +171,16 @@ macro_rules! both_engines {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let ctx = Ctx::start_with(Engine::Redis, super::with_admin(ServerBuilder::new())).await;
+                    bounded(super::$name(&ctx)).await;
+                }
+            )*
+        }
+        mod cluster {
+            use crate::common::{bounded, Ctx, Engine, ServerBuilder};
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ctx = Ctx::start_with(Engine::RedisCluster, super::with_admin(ServerBuilder::new())).await;
                     bounded(super::$name(&ctx)).await;
                 }
             )*
@@ -381,12 +392,24 @@ async fn bounded_output(cmd: &mut Command) -> (bool, String) {
 /// both instances are listed with fresh heartbeats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_instances_the_view_and_the_close_reach_every_member() {
+    let redis = RedisServer::start();
+    across_instances(&redis.url()).await;
+}
+
+/// The same on a Redis Cluster: the close's messages to the other instance go as a pack of one
+/// on its shard channel, and the tokens are deleted one by one (each in its own slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_instances_on_a_cluster_the_view_and_the_close_reach_every_member() {
+    let redis = tokio::task::block_in_place(RedisCluster::start);
+    across_instances(&redis.url()).await;
+}
+
+async fn across_instances(url: &str) {
     bounded(async {
-        let redis = RedisServer::start();
         let secret = format!("admin-cluster-{}-{}", common::uuid(), common::uuid());
         let start = |_| {
             with_admin(ServerBuilder::new())
-                .redis_url(&redis.url())
+                .redis_url(url)
                 .args(["--secret", &secret, "--heartbeat-interval", "250ms"])
                 .start()
         };
