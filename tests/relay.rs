@@ -30,8 +30,8 @@ async fn start(engine: Engine, args: &[&str]) -> Ctx {
     Ctx::start_with(engine, ServerBuilder::new().args(args.iter().copied())).await
 }
 
-/// Each test below named here runs on both engines (the Redis one pairs through
-/// `lua/relay_*.lua`, the in-process one through `relay::pairing`).
+/// Each test below named here runs on both engines (the Redis one, on one node and on a cluster,
+/// pairs through `lua/relay_*.lua`, the in-process one through `relay::pairing`).
 macro_rules! on_both_engines {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -44,6 +44,12 @@ macro_rules! on_both_engines {
             $(#[tokio::test]
             async fn $name() {
                 super::$name(super::Engine::Redis).await
+            })*
+        }
+        mod cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::Engine::RedisCluster).await
             })*
         }
     };
