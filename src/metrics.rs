@@ -262,9 +262,13 @@ pub fn redis_call(command: &'static str, took: Duration, error: Option<&'static 
         histogram!("beach_road_redis_command_duration_seconds", "command" => command).record(took);
     }
     if let Some(kind) = error {
-        counter!("beach_road_redis_errors_total", "command" => command, "kind" => kind)
-            .increment(1);
+        redis_error(command, kind);
     }
+}
+
+/// A Redis call that failed, or (a pipeline across a cluster's nodes) failed in part.
+pub fn redis_error(command: &'static str, kind: &'static str) {
+    counter!("beach_road_redis_errors_total", "command" => command, "kind" => kind).increment(1);
 }
 
 pub fn pubsub_resubscribed() {

@@ -325,10 +325,15 @@ async fn send(
     if replies.len() != n {
         return Err(EngineError::StoreUnavailable("short pipeline reply".into()));
     }
-    Ok(replies
+    let outcomes: Vec<EngineResult<i64>> = replies
         .into_iter()
         .map(|r| r.map_err(|e| inner.store_error(&e)))
-        .collect())
+        .collect();
+    // A part failed while the rest went: an error of the call all the same.
+    if let Some(Err(e)) = outcomes.iter().find(|o| o.is_err()) {
+        crate::metrics::redis_error("PUBLISH", e.kind());
+    }
+    Ok(outcomes)
 }
 
 /// Answers what became of `messages`: their callers, and the senders of relays that failed.
