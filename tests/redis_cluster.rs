@@ -327,18 +327,19 @@ async fn a_primary_killed_during_relays_loses_no_member_and_every_loss_is_told()
             t0.elapsed()
         );
         c.assert_relayed(r).await;
-        // A relay whose publish failed is also a failed Redis call in the metrics.
+        // Operators see it: relays that failed on Redis come with failed Redis calls (the
+        // member lookup, or the publish, whole or in part) in the metrics.
         for (i, server) in c.servers.iter().enumerate() {
             let m = Scrape::of(server).await;
             let failed = m.get(
                 "beach_road_relay_errors_total",
                 &[("reason", "publish_failed")],
             );
-            let errors = m.get("beach_road_redis_errors_total", &[("command", "PUBLISH")]);
-            eprintln!("instance {i}: {failed} relays failed to publish, {errors} PUBLISH errors");
+            let errors = m.get("beach_road_redis_errors_total", &[]);
+            eprintln!("instance {i}: {failed} relays failed, {errors} Redis errors");
             assert!(
                 failed == 0.0 || errors > 0.0,
-                "instance {i}: uncounted publish failures"
+                "instance {i}: uncounted Redis failures"
             );
         }
     })
