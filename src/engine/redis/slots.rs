@@ -30,14 +30,15 @@ fn first_key(cmd: &Cmd) -> Option<&[u8]> {
 /// The commands without a key that we pipeline.
 const KEYLESS: [&[u8]; 2] = [b"SCRIPT", b"TIME"];
 
-/// The position of a reply that is not kept (a keyless command's copy, see [`split_by_slot`]).
-const DISCARD: usize = usize::MAX;
+/// One slot's pipeline, and where each of its replies goes in the whole pipeline's (`None`: a
+/// keyless command's copy, whose reply is not kept).
+pub(super) type Part = (Pipeline, Vec<Option<usize>>);
 
 /// A pipeline on several slots (the outbox's publishes to several instances, refreshes of many
-/// sessions) as one pipeline per slot with the positions of its commands; a keyless command
-/// (`SCRIPT LOAD` ahead of the scripts it loads) goes to every part. `None` when it is on one slot, as a cluster takes it. A transaction is
-/// never split (Redis refuses one across slots, as it should).
-pub(super) fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>)>> {
+/// sessions) as one [`Part`] per slot; a keyless command (`SCRIPT LOAD` ahead of the scripts it
+/// loads) goes to every part, the first one's reply kept. `None` when it is on one slot, as a
+/// cluster takes it. A transaction is never split (Redis refuses one across slots, as it should).
+pub(super) fn split_by_slot(pipe: &Pipeline) -> Option<Vec<Part>> {
     if pipe.is_transaction() {
         return None;
     }
@@ -54,21 +55,19 @@ pub(super) fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>
     if keys.len() < 2 {
         return None;
     }
-    let mut parts: Vec<(Pipeline, Vec<usize>)> =
-        keys.iter().map(|_| (redis::pipe(), Vec::new())).collect();
+    let mut parts: Vec<Part> = keys.iter().map(|_| (redis::pipe(), Vec::new())).collect();
     for (i, (cmd, slot)) in pipe.cmd_iter().zip(&slots).enumerate() {
         match slot {
             Some(s) => {
                 let part = &mut parts[keys.iter().position(|k| k == s).unwrap_or(0)];
                 part.0.add_command(cmd.clone());
-                part.1.push(i);
+                part.1.push(Some(i));
             }
-            // Keyless (`SCRIPT LOAD` before the scripts it loads): to every node, in its place;
-            // the first part's reply is the one kept.
+            // Keyless: to every node, in its place.
             None => {
                 for (j, part) in parts.iter_mut().enumerate() {
                     part.0.add_command(cmd.clone());
-                    part.1.push(if j == 0 { i } else { DISCARD });
+                    part.1.push((j == 0).then_some(i));
                 }
             }
         }
@@ -82,7 +81,7 @@ pub(super) fn split_by_slot(pipe: &Pipeline) -> Option<Vec<(Pipeline, Vec<usize>
 /// the pipeline failing.
 pub(super) async fn query_parts(
     conn: ClusterConnection,
-    parts: Vec<(Pipeline, Vec<usize>)>,
+    parts: Vec<Part>,
     n: usize,
 ) -> RedisResult<Vec<Value>> {
     let replies = futures::future::join_all(parts.iter().map(|(pipe, _)| {
@@ -101,17 +100,15 @@ pub(super) async fn query_parts(
     for ((_, at), reply) in parts.iter().zip(replies) {
         match reply {
             Ok(values) => {
-                for (&i, v) in at.iter().zip(values) {
-                    if i != DISCARD {
-                        out[i] = v;
+                for (i, v) in at.iter().zip(values) {
+                    if let Some(i) = i {
+                        out[*i] = v;
                     }
                 }
             }
             Err(e) => {
                 let error = as_reply(&e);
-                at.iter()
-                    .filter(|&&i| i != DISCARD)
-                    .for_each(|&i| out[i] = error.clone());
+                at.iter().flatten().for_each(|&i| out[i] = error.clone());
             }
         }
     }
@@ -176,8 +173,8 @@ mod tests {
         p.cmd("TIME");
         p.cmd("SPUBLISH").arg(a).arg("3");
         let parts = split_by_slot(&p).expect("two slots");
-        let at: Vec<Vec<usize>> = parts.iter().map(|(_, at)| at.clone()).collect();
-        assert_eq!(at, [vec![0, 2, 3], vec![1, DISCARD]]);
+        let at: Vec<Vec<Option<usize>>> = parts.iter().map(|(_, at)| at.clone()).collect();
+        assert_eq!(at, [vec![Some(0), Some(2), Some(3)], vec![Some(1), None]]);
         let args = |pipe: &Pipeline| -> Vec<Vec<u8>> {
             pipe.cmd_iter()
                 .filter_map(|c| match c.args_iter().last() {
