@@ -123,15 +123,14 @@ impl Cluster {
 
     /// `n` instances on a fresh Redis of kind `on`.
     async fn start_on(on: On, n: usize) -> Cluster {
-        let secret = cluster_secret();
-        Self::start_full(on, n, |_| vec!["--secret".to_owned(), secret.clone()]).await
+        Self::start_with(on, n, |_| Vec::new()).await
     }
 
     /// Starts `n` instances sharing one secret; `extra(i)` adds flags to instance `i`. Waits
     /// until all are ready.
-    async fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+    async fn start_with(on: On, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let secret = cluster_secret();
-        Self::start_with_secrets(n, |i| {
+        Self::start_with_secrets(on, n, |i| {
             let mut args = vec!["--secret".to_owned(), secret.clone()];
             args.extend(extra(i));
             args
@@ -141,11 +140,7 @@ impl Cluster {
 
     /// Starts `n` instances with exactly the flags of `extra(i)` (which must give the secret)
     /// besides Redis and the liveness intervals.
-    async fn start_with_secrets(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
-        Self::start_full(On::Node, n, extra).await
-    }
-
-    async fn start_full(on: On, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+    async fn start_with_secrets(on: On, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let redis = tokio::task::block_in_place(|| Store::start(on));
         let starts = (0..n).map(|i| {
             let builder = ServerBuilder::new()
@@ -400,7 +395,7 @@ async fn concurrent_joins_through_two_instances_roles_by_token_one_room() {
     const ROOMS: usize = 20;
     // Every client is 127.0.0.1, which registers more sessions than the default allows one
     // address per minute (20, counted cluster-wide).
-    let c = Cluster::start_with(2, |_| {
+    let c = Cluster::start_with(On::Node, 2, |_| {
         vec!["--registrations-per-minute".into(), "1000".into()]
     })
     .await;
@@ -541,7 +536,9 @@ async fn server_role_follows_the_host_token_across_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_without_a_shared_secret_refuse_each_others_codes() {
     let secrets = [cluster_secret(), cluster_secret()];
-    let c = Cluster::start_with_secrets(2, |i| vec!["--secret".into(), secrets[i].clone()]).await;
+    let c =
+        Cluster::start_with_secrets(On::Node, 2, |i| vec!["--secret".into(), secrets[i].clone()])
+            .await;
     bounded_for(Duration::from_secs(30), async {
         let s = c.session(0).await;
         let refused = c.api(1).join_http(&s.id, Some(&s.code)).await;
@@ -820,7 +817,7 @@ async fn redis_restarted_empty_ready_flips_and_new_sessions_work(on: On) {
 async fn sigterm_drain_across_instances() {
     let delay = Duration::from_secs(1);
     let jitter = Duration::from_secs(1);
-    let mut c = Cluster::start_with(2, |i| {
+    let mut c = Cluster::start_with(On::Node, 2, |i| {
         if i == 0 {
             vec![
                 "--drain-delay".into(),
