@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`cli`] | the command line: the server's flags, or the `check` subcommand |
 //! | [`config`] | flags with environment fallbacks |
+//! | [`descriptors`] | the descriptor limit raised, the descriptor table sized before threads exist |
 //! | [`protocol`] | wire types and id validation |
 //! | [`code`] | join codes: generation, salted hashing, constant-time check |
 //! | [`client`] | the client's address: TCP peer or trusted proxies' `X-Forwarded-For` |
@@ -50,6 +51,7 @@ pub mod cli;
 pub mod client;
 pub mod code;
 pub mod config;
+pub mod descriptors;
 pub mod engine;
 pub mod health;
 pub mod http;

@@ -32,13 +32,22 @@ const HTTP_HEADROOM: usize = 32;
 
 /// The process entry point: returns the exit code.
 pub fn main(config: Config) -> ExitCode {
+    // Descriptors first, while this is the only thread (the log writer starts one).
+    let (fd_limit, not_raised) = crate::descriptors::raise_limit();
+    let most = config.max_connections as u64 + HTTP_HEADROOM as u64 + FD_RESERVE;
+    let presized = crate::descriptors::presize_table(most, fd_limit);
     let (dropped, _log_guard) = crate::logging::init(config.log_format);
+    if let Some(e) = not_raised {
+        tracing::warn!(error = %e, "cannot raise the file descriptor limit");
+    }
+    if let Err(e) = presized {
+        tracing::warn!(error = %e, "cannot size the descriptor table up front");
+    }
     crate::metrics::install(if config.redis_url.is_some() {
         "redis"
     } else {
         "memory"
     });
-    let fd_limit = raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -54,20 +63,6 @@ pub fn main(config: Config) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "beach-road stopped");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd's default soft limit of 1024
-/// wedged the original at ~1000 peers) and returns the soft limit in force.
-fn raise_fd_limit() -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot raise the file descriptor limit");
-            rlimit::getrlimit(rlimit::Resource::NOFILE)
-                .map(|(soft, _)| soft)
-                .unwrap_or(1024)
         }
     }
 }

@@ -12,6 +12,7 @@
 //!   behind on the server's own room events: it is disconnected (1008), the room is told.
 //! - `idle_peers_vanish`: joined peers that stop answering anything (no FIN) are reaped.
 //! - `fd_limit`: the server under `prlimit --nofile=1024:1024` and more clients than that.
+//! - `descriptor_table_sized_at_start`: the descriptor table holds every socket from the start.
 //! - `redis_slow_and_unreachable`: Redis stalled (`CLIENT PAUSE ALL`), then killed.
 //!
 //! The tests of this file run one at a time (they measure latency and memory, and load the two
@@ -1068,6 +1069,9 @@ async fn fd_limit(engine: Engine) {
     let redis = (engine == Engine::Redis).then(RedisServer::start);
     let server = LimitedServer::start(FD_LIMIT, redis.as_ref().map(RedisServer::url)).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    // Sized up front to the limit (its default --max-connections is above it), not refused.
+    assert_eq!(fd_table(server.child.id()), FD_LIMIT);
+    assert!(!server.log().contains("cannot size the descriptor table"));
     let nofile = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
@@ -1169,6 +1173,34 @@ async fn fd_limit(engine: Engine) {
         "failed /health probes: {:?}",
         probes.failures
     );
+}
+
+/// Slots in the descriptor table of process `pid` (`FDSize` of /proc/PID/status).
+fn fd_table(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("FDSize in /proc status")
+}
+
+/// The descriptor table holds every socket the server may open from the start: grown later,
+/// each doubling (256, 512, 1024, …) would stall the `accept` that needed it for an RCU grace
+/// period (src/descriptors.rs). Without the up-front sizing a fresh server's table has 64 slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_table_sized_at_start() {
+    let _alone = SERIAL.lock().await;
+    let server = Server::builder()
+        .args(["--max-connections", "3000"])
+        .start()
+        .await;
+    let slots = fd_table(server.pid() as u32);
+    assert!(
+        slots >= 3000,
+        "descriptor table of {slots} slots for 3000 sockets"
+    );
+    assert!(!server.log().contains("cannot size the descriptor table"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -85,6 +85,13 @@ fn main() {
         report::run(&args);
         return;
     }
+    // The load's own descriptor table, grown once before its threads exist: else its connects
+    // stall at every doubling of the table (see `beach_road::descriptors`), and the join figures
+    // of every server measured would show the load's stalls.
+    let (fd_limit, _) = beach_road::descriptors::raise_limit();
+    if let Err(e) = beach_road::descriptors::presize_table(1 << 16, fd_limit) {
+        eprintln!("load: cannot size the descriptor table: {e}");
+    }
     // One runtime for every socket. The load shares the machine's cores with the servers.
     let threads = args.get("threads", 2usize);
     let rt = tokio::runtime::Builder::new_multi_thread()
