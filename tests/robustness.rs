@@ -1069,8 +1069,13 @@ async fn fd_limit(engine: Engine) {
     let redis = (engine == Engine::Redis).then(RedisServer::start);
     let server = LimitedServer::start(FD_LIMIT, redis.as_ref().map(RedisServer::url)).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
-    // Sized up front to the limit (its default --max-connections is above it), not refused.
-    assert_eq!(fd_table(server.child.id()), FD_LIMIT);
+    // Sized up front to the limit (its default --max-connections is above it), not refused
+    // (the kernel may round the table up).
+    let slots = fd_table(server.child.id());
+    assert!(
+        slots >= FD_LIMIT,
+        "descriptor table of {slots} slots under a limit of {FD_LIMIT}"
+    );
     assert!(!server.log().contains("cannot size the descriptor table"));
     let nofile = limits
         .lines()
