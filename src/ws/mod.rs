@@ -8,12 +8,12 @@
 //! connection's life (upgrade, pacing, the loop, the ending); what its frames do is in
 //! [`messages`].
 
+mod budget;
 mod end;
 mod messages;
 mod upgrade;
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Path, State};
@@ -57,6 +57,7 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// so a burst costs one write per batch instead of one per frame.
 const MAX_BATCH: usize = 64;
 
+use self::budget::Budget;
 use self::end::End;
 use self::upgrade::{text_frames, Cork};
 pub(crate) use self::upgrade::{Handshake, Socket};
@@ -152,34 +153,6 @@ pub(crate) fn admit_socket<E: Engine>(
     })
 }
 
-type Limiter = governor::DefaultDirectRateLimiter;
-
-/// A sender's budgets (messages and bytes per second, with bursts); see [`Connection::pace`].
-struct Budget {
-    messages: Limiter,
-    bytes: Limiter,
-}
-
-impl Budget {
-    fn new(config: &crate::config::Config) -> Self {
-        let quota = |per_second: u32, burst: u32| {
-            let rate = NonZeroU32::new(per_second.max(1)).expect("non-zero");
-            let burst = NonZeroU32::new(burst.max(1)).expect("non-zero");
-            governor::Quota::per_second(rate).allow_burst(burst)
-        };
-        Self {
-            messages: Limiter::direct(quota(
-                config.peer_messages_per_second,
-                config.peer_message_burst,
-            )),
-            bytes: Limiter::direct(quota(
-                config.peer_bytes_per_second,
-                config.peer_byte_burst.max(config.max_message_bytes as u32),
-            )),
-        }
-    }
-}
-
 struct Connection<E: Engine> {
     app: App<E>,
     /// The id in the URL: the public session id or a token.
@@ -200,7 +173,7 @@ struct Connection<E: Engine> {
 impl<E: Engine> Connection<E> {
     fn new(app: App<E>, path_id: String, client: IpAddr, cork: Cork) -> Self {
         let now = Instant::now();
-        let budget = Budget::new(&app.config);
+        let budget = Budget::new(&app.config, now);
         Self {
             app,
             path_id,
@@ -311,14 +284,16 @@ impl<E: Engine> Connection<E> {
                         }
                         None => return End::silent(),
                     };
-                    self.last_seen = Instant::now();
+                    // The one clock read of a frame (see `budget`).
+                    let now = Instant::now();
+                    self.last_seen = now;
                     let ok = match msg {
                         Message::Text(text) => {
-                            self.pace(text.len()).await;
+                            self.budget.pace(now, text.len()).await;
                             Box::pin(self.handle(sink, text.as_str())).await
                         }
                         Message::Binary(bytes) => {
-                            self.pace(bytes.len()).await;
+                            self.budget.pace(now, bytes.len()).await;
                             match std::str::from_utf8(&bytes) {
                                 Ok(text) => Box::pin(self.handle(sink, text)).await,
                                 Err(_) => self.error(sink, "invalid message: not UTF-8".into()).await,
@@ -341,31 +316,6 @@ impl<E: Engine> Connection<E> {
                     }
                 }
             }
-        }
-    }
-
-    /// Slows a sender down to its budget: reading its next frame waits until the budget has
-    /// room, so a flooder's own TCP connection backs up (and its own queue, if it also stops
-    /// reading, gets it disconnected) while every other socket is served as usual. Real
-    /// signaling (an ICE trickle is tens of messages) stays far inside the burst.
-    async fn pace(&self, len: usize) {
-        let clock = governor::clock::DefaultClock::default();
-        let len = NonZeroU32::new(len.clamp(1, u32::MAX as usize) as u32).expect("non-zero");
-        loop {
-            let wait = match self.budget.messages.check() {
-                Ok(()) => match self.budget.bytes.check_n(len) {
-                    Ok(Ok(())) => return,
-                    Ok(Err(not_until)) => {
-                        not_until.wait_time_from(governor::clock::Clock::now(&clock))
-                    }
-                    // Larger than the burst (cannot happen: the burst covers the largest
-                    // message); let it through rather than wait for ever.
-                    Err(_) => return,
-                },
-                Err(not_until) => not_until.wait_time_from(governor::clock::Clock::now(&clock)),
-            };
-            crate::metrics::paced();
-            tokio::time::sleep(wait).await;
         }
     }
 
