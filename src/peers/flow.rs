@@ -123,8 +123,11 @@ impl Hold {
         self.0.drained.notified().await;
     }
 
-    /// Resolves when the hold is released or `until` has passed.
-    pub async fn lifted(&self, until: Instant) {
+    /// Resolves when the hold is released or `until` (from [`Hold::until`]) has passed; at once
+    /// when there is no hold. Taking the `Option` spares the socket loop, which builds this
+    /// future on every turn, a clock read for a placeholder instant.
+    pub async fn lifted(&self, until: Option<Instant>) {
+        let Some(until) = until else { return };
         // `notify_one` leaves a permit: a release since `until()` is not missed.
         let _ = tokio::time::timeout_at(until, self.0.released.notified()).await;
     }
@@ -288,13 +291,13 @@ mod tests {
         peers.hold("s", until);
         assert_eq!(hold.until(), Some(until));
         peers.release("s");
-        tokio::time::timeout(Duration::from_secs(1), hold.lifted(until))
+        tokio::time::timeout(Duration::from_secs(1), hold.lifted(Some(until)))
             .await
             .expect("a release wakes the held socket");
         assert_eq!(hold.until(), None);
         let soon = Instant::now() + Duration::from_millis(20);
         peers.hold("s", soon);
-        hold.lifted(soon).await;
+        hold.lifted(Some(soon)).await;
         assert_eq!(hold.until(), None, "ran out");
     }
 }

@@ -271,7 +271,7 @@ impl<E: Engine> Connection<E> {
                     }
                 },
                 // Held by a recipient elsewhere: no frame is read until it is lifted.
-                _ = hold.lifted(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {}
+                _ = hold.lifted(held), if held.is_some() => {}
                 // As many relays of this socket as it may have waiting for other instances.
                 () = hold.drained(), if hold.at_cap() => {}
                 msg = stream.next(), if held.is_none() && !hold.at_cap() => {
