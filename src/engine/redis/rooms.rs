@@ -155,12 +155,6 @@ impl Inner {
             return Err(fenced("instance may have been written off"));
         }
         let k = &self.keys;
-        // The intent first: if we die after the join below, a reaper finds the peer here.
-        let cmd = redis::cmd("SADD")
-            .arg(k.instance_peers(&inst.id))
-            .arg(format!("{room}|{}", peer.id))
-            .clone();
-        self.query::<i64>(&cmd).await?;
         let blob = serde_json::to_string(&Blob {
             supported_transports: peer.supported_transports,
             preferred_transport: peer.preferred_transport,
@@ -168,7 +162,6 @@ impl Inner {
         })
         .expect("blob serializes");
         let role = peer.role.as_str();
-        let mut cm = self.cm();
         let mut inv = self.scripts.join.prepare_invoke();
         inv.key(k.members(room))
             .key(k.seq(room))
@@ -181,7 +174,28 @@ impl Inner {
             .arg(Self::ttl_ms(self.config.session_ttl))
             .arg(role)
             .arg(max_peers);
-        let flat: Vec<String> = self.redis("join", inv.invoke_async(&mut cm)).await?;
+        // The intent (so a reaper finds the peer if we die after the join) and the join in one
+        // round trip: one node runs them in order; on a cluster (two slots, maybe two nodes)
+        // an intent that failed while the join went is undone below.
+        let intent = format!("{room}|{}", peer.id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(k.instance_peers(&inst.id))
+            .arg(&intent);
+        pipe.invoke_script(&inv);
+        pipe.ignore_errors();
+        let mut cm = self.cm();
+        let (added, flat): (redis::RedisResult<i64>, redis::RedisResult<Vec<String>>) =
+            self.redis("join", pipe.query_async(&mut cm)).await?;
+        let flat = match flat {
+            Ok(flat) => flat,
+            // Not loaded (a restart, SCRIPT FLUSH): the invocation loads it and runs it again.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                added.as_ref().map_err(|e| self.store_error(e))?;
+                self.redis("join", inv.invoke_async(&mut cm)).await?
+            }
+            Err(e) => return Err(self.store_error(&e)),
+        };
         let refused = match flat.first().map(String::as_str) {
             Some("full") => Some(JoinResult::Full),
             Some("closed") => Some(JoinResult::Closed),
@@ -190,10 +204,17 @@ impl Inner {
         if let Some(refused) = refused {
             let cmd = redis::cmd("SREM")
                 .arg(k.instance_peers(&inst.id))
-                .arg(format!("{room}|{}", peer.id))
+                .arg(&intent)
                 .clone();
             let _ = self.query::<i64>(&cmd).await;
             return Ok(refused);
+        }
+        if let Err(e) = added {
+            // Joined with no intent: a death of this instance would leave a ghost member.
+            if flat.first().map(String::as_str) == Some("1") {
+                let _ = self.leave_in_redis(room, &peer.id, &inst.id, false).await;
+            }
+            return Err(self.store_error(&e));
         }
         let fresh = flat.first().map(String::as_str) == Some("1");
         let members = parse_members(flat.get(1..).unwrap_or_default());
