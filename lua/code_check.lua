@@ -8,11 +8,13 @@
 -- ARGV[3]  failures tolerated from one client within the window
 -- ARGV[4]  failures tolerated from everywhere within the window
 -- ARGV[5]  unique nonce for a new failure
--- Returns {'correct'}, {'wrong'}, {'notfound'} or {'locked', ms until a failure expires}.
+-- Returns {'correct', created_at, relay ('1' or '')} (the session, so that a join with the code
+-- needs no other read), {'wrong'}, {'notfound'} or {'locked', ms until a failure expires}.
 -- Past either limit nothing is compared: the right code is refused too, so no number of
 -- guesses can be spread over a limit.
-local stored = redis.call('HGET', KEYS[1], 'hash')
-if not stored then
+local session = redis.call('HMGET', KEYS[1], 'hash', 'created_at', 'relay')
+local stored = session[1]
+if not stored or not session[2] then
   return {'notfound'}
 end
 local t = redis.call('TIME')
@@ -31,7 +33,7 @@ for i, limit in ipairs({tonumber(ARGV[3]), tonumber(ARGV[4])}) do
   end
 end
 if stored == ARGV[1] then
-  return {'correct'}
+  return {'correct', session[2], session[3] or ''}
 end
 for i = 2, 3 do
   redis.call('ZADD', KEYS[i], now, ARGV[5])

@@ -64,6 +64,14 @@ pub async fn admit<E: Engine>(
     passphrase: Option<&str>,
     client: IpAddr,
 ) -> Result<Access, Refusal> {
+    let passphrase = passphrase.map(str::trim).filter(|p| !p.is_empty());
+    // With a code the id is most likely the public session id: its check answers with the
+    // session too, in one step (one Redis round trip). A token's id finds no session there.
+    if let Some(passphrase) = passphrase {
+        if let Some(access) = check(engine, secret, id, passphrase, client).await? {
+            return Ok(access);
+        }
+    }
     let access = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
     // A relay joiner's token opens its one relay socket (`crate::relay::socket`), nothing here.
     if access.grant == Grant::Relay {
@@ -72,27 +80,43 @@ pub async fn admit<E: Engine>(
     if access.grant != Grant::Public {
         return Ok(access);
     }
-    let passphrase = passphrase.map(str::trim).filter(|p| !p.is_empty());
-    let Some(passphrase) = passphrase else {
-        return Err(Refusal::PassphraseRequired);
-    };
-    let session = &access.session.id;
-    let digest = secret.digest(session, passphrase);
+    match passphrase {
+        None => Err(Refusal::PassphraseRequired),
+        // Registered since the check above found nothing: checked now.
+        Some(passphrase) => check(engine, secret, id, passphrase, client)
+            .await?
+            .ok_or(Refusal::NotFound),
+    }
+}
+
+/// Checks `passphrase` against session `id`'s code; `None` when there is no such session.
+async fn check<E: Engine>(
+    engine: &E,
+    secret: &Secret,
+    id: &str,
+    passphrase: &str,
+    client: IpAddr,
+) -> Result<Option<Access>, Refusal> {
+    let digest = secret.digest(id, passphrase);
     match engine
-        .check_code(session, &limit_key(client).to_string(), &digest)
+        .check_code(id, &limit_key(client).to_string(), &digest)
         .await?
     {
-        CodeCheck::Correct => Ok(access),
+        CodeCheck::Correct(session) => Ok(Some(Access {
+            session,
+            grant: Grant::Public,
+            peer: None,
+        })),
         CodeCheck::Wrong => {
-            tracing::info!(session = %session, %client, "wrong join code");
+            tracing::info!(session = %id, %client, "wrong join code");
             crate::metrics::code_failure();
             Err(Refusal::InvalidPassphrase)
         }
         CodeCheck::Locked(wait) => {
-            tracing::info!(session = %session, %client, "join code refused: too many wrong codes");
+            tracing::info!(session = %id, %client, "join code refused: too many wrong codes");
             crate::metrics::refused("code_locked");
             Err(Refusal::TooManyAttempts(wait))
         }
-        CodeCheck::NotFound => Err(Refusal::NotFound),
+        CodeCheck::NotFound => Ok(None),
     }
 }

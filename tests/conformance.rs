@@ -1214,6 +1214,14 @@ async fn ws_join_through_tokens_needs_no_code(ctx: &Ctx) {
     assert_eq!(role_of(&ok, &public.id()), "client");
     assert_eq!(host.recv_type("peer_joined").await["peer"]["id"], public.id());
     assert_eq!(joiner.recv_type("peer_joined").await["peer"]["id"], public.id());
+    // A token admits with its own role whatever code comes with it (the code is checked first
+    // as if the id were the public one, and finds no session there).
+    let mut again = ctx.ws(&s.host).await;
+    let ok = again.join(Some("WRONG1")).await;
+    assert_eq!(role_of(&ok, &again.id()), "server");
+    let mut joiner_again = ctx.ws(&jpid).await;
+    let ok = joiner_again.join(Some("SMOKEP")).await;
+    assert_eq!(role_of(&ok, &joiner_again.id()), "client");
 }
 
 async fn roles_server_only_through_the_host_token(ctx: &Ctx) {

@@ -130,9 +130,10 @@ pub struct Access {
 }
 
 /// The outcome of one join-code check (one atomic step: counted and compared together).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CodeCheck {
-    Correct,
+    /// The code is the session's: here it is (a join needs no other read).
+    Correct(SessionRecord),
     Wrong,
     /// Too many wrong codes from this address (or from everywhere) within the window: refused
     /// without comparing, for this long.

@@ -248,7 +248,7 @@ impl State {
         let Some(entry) = self.session(&session, now) else {
             return CodeCheck::NotFound;
         };
-        let expected = entry.record.code.clone();
+        let record = entry.record.clone();
         let window = self.config.code_failure_window;
         let mine = self
             .client_failures
@@ -263,8 +263,8 @@ impl State {
         if all.len() >= self.config.max_session_code_failures as usize {
             return CodeCheck::Locked(all_wait);
         }
-        if digests_match(digest, &expected) {
-            return CodeCheck::Correct;
+        if digests_match(digest, &record.code) {
+            return CodeCheck::Correct(record);
         }
         all.push_back(now);
         mine.push_back(now);
