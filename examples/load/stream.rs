@@ -12,7 +12,7 @@ use tokio::sync::{watch, Barrier};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::net::{is_error, stamp, Pair, Target, Template, Ws};
-use crate::sys::{cpu_ticks_sum, now_us, quantile};
+use crate::sys::{cpu_ns_sum, now_us, quantile};
 use crate::{emit, Args};
 
 /// Frames written before a flush: one syscall carries several signals, as a busy client's would.
@@ -45,7 +45,7 @@ struct Outcome {
     send_span_us: u64,
     /// Sorted one-way latencies in µs.
     latencies: Vec<u64>,
-    /// Server CPU ticks over the run (instances, Redis).
+    /// Server CPU nanoseconds over the run (instances, Redis).
     cpu: u64,
     redis_cpu: u64,
 }
@@ -68,8 +68,7 @@ pub async fn burst(a: &Args) {
         &format!("{key}_p99_ms"),
         quantile(&o.latencies, 0.99) as f64 / 1000.0,
     );
-    let tck = a.get("clk-tck", 100f64);
-    let per_msg = |ticks: u64| ticks as f64 / tck * 1e6 / o.received.max(1) as f64;
+    let per_msg = |ns: u64| (ns as f64 / 1e3 / o.received.max(1) as f64 * 1000.0).round() / 1000.0;
     if !a.pids("pids").is_empty() {
         emit(&label, &format!("{key}_cpu_us"), per_msg(o.cpu));
     }
@@ -159,8 +158,9 @@ async fn run(a: &Args, pairs: usize, n: usize, pace: Pace) -> Outcome {
         )));
     }
 
-    let cpu0 = cpu_ticks_sum(&pids);
-    let redis0 = cpu_ticks_sum(&redis);
+    let tck = a.get("clk-tck", 100f64);
+    let cpu0 = cpu_ns_sum(&pids, tck);
+    let redis0 = cpu_ns_sum(&redis, tck);
     go.wait().await;
     let first_send = now_us();
 
@@ -180,8 +180,8 @@ async fn run(a: &Args, pairs: usize, n: usize, pace: Pace) -> Outcome {
             progress = Instant::now();
         }
     }
-    let cpu = cpu_ticks_sum(&pids).saturating_sub(cpu0);
-    let redis_cpu = cpu_ticks_sum(&redis).saturating_sub(redis0);
+    let cpu = cpu_ns_sum(&pids, tck).saturating_sub(cpu0);
+    let redis_cpu = cpu_ns_sum(&redis, tck).saturating_sub(redis0);
     let _ = stop_tx.send(true);
 
     let mut latencies = Vec::with_capacity(sent as usize);
