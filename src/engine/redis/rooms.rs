@@ -209,14 +209,14 @@ impl Inner {
             let _ = self.query::<i64>(&cmd).await;
             return Ok(refused);
         }
+        let fresh = flat.first().map(String::as_str) == Some("1");
         if let Err(e) = added {
             // Joined with no intent: a death of this instance would leave a ghost member.
-            if flat.first().map(String::as_str) == Some("1") {
+            if fresh {
                 let _ = self.leave_in_redis(room, &peer.id, &inst.id, false).await;
             }
             return Err(self.store_error(&e));
         }
-        let fresh = flat.first().map(String::as_str) == Some("1");
         let members = parse_members(flat.get(1..).unwrap_or_default());
         if fresh && members.len() == 1 {
             // The script refreshed the session; its tokens (other slots) follow. Only for the

@@ -177,12 +177,15 @@ impl Inner {
             .arg(crate::protocol::new_id());
         let v: Vec<String> = i.redis("code_check", inv.invoke_async(&mut cm)).await?;
         Ok(match v.first().map(String::as_str) {
-            Some("correct") => CodeCheck::Correct(SessionRecord {
-                id: session.to_owned(),
-                created_at: v.get(1).and_then(|c| c.parse().ok()).unwrap_or(0),
-                code: digest.to_owned(),
-                relay: v.get(2).map(String::as_str) == Some("1"),
-            }),
+            // The script compared the stored hash with `digest`: equal, so it is the code.
+            Some("correct") => {
+                let fields = [
+                    v.get(1).cloned(),
+                    Some(digest.to_owned()),
+                    v.get(2).cloned(),
+                ];
+                session_record(session, &fields).map_or(CodeCheck::NotFound, CodeCheck::Correct)
+            }
             Some("wrong") => CodeCheck::Wrong,
             Some("locked") => {
                 let ms = v.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
