@@ -204,14 +204,13 @@ impl<E: Engine> Connection<E> {
 
     /// Forwards a message to another member of this socket's room.
     async fn relay(&mut self, sink: &mut Sink, kind: Relayed, to: &str, frame: Frame) -> bool {
-        if self.room.is_none() {
+        // Borrowed, not cloned: an allocation and a copy per relay otherwise.
+        let Some(room) = self.room.as_deref() else {
             return self.error(sink, "join the session first".into()).await;
-        }
+        };
         if !valid_id(to) {
             return self.error(sink, "invalid to_peer".into()).await;
         }
-        // Borrowed, not cloned: an allocation and a copy per relay otherwise.
-        let room = self.room.as_deref().unwrap_or_default();
         let outcome = self.app.engine.send(room, &self.peer_id, to, frame).await;
         match outcome {
             Ok(Delivery::Sent) => metrics::relayed(kind, metrics::Path::Local),
