@@ -7,6 +7,7 @@
 //! load paced  --pairs 50 --rate 5000 --secs 5   # stamped signals at a total rate: latency
 //! load idle   --peers 10000 --group 10     # server RSS per joined idle peer
 //! load joins  --peers 2000 --group 10 --concurrency 50   # connect → join_success latency
+//!             [--prefix join_one --concurrency 1]        # (one at a time: no queueing)
 //! load flood  --signals 20000              # server RSS growth while a peer stops reading
 //! load report <results-file>               # medians of the runs, the table and the targets
 //! ```

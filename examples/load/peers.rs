@@ -78,6 +78,11 @@ pub async fn idle(a: &Args) {
 /// Join latency of `--peers` peers (default 2000) joining while the earlier ones stay.
 pub async fn joins(a: &Args) {
     let label = a.str("label");
+    // `--prefix join_one` with `--concurrency 1`: what one join costs when it waits on nothing.
+    let key = match a.str("prefix") {
+        p if p.is_empty() => "join".to_owned(),
+        p => p,
+    };
     let crowd = Crowd::from_args(a, 2000);
     let rooms = crowd.rooms().await;
     let start = Instant::now();
@@ -86,11 +91,11 @@ pub async fn joins(a: &Args) {
     let mut us: Vec<u64> = joined.iter().map(|(_, d)| d.as_micros() as u64).collect();
     us.sort_unstable();
     let ms = |p: f64| quantile(&us, p) as f64 / 1000.0;
-    emit(&label, "join_p50_ms", ms(0.50));
-    emit(&label, "join_p99_ms", ms(0.99));
-    emit(&label, "join_max_ms", ms(1.0));
+    emit(&label, &format!("{key}_p50_ms"), ms(0.50));
+    emit(&label, &format!("{key}_p99_ms"), ms(0.99));
+    emit(&label, &format!("{key}_max_ms"), ms(1.0));
     eprintln!(
-        "  {label} joins: {} in {:.2} s, {} at once: p50 {:.2} p99 {:.2} max {:.2} ms",
+        "  {label} {key}: {} in {:.2} s, {} at once: p50 {:.2} p99 {:.2} max {:.2} ms",
         us.len(),
         wall.as_secs_f64(),
         crowd.concurrency,

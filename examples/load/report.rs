@@ -103,6 +103,7 @@ pub fn run(a: &Args) {
     let high = a.get("rate-high", 50_000usize);
     let idle = a.get("idle", 10_000usize);
     let joins = a.get("joins", 2000usize);
+    let join_one = a.get("join-one", 300usize);
     let flood = a.get("flood", 20_000usize);
 
     // (title, key, decimals)
@@ -160,6 +161,12 @@ pub fn run(a: &Args) {
             "idle_kib",
             2,
         ),
+        (
+            format!("join one at a time p50 ms ({join_one})"),
+            "join_one_p50_ms",
+            2,
+        ),
+        ("  p99 ms".into(), "join_one_p99_ms", 2),
         (format!("join p50 ms ({joins} peers)"), "join_p50_ms", 2),
         ("  p99 ms".into(), "join_p99_ms", 2),
         ("  max ms".into(), "join_max_ms", 2),

@@ -105,9 +105,7 @@ impl<'a, E: Engine> Pipe<'a, E> {
         inbox: &mut Inbox,
     ) -> (Close, bool) {
         let config = self.app.config.clone();
-        let mut ping = tokio::time::interval(config.ping_interval.min(config.idle_timeout));
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
+        let mut ping = crate::ws::ping_interval(config.ping_interval.min(config.idle_timeout));
         let mut last_seen = Instant::now();
         let closing = self.app.shutdown.reached(Phase::Closing);
         tokio::pin!(closing);

@@ -57,6 +57,16 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// so a burst costs one write per batch instead of one per frame.
 const MAX_BATCH: usize = 64;
 
+/// A socket's keep-alive ticks, the first one `period` from now. Not `interval`'s immediate
+/// first tick awaited: that is a timer, which fires on the time driver's next millisecond, so
+/// every socket read its first frame (its join) ~1 ms late (join p50 at one at a time: 1.54 ms
+/// in-process, 0.45 ms for matchbox).
+pub(crate) fn ping_interval(period: Duration) -> tokio::time::Interval {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping
+}
+
 use self::budget::Budget;
 use self::end::End;
 use self::upgrade::{text_frames, Cork};
@@ -232,9 +242,7 @@ impl<E: Engine> Connection<E> {
 
     async fn serve(&mut self, sink: &mut Sink, stream: &mut Stream, queue: &mut PeerQueue) -> End {
         let config = self.app.config.clone();
-        let mut ping = tokio::time::interval(config.ping_interval.min(config.idle_timeout));
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
+        let mut ping = ping_interval(config.ping_interval.min(config.idle_timeout));
         let shutdown = self.app.shutdown.clone();
         let closing = shutdown.reached(Phase::Closing);
         tokio::pin!(closing);
@@ -374,5 +382,19 @@ impl<E: Engine> Connection<E> {
         }
         self.errors_sent += 1;
         self.reply(sink, &ServerMessage::error(message)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first keep-alive tick is a period away: a socket waits on no timer before it reads.
+    /// (`interval`'s "immediate" first tick fires only on the time driver's next millisecond.)
+    #[tokio::test]
+    async fn the_first_ping_is_a_period_away() {
+        let mut ping = ping_interval(Duration::from_secs(3600));
+        let early = tokio::time::timeout(Duration::from_millis(50), ping.tick()).await;
+        assert!(early.is_err(), "ticked at once");
     }
 }
