@@ -27,22 +27,7 @@ pub(crate) enum Bus {
     /// The self-message proving this instance's subscription still works.
     Tick { id: String },
     /// The frame after the header, for some members of `room` held by the receiving instance.
-    Deliver {
-        room: String,
-        to: Vec<String>,
-        /// (peer, owner) that just joined: the receiver may cache its owner.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        joined: Option<(String, String)>,
-        /// The join's `seq`, so late news is recognised as such.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        joined_seq: Option<u64>,
-        /// Peer that just left: the receiver forgets its owner.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        left: Option<String>,
-        /// A relayed frame's sender and its instance: told if the frame cannot be delivered.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        from: Option<(String, String)>,
-    },
+    Deliver(Deliver),
     /// Session `room` was closed (Admin API): the receiver closes the sockets of `peers` (the
     /// members it owns) and any other local member of the room.
     Close { room: String, peers: Vec<String> },
@@ -69,6 +54,27 @@ pub(crate) enum Bus {
         /// The recipient's queue was full (else it is no longer a member).
         full: bool,
     },
+}
+
+/// A `Deliver` header's fields: on the wire the same object, `{"t":"deliver",…}`. A struct of
+/// its own so that [`decode`] reads the commonest header straight into it: serde's internally
+/// tagged path buffers every field of the object first (~5 % of a burst across instances).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Deliver {
+    pub(crate) room: String,
+    pub(crate) to: Vec<String>,
+    /// (peer, owner) that just joined: the receiver may cache its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) joined: Option<(String, String)>,
+    /// The join's `seq`, so late news is recognised as such.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) joined_seq: Option<u64>,
+    /// Peer that just left: the receiver forgets its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) left: Option<String>,
+    /// A relayed frame's sender and its instance: told if the frame cannot be delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) from: Option<(String, String)>,
 }
 
 /// A bus message: the header's JSON (which never contains a raw newline), `\n`, the frame.
@@ -146,10 +152,20 @@ pub(crate) enum Body {
     Raw(Bytes),
 }
 
+/// How every `Deliver` header begins.
+const DELIVER_TAG: &[u8] = br#"{"t":"deliver","#;
+
 /// The header and the body of a bus message; the body shares the message's bytes.
 pub(crate) fn decode(payload: Bytes) -> Option<(Bus, Body)> {
     let split = payload.iter().position(|b| *b == b'\n')?;
-    let header: Bus = serde_json::from_slice(&payload[..split]).ok()?;
+    let raw = &payload[..split];
+    // The tag comes first (serde writes it first): a deliver is read without the tag's detour;
+    // its `t` is an unknown field to `Deliver`, skipped.
+    let header = if raw.starts_with(DELIVER_TAG) {
+        Bus::Deliver(serde_json::from_slice(raw).ok()?)
+    } else {
+        serde_json::from_slice(raw).ok()?
+    };
     let body = payload.slice(split + 1..);
     if matches!(header, Bus::Relay { .. }) {
         return Some((header, Body::Raw(body)));
@@ -229,18 +245,26 @@ mod tests {
     #[test]
     fn the_frame_travels_raw_after_the_header() {
         let frame = Frame::from("{\"type\":\"signal\",\"x\":\"a\\nb\"}");
-        let bus = Bus::Deliver {
+        let bus = Bus::Deliver(Deliver {
             room: "r".into(),
             to: vec!["p".into()],
             joined: None,
             joined_seq: None,
             left: None,
             from: Some(("s".into(), "i".into())),
-        };
+        });
         let wire = encode(&bus, Some(&frame));
         assert!(wire.ends_with(frame.as_bytes()), "not escaped");
+        assert!(wire.starts_with(DELIVER_TAG), "read by the fast path");
         let (header, back) = decode(wire.into()).unwrap();
-        assert!(matches!(header, Bus::Deliver { from: Some(_), .. }));
+        assert!(matches!(
+            header,
+            Bus::Deliver(Deliver { from: Some(_), .. })
+        ));
+        // The tag elsewhere (no writer of ours puts it there): the general path reads it.
+        let moved = b"{\"room\":\"r\",\"t\":\"deliver\",\"to\":[\"p\"]}\n{\"type\":\"x\"}";
+        let (header, _) = decode(Bytes::from_static(moved)).unwrap();
+        assert!(matches!(header, Bus::Deliver(Deliver { ref room, .. }) if room == "r"));
         assert!(matches!(back, Body::Frame(f) if f == frame));
         let (tick, none) = decode(encode(&Bus::Tick { id: "i".into() }, None).into()).unwrap();
         assert!(matches!(tick, Bus::Tick { .. }) && matches!(none, Body::None));

@@ -17,7 +17,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use redis::{PushInfo, PushKind, Value};
 
-use super::bus::{decode, encode, encode_raw, unpack, Body, Bus};
+use super::bus::{decode, encode, encode_raw, unpack, Body, Bus, Deliver};
 use super::keys::Keys;
 use super::outbox::Outbox;
 use crate::peers::{CloseReason, Held};
@@ -139,14 +139,14 @@ impl Pushes {
                     self.last_tick.store(ms.max(1), Ordering::Release);
                 }
             }
-            Bus::Deliver {
+            Bus::Deliver(Deliver {
                 room,
                 to,
                 joined,
                 joined_seq,
                 left,
                 from,
-            } => {
+            }) => {
                 let Some(frame) = frame else { return };
                 let ev = match (left, joined) {
                     (Some(left), _) => Some(Event::Left(left)),

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::bus::{encode, known, parse_members, Blob, Bus};
+use super::bus::{encode, known, parse_members, Blob, Bus, Deliver};
 use super::outbox::{Failed, Relay};
 use super::{fenced, unavailable, Inner};
 use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
@@ -25,14 +25,14 @@ impl Inner {
         groups
             .into_iter()
             .map(|(owner, to)| {
-                let bus = Bus::Deliver {
+                let bus = Bus::Deliver(Deliver {
                     room: room.to_owned(),
                     to,
                     joined: joined.map(|k| (k.id.clone(), k.owner.clone())),
                     joined_seq: joined.map(|k| k.seq),
                     left: left.map(str::to_owned),
                     from: None,
-                };
+                });
                 (owner, encode(&bus, Some(frame)))
             })
             .collect()
@@ -328,14 +328,14 @@ impl Inner {
         if !self.alive_locally() {
             return Err(fenced("instance may have been written off"));
         }
-        let bus = Bus::Deliver {
+        let bus = Bus::Deliver(Deliver {
             room: room.to_owned(),
             to: vec![to.to_owned()],
             joined: None,
             joined_seq: None,
             left: None,
             from: Some((from.to_owned(), self.current().id)),
-        };
+        });
         // Queued in the socket task, before its next frame is read: a sender's relays (and its
         // leave's room event) leave this instance in order.
         let relay = Relay {
