@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::bus::{encode, pack, Bus};
+use super::bus::{encode, Bus, Pack};
 use super::conn::{connect, Conn, FAILOVER_RECONNECT_EVERY};
 use super::{Inner, Instance, RedisSettings};
 
@@ -119,10 +119,10 @@ impl Liveness {
         let id = inner.current().id;
         // On the bus channel, packed like what the outbox sends there: the tick proves the
         // path the messages take.
-        let payload = pack([&encode(&Bus::Tick { id: id.clone() }, None)[..]]);
+        let tick = encode(&Bus::Tick { id: id.clone() }, None);
         let cmd = redis::cmd(inner.keys.publish())
             .arg(inner.keys.bus(&id))
-            .arg(payload)
+            .arg(Pack(vec![&tick]))
             .clone();
         let _ = inner.query::<i64>(&cmd).await;
     }

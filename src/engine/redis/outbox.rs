@@ -3,7 +3,7 @@
 //! Relays, room events, relay pieces and refusal reports are queued here by whoever sends them
 //! (a socket task waits only while the outbox is full) and one publisher task sends everything
 //! waiting as one pipeline, then the next: a `PUBLISH` per instance of what is queued for it,
-//! packed (`super::bus::pack`, up to 64 messages), so a command, its reply and the push are
+//! packed (`super::bus::Pack`, up to 64 messages), so a command, its reply and the push are
 //! paid once per pack under load. Order is the point: publishes left to their senders' tasks
 //! reached Redis in the order those tasks happened to be polled once the connection's command
 //! queue was full (seen: a signal delivered four places early in a burst across instances),
@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
 
-use super::bus::pack;
+use super::bus::Pack;
 use super::{fenced, Inner};
 use crate::engine::{EngineError, EngineResult};
 
@@ -245,7 +245,7 @@ async fn publish(inner: &Inner, batch: Vec<Message>, failed: &mut Vec<Failed>) {
     let packs = by_instance(batch);
     let mut pipe = redis::pipe();
     for (instance, messages) in &packs {
-        let packed = pack(messages.iter().map(|m| &m.payload[..]));
+        let packed = Pack(messages.iter().map(|m| &m.payload[..]).collect());
         pipe.cmd(inner.keys.publish())
             .arg(inner.keys.bus(instance))
             .arg(packed);
