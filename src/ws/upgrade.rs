@@ -270,19 +270,15 @@ pub fn text_frames(text: crate::protocol::Frame) -> impl Iterator<Item = tungste
     use tungstenite::protocol::frame::coding::{Data, OpCode};
     use tungstenite::protocol::frame::Frame as WsFrame;
     let pieces = text.len().div_ceil(FRAGMENT).max(1);
-    // A whole frame goes as the text it is (converted back from bytes, it was checked for
-    // UTF-8 again: ~1 % of a burst).
-    let (mut whole, bytes) = match pieces {
-        1 => (
-            Some(tungstenite::Message::Text(text)),
-            axum::body::Bytes::new(),
-        ),
-        _ => (None, axum::body::Bytes::from(text)),
-    };
+    // Holds the text alone: a socket task holds this across its writes, and a larger state
+    // moved idle sockets into the next allocation size class (+0.27 KiB per idle peer).
     (0..pieces).map(move |i| {
-        if let Some(whole) = whole.take() {
-            return whole;
+        if pieces == 1 {
+            // As the text it is: converted back from bytes, it was checked for UTF-8 again
+            // (~1 % of a burst).
+            return tungstenite::Message::Text(text.clone());
         }
+        let bytes = axum::body::Bytes::from(text.clone());
         let piece = bytes.slice(i * FRAGMENT..((i + 1) * FRAGMENT).min(bytes.len()));
         let opcode = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
         tungstenite::Message::Frame(WsFrame::message(piece, opcode, i + 1 == pieces))
