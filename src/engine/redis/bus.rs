@@ -165,7 +165,8 @@ const DELIVER_TAG: &[u8] = br#"{"t":"deliver","#;
 
 /// The header and the body of a bus message; the body shares the message's bytes.
 pub(crate) fn decode(payload: Bytes) -> Option<(Bus, Body)> {
-    let split = payload.iter().position(|b| *b == b'\n')?;
+    // memchr: a byte-at-a-time scan of the header was 2 % of a burst across instances.
+    let split = memchr::memchr(b'\n', &payload)?;
     let raw = &payload[..split];
     // The tag comes first (serde writes it first): a deliver is read without the tag's detour;
     // its `t` is an unknown field to `Deliver`, skipped.
