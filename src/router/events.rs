@@ -219,7 +219,7 @@ impl Table {
     pub(super) fn deliver_remote(
         &mut self,
         room: &str,
-        to: &[String],
+        to: &[&str],
         frame: &Frame,
         ev: Option<Event>,
         from: Option<&Held>,
@@ -233,7 +233,7 @@ impl Table {
             }
         }
         let mut out = Remote::default();
-        for peer in to {
+        for &peer in to {
             let Some(ev) = &ev else {
                 let queued = if self.is_member_here(room, peer) {
                     self.peers.deliver_remote(peer, frame, from)
@@ -243,8 +243,8 @@ impl Table {
                 match queued {
                     Queued::Yes => {}
                     Queued::Hold(held) => out.holds.push(held),
-                    Queued::Full(_) => out.refused.push((peer.clone(), true)),
-                    Queued::Absent => out.refused.push((peer.clone(), false)),
+                    Queued::Full(_) => out.refused.push((peer.to_owned(), true)),
+                    Queued::Absent => out.refused.push((peer.to_owned(), false)),
                 }
                 continue;
             };

@@ -323,7 +323,7 @@ impl Router {
     pub fn deliver_remote(
         &self,
         room: &str,
-        to: &[String],
+        to: &[&str],
         frame: &Frame,
         ev: Option<Event>,
         from: Option<&Held>,

@@ -114,13 +114,13 @@ impl Pushes {
     }
 
     fn message(&self, payload: Bytes) {
-        match decode(payload) {
+        match decode(&payload) {
             Some((bus, body)) => self.bus(bus, body),
             None => unparsable(),
         }
     }
 
-    fn bus(&self, bus: Bus, body: Body) {
+    fn bus(&self, bus: Bus<'_>, body: Body) {
         let frame = match body {
             Body::Frame(f) => Some(f),
             Body::None => None,
@@ -149,20 +149,21 @@ impl Pushes {
             }) => {
                 let Some(frame) = frame else { return };
                 let ev = match (left, joined) {
-                    (Some(left), _) => Some(Event::Left(left)),
+                    (Some(left), _) => Some(Event::Left(left.to_owned())),
                     (None, Some((id, owner))) => Some(Event::Joined(Known {
-                        id,
-                        owner,
+                        id: id.to_owned(),
+                        owner: owner.to_owned(),
                         seq: joined_seq.unwrap_or(0),
                     })),
                     (None, None) => None,
                 };
-                let from = from
-                    .filter(|_| ev.is_none())
-                    .map(|(sender, owner)| Held { sender, owner });
+                let from = from.filter(|_| ev.is_none()).map(|(sender, owner)| Held {
+                    sender: sender.to_owned(),
+                    owner: owner.to_owned(),
+                });
                 let out = self
                     .router
-                    .deliver_remote(&room, &to, &frame, ev, from.as_ref());
+                    .deliver_remote(room, &to, &frame, ev, from.as_ref());
                 if let Some(from) = from {
                     for (peer, full) in out.refused {
                         crate::metrics::relay_error(if full {
@@ -170,7 +171,7 @@ impl Pushes {
                         } else {
                             "not_member"
                         });
-                        self.report(&from.owner, &room, &from.sender, &peer, full);
+                        self.report(&from.owner, room, &from.sender, &peer, full);
                     }
                 }
                 for held in out.holds {
@@ -247,7 +248,7 @@ impl Pushes {
 
     /// Publishes `bus` to instance `owner` through the outbox: this handler never waits.
     /// A lost hold or release costs at most [`crate::peers::HOLD_WAIT`] of a sender's time.
-    fn tell(&self, owner: &str, bus: Bus) {
+    fn tell(&self, owner: &str, bus: Bus<'_>) {
         self.post(owner, encode(&bus, None));
     }
 

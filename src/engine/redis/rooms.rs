@@ -26,11 +26,11 @@ impl Inner {
             .into_iter()
             .map(|(owner, to)| {
                 let bus = Bus::Deliver(Deliver {
-                    room: room.to_owned(),
-                    to,
-                    joined: joined.map(|k| (k.id.clone(), k.owner.clone())),
+                    room,
+                    to: to.iter().map(String::as_str).collect(),
+                    joined: joined.map(|k| (k.id.as_str(), k.owner.as_str())),
                     joined_seq: joined.map(|k| k.seq),
-                    left: left.map(str::to_owned),
+                    left,
                     from: None,
                 });
                 (owner, encode(&bus, Some(frame)))
@@ -328,13 +328,14 @@ impl Inner {
         if !self.alive_locally() {
             return Err(fenced("instance may have been written off"));
         }
+        let instance = self.current().id;
         let bus = Bus::Deliver(Deliver {
-            room: room.to_owned(),
-            to: vec![to.to_owned()],
+            room,
+            to: vec![to],
             joined: None,
             joined_seq: None,
             left: None,
-            from: Some((from.to_owned(), self.current().id)),
+            from: Some((from, &instance)),
         });
         // Queued in the socket task, before its next frame is read: a sender's relays (and its
         // leave's room event) leave this instance in order.
