@@ -57,6 +57,14 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// so a burst costs one write per batch instead of one per frame.
 const MAX_BATCH: usize = 64;
 
+use self::budget::Budget;
+use self::end::End;
+use self::upgrade::{text_frames, Cork};
+pub(crate) use self::upgrade::{Handshake, Socket};
+
+type Sink = SplitSink<Socket, Message>;
+type Stream = SplitStream<Socket>;
+
 /// A socket's keep-alive ticks, the first one `period` from now. Not `interval`'s immediate
 /// first tick awaited: that is a timer, which fires on the time driver's next millisecond, so
 /// every socket read its first frame (its join) ~1 ms late (join p50 at one at a time: 1.54 ms
@@ -66,14 +74,6 @@ pub(crate) fn ping_interval(period: Duration) -> tokio::time::Interval {
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping
 }
-
-use self::budget::Budget;
-use self::end::End;
-use self::upgrade::{text_frames, Cork};
-pub(crate) use self::upgrade::{Handshake, Socket};
-
-type Sink = SplitSink<Socket, Message>;
-type Stream = SplitStream<Socket>;
 
 /// `GET /ws/{id}`: any well-formed id is upgraded; an unknown session is reported after `join`.
 pub async fn upgrade<E: Engine>(

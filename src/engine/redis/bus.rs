@@ -119,8 +119,7 @@ impl Deliver<'_> {
             pair(out, br#","joined":"#, joined);
         }
         if let Some(seq) = self.joined_seq {
-            out.extend_from_slice(br#","joined_seq":"#);
-            out.extend_from_slice(seq.to_string().as_bytes());
+            write!(out, r#","joined_seq":{seq}"#).expect("writes to memory");
         }
         if let Some(left) = self.left {
             out.extend_from_slice(br#","left":"#);
