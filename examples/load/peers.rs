@@ -79,10 +79,7 @@ pub async fn idle(a: &Args) {
 pub async fn joins(a: &Args) {
     let label = a.str("label");
     // `--prefix join_one` with `--concurrency 1`: what one join costs when it waits on nothing.
-    let key = match a.str("prefix") {
-        p if p.is_empty() => "join".to_owned(),
-        p => p,
-    };
+    let key: String = a.get("prefix", "join".to_owned());
     let crowd = Crowd::from_args(a, 2000);
     let rooms = crowd.rooms().await;
     let start = Instant::now();

@@ -52,10 +52,7 @@ struct Outcome {
 
 pub async fn burst(a: &Args) {
     let label = a.str("label");
-    let key = match a.str("prefix") {
-        p if p.is_empty() => "burst".to_owned(),
-        p => p,
-    };
+    let key: String = a.get("prefix", "burst".to_owned());
     let pairs = a.get("pairs", 50usize);
     let n = a.get("signals", 2000usize);
     let o = run(a, pairs, n, Pace::Burst).await;
@@ -89,10 +86,7 @@ pub async fn paced(a: &Args) {
     let pairs = a.get("pairs", 50usize);
     let rate = a.get("rate", 5000f64);
     let secs = a.get("secs", 5f64);
-    let key = match a.str("prefix") {
-        p if p.is_empty() => format!("paced{}", rate as u64),
-        p => p,
-    };
+    let key: String = a.get("prefix", format!("paced{}", rate as u64));
     let per_pair = rate / pairs as f64;
     let n = (per_pair * secs).round().max(1.0) as usize;
     let o = run(a, pairs, n, Pace::Rate(per_pair)).await;
