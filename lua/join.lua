@@ -13,8 +13,9 @@
 -- ARGV[5]  role: 'server' or 'client'
 -- ARGV[6]  members a room holds at most
 -- Returns {'closed'} when the session was closed (close.lua) after the caller resolved it,
--- {'full'} when the room is full, else {fresh ('1'|'0'), id1, rec1, id2, rec2, ...}:
--- every member, the joiner included.
+-- {'full'} when the room is full, else {fresh ('1'|'0'), n, token1..tokenN, id1, rec1, id2,
+-- rec2, ...}: the session's tokens when this join made the room's first member (the caller
+-- renews them: other slots), then every member, the joiner included.
 if redis.call('HEXISTS', KEYS[4], 'closed_at') == 1 then
   return {'closed'}
 end
@@ -36,8 +37,15 @@ end
 for i = 1, 5 do
   redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
-local out = {tostring(fresh)}
 local all = redis.call('HGETALL', KEYS[1])
+local tokens = {}
+if fresh == 1 and #all == 2 then
+  tokens = redis.call('SMEMBERS', KEYS[5])
+end
+local out = {tostring(fresh), tostring(#tokens)}
+for i = 1, #tokens do
+  out[#out + 1] = tokens[i]
+end
 for i = 1, #all do
   out[#out + 1] = all[i]
 end

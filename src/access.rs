@@ -68,40 +68,60 @@ pub async fn admit<E: Engine>(
     // With a code the id is most likely the public session id: its check answers with the
     // session too, in one step (one Redis round trip). A token's id finds no session there.
     if let Some(passphrase) = passphrase {
-        if let Some(access) = check(engine, secret, id, passphrase, client).await? {
+        let check = engine
+            .check_code(
+                id,
+                &limit_key(client).to_string(),
+                &secret.digest(id, passphrase),
+            )
+            .await?;
+        if let Some(access) = checked(check, id, client)? {
             return Ok(access);
         }
     }
-    let access = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
-    // A relay joiner's token opens its one relay socket (`crate::relay::socket`), nothing here.
-    if access.grant == Grant::Relay {
-        return Err(Refusal::NotFound);
-    }
-    if access.grant != Grant::Public {
-        return Ok(access);
-    }
-    match passphrase {
-        None => Err(Refusal::PassphraseRequired),
-        // Registered since the check above found nothing: checked now.
-        Some(passphrase) => check(engine, secret, id, passphrase, client)
-            .await?
-            .ok_or(Refusal::NotFound),
-    }
+    admit_resolved(engine, secret, id, passphrase, client).await
 }
 
-/// Checks `passphrase` against session `id`'s code; `None` when there is no such session.
-async fn check<E: Engine>(
+/// [`admit`] once a code check found no session `id`: a token, or a session registered since.
+async fn admit_resolved<E: Engine>(
     engine: &E,
     secret: &Secret,
     id: &str,
-    passphrase: &str,
+    passphrase: Option<&str>,
     client: IpAddr,
-) -> Result<Option<Access>, Refusal> {
-    let digest = secret.digest(id, passphrase);
-    match engine
-        .check_code(id, &limit_key(client).to_string(), &digest)
-        .await?
-    {
+) -> Result<Access, Refusal> {
+    let passphrase = passphrase.map(str::trim).filter(|p| !p.is_empty());
+    let access = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
+    if access.grant != Grant::Public {
+        return token(access);
+    }
+    let Some(passphrase) = passphrase else {
+        return Err(Refusal::PassphraseRequired);
+    };
+    // Registered since the check found nothing: checked now.
+    let check = engine
+        .check_code(
+            id,
+            &limit_key(client).to_string(),
+            &secret.digest(id, passphrase),
+        )
+        .await?;
+    checked(check, id, client)?.ok_or(Refusal::NotFound)
+}
+
+/// What a token's id admits: its access, but for a relay joiner's token, which opens its one
+/// relay socket (`crate::relay::socket`) and nothing here.
+pub fn token(access: Access) -> Result<Access, Refusal> {
+    match access.grant {
+        Grant::Relay => Err(Refusal::NotFound),
+        _ => Ok(access),
+    }
+}
+
+/// What a code check of session `id` means: the session, a refusal (told to the log and the
+/// metrics), or `None` when there is no such session.
+pub fn checked(check: CodeCheck, id: &str, client: IpAddr) -> Result<Option<Access>, Refusal> {
+    match check {
         CodeCheck::Correct(session) => Ok(Some(Access {
             session,
             grant: Grant::Public,

@@ -471,7 +471,7 @@ async fn across_instances(url: &str) {
 /// (`lua/join.lua`'s tombstone check; the in-process state's), and leaves no member behind.
 async fn join_after_close_is_refused<E: beach_road::engine::Engine>(e: E) {
     use beach_road::engine::admin::CloseOutcome;
-    use beach_road::engine::{JoinResult, NewPeer, SessionRecord};
+    use beach_road::engine::{Entry, JoinResult, NewPeer, SessionRecord};
     use beach_road::protocol::{new_id, Role};
     let (id, host) = (new_id(), new_id());
     let record = SessionRecord {
@@ -498,7 +498,10 @@ async fn join_after_close_is_refused<E: beach_road::engine::Engine>(e: E) {
         preferred_transport: None,
         metadata: None,
     };
-    let r = e.join(&access.session.id, peer, 32).await.unwrap();
+    let r = e
+        .join(&access.session.id, peer, 32, Entry::Admitted)
+        .await
+        .unwrap();
     assert!(matches!(r, JoinResult::Closed), "{r:?}");
     assert!(!e.is_member(&id, "late").await.unwrap());
     assert!(

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use beach_road::engine::redis::{RedisEngine, RedisSettings};
-use beach_road::engine::{Engine, EngineConfig, EngineError, JoinResult, NewPeer};
+use beach_road::engine::{Engine, EngineConfig, EngineError, Entry, JoinResult, NewPeer};
 use beach_road::peers::{CloseReason, PeerQueue};
 use beach_road::protocol::{new_id, Role};
 use redis_server::RedisServer;
@@ -81,9 +81,13 @@ fn new_peer(id: &str) -> NewPeer {
 async fn join(e: &RedisEngine, room: &str) -> (String, PeerQueue) {
     let id = new_id();
     let q = e.connect(&id);
-    match e.join(room, new_peer(&id), 32).await.unwrap() {
+    match e
+        .join(room, new_peer(&id), 32, Entry::Admitted)
+        .await
+        .unwrap()
+    {
         JoinResult::Joined(_) => (id, q),
-        JoinResult::Full | JoinResult::Closed => panic!("refused"),
+        refused => panic!("refused: {refused:?}"),
     }
 }
 
@@ -217,7 +221,7 @@ async fn a_fenced_instance_refuses_joins_as_fenced() {
         );
         let id = new_id();
         let _q = e.connect(&id);
-        let refused = e.join(&new_id(), new_peer(&id), 32).await;
+        let refused = e.join(&new_id(), new_peer(&id), 32, Entry::Admitted).await;
         match refused {
             Err(err @ EngineError::Fenced(_)) => {
                 assert_eq!(err.client_message(), "server not ready; try again shortly");

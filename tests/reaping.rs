@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beach_road::engine::redis::{RedisEngine, RedisSettings};
-use beach_road::engine::{Engine, EngineConfig, JoinResult, NewPeer};
+use beach_road::engine::{Engine, EngineConfig, Entry, JoinResult, NewPeer};
 use beach_road::protocol::{new_id, Role};
 use futures::StreamExt;
 use redis_server::RedisServer;
@@ -103,9 +103,9 @@ async fn ten_thousand_peers_of_a_dead_instance_are_reaped_within_seconds() {
                         preferred_transport: None,
                         metadata: None,
                     };
-                    match a.join(&room, peer, 64).await.unwrap() {
+                    match a.join(&room, peer, 64, Entry::Admitted).await.unwrap() {
                         JoinResult::Joined(_) => q,
-                        JoinResult::Full | JoinResult::Closed => panic!("refused"),
+                        refused => panic!("refused: {refused:?}"),
                     }
                 }
             })

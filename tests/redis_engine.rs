@@ -14,7 +14,7 @@ use std::time::Duration;
 use beach_road::code::Secret;
 use beach_road::engine::redis::{RedisEngine, RedisSettings};
 use beach_road::engine::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, Grant, JoinResult, Joined, NewPeer,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, Entry, Grant, JoinResult, Joined, NewPeer,
     SessionRecord,
 };
 use beach_road::peers::{CloseReason, PeerQueue};
@@ -119,8 +119,7 @@ fn new_peer(id: &str, role: Role) -> NewPeer {
 fn joined(r: JoinResult) -> Joined {
     match r {
         JoinResult::Joined(j) => j,
-        JoinResult::Full => panic!("room full"),
-        JoinResult::Closed => panic!("session closed"),
+        refused => panic!("refused: {refused:?}"),
     }
 }
 
@@ -128,7 +127,11 @@ fn joined(r: JoinResult) -> Joined {
 async fn join_as(e: &RedisEngine, room: &str, role: Role) -> (String, PeerQueue) {
     let id = new_id();
     let q = e.connect(&id);
-    joined(e.join(room, new_peer(&id, role), MAX_PEERS).await.unwrap());
+    joined(
+        e.join(room, new_peer(&id, role), MAX_PEERS, Entry::Admitted)
+            .await
+            .unwrap(),
+    );
     (id, q)
 }
 
@@ -513,8 +516,18 @@ async fn joins_keep_their_role_on_any_instance_and_are_idempotent() {
             let _qa = a.connect(&ca);
             let _qb = b.connect(&cb);
             let (ja, jb) = tokio::join!(
-                a.join(&room, new_peer(&ca, Role::Client), MAX_PEERS),
-                b.join(&room, new_peer(&cb, Role::Client), MAX_PEERS)
+                a.join(
+                    &room,
+                    new_peer(&ca, Role::Client),
+                    MAX_PEERS,
+                    Entry::Admitted
+                ),
+                b.join(
+                    &room,
+                    new_peer(&cb, Role::Client),
+                    MAX_PEERS,
+                    Entry::Admitted
+                )
             );
             let (ja, jb) = (joined(ja.unwrap()), joined(jb.unwrap()));
             assert_eq!((ja.me.role, jb.me.role), (Role::Client, Role::Client));
@@ -524,8 +537,18 @@ async fn joins_keep_their_role_on_any_instance_and_are_idempotent() {
             let _qsa = a.connect(&sa);
             let _qsb = b.connect(&sb);
             let (ja, jb) = tokio::join!(
-                a.join(&room, new_peer(&sa, Role::Server), MAX_PEERS),
-                b.join(&room, new_peer(&sb, Role::Server), MAX_PEERS)
+                a.join(
+                    &room,
+                    new_peer(&sa, Role::Server),
+                    MAX_PEERS,
+                    Entry::Admitted
+                ),
+                b.join(
+                    &room,
+                    new_peer(&sb, Role::Server),
+                    MAX_PEERS,
+                    Entry::Admitted
+                )
             );
             let (ja, jb) = (joined(ja.unwrap()), joined(jb.unwrap()));
             assert_eq!((ja.me.role, jb.me.role), (Role::Server, Role::Server));
@@ -533,17 +556,27 @@ async fn joins_keep_their_role_on_any_instance_and_are_idempotent() {
             assert!(server == sa || server == sb, "{server}");
             // A repeated join changes nothing, whatever role it names: no demotion.
             let again = joined(
-                a.join(&room, new_peer(&sa, Role::Client), MAX_PEERS)
-                    .await
-                    .unwrap(),
+                a.join(
+                    &room,
+                    new_peer(&sa, Role::Client),
+                    MAX_PEERS,
+                    Entry::Admitted,
+                )
+                .await
+                .unwrap(),
             );
             assert!(!again.fresh);
             assert_eq!(again.me, ja.me);
             assert_eq!(again.peers.len(), 4);
             let again = joined(
-                b.join(&room, new_peer(&cb, Role::Server), MAX_PEERS)
-                    .await
-                    .unwrap(),
+                b.join(
+                    &room,
+                    new_peer(&cb, Role::Server),
+                    MAX_PEERS,
+                    Entry::Admitted,
+                )
+                .await
+                .unwrap(),
             );
             assert!(!again.fresh);
             assert_eq!(again.me.role, Role::Client);
@@ -584,7 +617,7 @@ async fn the_room_limit_holds_across_instances() {
             let room = room.clone();
             tasks.push(tokio::spawn(async move {
                 let r = e
-                    .join(&room, new_peer(&id, Role::Client), max)
+                    .join(&room, new_peer(&id, Role::Client), max, Entry::Admitted)
                     .await
                     .unwrap();
                 (e, id, r)
@@ -599,7 +632,7 @@ async fn the_room_limit_holds_across_instances() {
                     members.push((e, id));
                 }
                 (e, id, JoinResult::Full) => refused.push((e, id)),
-                (_, _, JoinResult::Closed) => panic!("session closed"),
+                (_, _, refused) => panic!("refused: {refused:?}"),
             }
         }
         assert_eq!(members.len(), max);
@@ -612,7 +645,7 @@ async fn the_room_limit_holds_across_instances() {
         // A member's repeated join adds nobody: still answered while the room is full.
         let (e, id) = &members[0];
         let again = joined(
-            e.join(&room, new_peer(id, Role::Client), max)
+            e.join(&room, new_peer(id, Role::Client), max, Entry::Admitted)
                 .await
                 .unwrap(),
         );
@@ -624,13 +657,13 @@ async fn the_room_limit_holds_across_instances() {
         assert!(!a.is_member(&room, id).await.unwrap());
         let (e, id) = &refused[0];
         let r = e
-            .join(&room, new_peer(id, Role::Client), max)
+            .join(&room, new_peer(id, Role::Client), max, Entry::Admitted)
             .await
             .unwrap();
         assert!(matches!(r, JoinResult::Joined(_)), "a freed place");
         let (e, id) = &refused[1];
         let r = e
-            .join(&room, new_peer(id, Role::Client), max)
+            .join(&room, new_peer(id, Role::Client), max, Entry::Admitted)
             .await
             .unwrap();
         assert!(matches!(r, JoinResult::Full), "full again");

@@ -191,6 +191,17 @@ pub struct NewPeer {
     pub metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// How a joiner got in, for [`Engine::join`].
+#[derive(Clone, Copy, Debug)]
+pub enum Entry<'a> {
+    /// The caller admitted it (a token it resolved, or a code it checked).
+    Admitted,
+    /// With the join code of session `room` (its HMAC), checked in the join's own atomic step
+    /// and counted as [`Engine::check_code`] counts it: one Redis round trip for both. When
+    /// `room` is a token's id instead, the same round trip looks it up ([`JoinResult::Token`]).
+    Code { client: &'a str, digest: &'a str },
+}
+
 /// Result of [`Engine::join`].
 #[derive(Clone, Debug)]
 pub enum JoinResult {
@@ -199,6 +210,14 @@ pub enum JoinResult {
     Full,
     /// The session was closed through the Admin API (after the caller resolved it).
     Closed,
+    /// [`Entry::Code`] only: the code was not accepted (never [`CodeCheck::Correct`]);
+    /// `NotFound` when the id is neither a session's nor a token's.
+    Refused(CodeCheck),
+    /// [`Entry::Code`] only: the id is a token's, not a session's: not joined; what it grants
+    /// (as [`Engine::resolve`] tells it), for a join as [`Entry::Admitted`].
+    Token(Access),
+    /// [`Entry::Code`] only: the code is right, but a relay session has no signaling room.
+    RelayOnly,
 }
 
 /// A successful join.
@@ -416,13 +435,15 @@ pub trait Engine: Clone + Send + Sync + 'static {
     /// Forgets a socket of this instance; one that never left leaves now.
     fn disconnect(&self, peer: &str) -> impl Future<Output = ()> + Send;
 
-    /// Adds the peer to the room with its role, unless the room has `max_peers` members, and
-    /// sends `peer_joined` to the other members. Idempotent per peer.
+    /// Adds the peer to the room with its role, unless the room has `max_peers` members (or
+    /// `entry`'s code is refused), and sends `peer_joined` to the other members. Idempotent
+    /// per peer.
     fn join(
         &self,
         room: &str,
         peer: NewPeer,
         max_peers: usize,
+        entry: Entry<'_>,
     ) -> impl Future<Output = EngineResult<JoinResult>> + Send;
 
     /// Removes the peer from the room and sends `peer_left` to the remaining members. A peer

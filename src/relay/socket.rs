@@ -19,7 +19,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::Message;
 
 use super::{Endpoint, Side, MAX_MESSAGE};
-use crate::engine::{Engine, EngineError, Grant, JoinResult, NewPeer, SessionRecord};
+use crate::engine::{Engine, EngineError, Entry, Grant, JoinResult, NewPeer, SessionRecord};
 use crate::http::App;
 use crate::protocol::{new_id, unix_now, valid_id, Role};
 use crate::ws::{admit_socket, Handshake, Socket};
@@ -159,7 +159,11 @@ pub(super) async fn enter<E: Engine>(
         preferred_transport: None,
         metadata: None,
     };
-    match app.engine.join(&session.id, peer, max).await {
+    match app
+        .engine
+        .join(&session.id, peer, max, Entry::Admitted)
+        .await
+    {
         Ok(JoinResult::Joined(_)) => {
             crate::metrics::joined(role.as_str());
             Some(queue)
@@ -168,7 +172,9 @@ pub(super) async fn enter<E: Engine>(
             crate::metrics::refused("room_full");
             None
         }
-        Ok(JoinResult::Closed) => None,
+        // Refused, Token and RelayOnly come only with a code.
+        Ok(JoinResult::Closed | JoinResult::Refused(_) | JoinResult::Token(_))
+        | Ok(JoinResult::RelayOnly) => None,
         Err(e) => {
             tracing::warn!(error = %e, "relay socket could not join its room");
             None

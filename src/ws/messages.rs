@@ -9,8 +9,11 @@ use super::{
     Connection, Sink, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN, MAX_PEER_INFO_BYTES,
     MAX_TRANSPORTS,
 };
-use crate::access::admit;
-use crate::engine::{Delivery, Engine, EngineError, EngineResult, Grant, JoinResult, NewPeer};
+use crate::access::{self, admit, checked, Refusal};
+use crate::client::limit_key;
+use crate::engine::{
+    Delivery, Engine, EngineError, EngineResult, Entry, Grant, JoinResult, NewPeer,
+};
 use crate::metrics;
 use crate::protocol::{
     common_transports, valid_id, ClientMessage, Frame, Relayed, Role, ServerMessage,
@@ -84,46 +87,7 @@ impl<E: Engine> Connection<E> {
         meta
     }
 
-    async fn join(&mut self, sink: &mut Sink, passphrase: Option<&str>, mut peer: NewPeer) -> bool {
-        let (room, grant) = match &self.room {
-            // A repeated join changes nothing (never demotes): the same answer again.
-            Some(room) => (room.clone(), None),
-            None => {
-                let engine = &self.app.engine;
-                let secret = &self.app.secret;
-                match admit(engine, secret, &self.path_id, passphrase, self.client).await {
-                    Ok(access) if access.session.relay => {
-                        crate::metrics::refused("relay_only");
-                        let reason = crate::sessions::RELAY_ONLY.to_owned();
-                        return self.reply(sink, &ServerMessage::JoinError { reason }).await;
-                    }
-                    Ok(access) => (access.session.id, Some(access.grant)),
-                    Err(refusal) => {
-                        let cause = match &refusal {
-                            crate::access::Refusal::Unavailable(e) => e.cause(),
-                            _ => "",
-                        };
-                        tracing::info!(
-                            peer = %self.peer_id, client = %self.client,
-                            reason = refusal.reason(), cause, "join refused"
-                        );
-                        let reason = refusal.message();
-                        return self.reply(sink, &ServerMessage::JoinError { reason }).await;
-                    }
-                }
-            }
-        };
-        // The `server` role is the host's: only its token grants it.
-        if grant == Some(Grant::Host) {
-            peer.role = Role::Server;
-        }
-        // A token is a capability, and every member reads PeerInfo: generation 2 copies its
-        // "peer session id" (our token) into its metadata, so a value equal to it is dropped.
-        if matches!(grant, Some(Grant::Host | Grant::Joiner)) {
-            if let Some(meta) = peer.metadata.as_mut() {
-                meta.retain(|_, v| *v != self.path_id);
-            }
-        }
+    async fn join(&mut self, sink: &mut Sink, passphrase: Option<&str>, peer: NewPeer) -> bool {
         let size = serde_json::to_string(&(
             &peer.supported_transports,
             &peer.preferred_transport,
@@ -134,12 +98,32 @@ impl<E: Engine> Connection<E> {
             let reason = format!("join carries too much: at most {MAX_PEER_INFO_BYTES} bytes of transports and metadata");
             return self.reply(sink, &ServerMessage::JoinError { reason }).await;
         }
-        // Code holders cannot fill the room against its host: host joins have slots of their own.
-        let mut max_peers = self.app.config.max_room_peers;
-        if peer.role == Role::Server {
-            max_peers += HOST_SLOTS;
-        }
-        let joined = match self.app.engine.join(&room, peer.clone(), max_peers).await {
+        let transport = peer.preferred_transport.clone();
+        let (room, grant, result) = match self.room.clone() {
+            // A repeated join changes nothing (never demotes): the same answer again.
+            Some(room) => {
+                let max_peers = self.app.config.max_room_peers;
+                let engine = &self.app.engine;
+                let result = engine.join(&room, peer, max_peers, Entry::Admitted).await;
+                (room, None, result)
+            }
+            None => match self.enter(passphrase, peer).await {
+                Ok((room, grant, result)) => (room, Some(grant), result),
+                Err(refusal) => {
+                    let cause = match &refusal {
+                        crate::access::Refusal::Unavailable(e) => e.cause(),
+                        _ => "",
+                    };
+                    tracing::info!(
+                        peer = %self.peer_id, client = %self.client,
+                        reason = refusal.reason(), cause, "join refused"
+                    );
+                    let reason = refusal.message();
+                    return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+                }
+            },
+        };
+        let joined = match result {
             Ok(JoinResult::Joined(joined)) => joined,
             Ok(JoinResult::Full) => {
                 tracing::info!(session = %room, peer = %self.peer_id, "join refused: room full");
@@ -147,7 +131,13 @@ impl<E: Engine> Connection<E> {
                 let reason = "Session is full".to_owned();
                 return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
-            Ok(JoinResult::Closed) => {
+            Ok(JoinResult::RelayOnly) => {
+                metrics::refused("relay_only");
+                let reason = crate::sessions::RELAY_ONLY.to_owned();
+                return self.reply(sink, &ServerMessage::JoinError { reason }).await;
+            }
+            // `Refused` and `Token` never come here: `enter` answers them.
+            Ok(JoinResult::Closed | JoinResult::Refused(_) | JoinResult::Token(_)) => {
                 tracing::info!(session = %room, peer = %self.peer_id, "join refused: session closed");
                 let reason = crate::access::Refusal::NotFound.message();
                 return self.reply(sink, &ServerMessage::JoinError { reason }).await;
@@ -170,8 +160,7 @@ impl<E: Engine> Connection<E> {
         if joined.fresh {
             metrics::joined(joined.me.role.as_str());
             // The client names its transport: logged only when it is a short plain name.
-            let transport = peer
-                .preferred_transport
+            let transport = transport
                 .as_ref()
                 .and_then(|t| t.as_str())
                 .filter(|t| {
@@ -191,6 +180,58 @@ impl<E: Engine> Connection<E> {
             peers: joined.peers,
         };
         self.reply(sink, &msg).await
+    }
+
+    /// A socket's first join: admission, role and the join. With a code the engine checks it
+    /// in the join itself and, should the id be a token's, looks that up in the same step (one
+    /// Redis round trip either way); without one the id must be a token's.
+    async fn enter(
+        &self,
+        passphrase: Option<&str>,
+        mut peer: NewPeer,
+    ) -> Result<(String, Grant, EngineResult<JoinResult>), Refusal> {
+        let (engine, secret) = (&self.app.engine, &self.app.secret);
+        let (id, client) = (self.path_id.as_str(), self.client);
+        let max_peers = self.app.config.max_room_peers;
+        let access = match passphrase.map(str::trim).filter(|p| !p.is_empty()) {
+            Some(code) => {
+                let (digest, limit) = (secret.digest(id, code), limit_key(client).to_string());
+                let entry = Entry::Code {
+                    client: &limit,
+                    digest: &digest,
+                };
+                match engine.join(id, peer.clone(), max_peers, entry).await {
+                    Ok(JoinResult::Token(access)) => access::token(access)?,
+                    Ok(JoinResult::Refused(check)) => {
+                        checked(check, id, client)?;
+                        return Err(Refusal::NotFound);
+                    }
+                    result => return Ok((id.to_owned(), Grant::Public, result)),
+                }
+            }
+            None => admit(engine, secret, id, None, client).await?,
+        };
+        let room = access.session.id;
+        if access.session.relay {
+            return Ok((room, access.grant, Ok(JoinResult::RelayOnly)));
+        }
+        // The `server` role is the host's: only its token grants it, with slots of its own so
+        // that code holders cannot fill the room against it.
+        let max_peers = if access.grant == Grant::Host {
+            peer.role = Role::Server;
+            max_peers + HOST_SLOTS
+        } else {
+            max_peers
+        };
+        // A token is a capability, and every member reads PeerInfo: generation 2 copies its
+        // "peer session id" (our token) into its metadata, so a value equal to it is dropped.
+        if matches!(access.grant, Grant::Host | Grant::Joiner) {
+            if let Some(meta) = peer.metadata.as_mut() {
+                meta.retain(|_, v| v != id);
+            }
+        }
+        let result = engine.join(&room, peer, max_peers, Entry::Admitted).await;
+        Ok((room, access.grant, result))
     }
 
     /// A join the engine could not complete: the cause to the log, the fixed message to the client.

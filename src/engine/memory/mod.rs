@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use self::state::State;
 use super::admin::{CloseOutcome, InstanceView, SessionView};
 use super::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, Grant, JoinResult, NewPeer,
-    SessionRecord,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineResult, Entry, Grant, JoinResult,
+    NewPeer, SessionRecord,
 };
 use crate::peers::CloseReason;
 use crate::protocol::{Frame, PeerInfo, ServerMessage};
@@ -203,9 +203,27 @@ impl Engine for MemoryEngine {
         }
     }
 
-    async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
+    async fn join(
+        &self,
+        room: &str,
+        peer: NewPeer,
+        max_peers: usize,
+        entry: Entry<'_>,
+    ) -> EngineResult<JoinResult> {
         let id = peer.id.clone();
         Ok(self.with(|state| {
+            if let Entry::Code { client, digest } = entry {
+                match state.check_code(room.to_owned(), client.to_owned(), digest) {
+                    CodeCheck::Correct(session) if session.relay => return JoinResult::RelayOnly,
+                    CodeCheck::Correct(_) => {}
+                    CodeCheck::NotFound => {
+                        return state
+                            .resolve(room)
+                            .map_or(JoinResult::Refused(CodeCheck::NotFound), JoinResult::Token)
+                    }
+                    refused => return JoinResult::Refused(refused),
+                }
+            }
             let result = state.join(room.to_owned(), peer, max_peers);
             if let JoinResult::Joined(j) = &result {
                 let frame = j

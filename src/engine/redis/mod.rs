@@ -46,7 +46,7 @@ use self::pushes::Pushes;
 use self::scripts::Scripts;
 use crate::engine::admin::{CloseOutcome, InstanceView, SessionView};
 use crate::engine::{
-    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Grant,
+    Access, CodeCheck, Delivery, Engine, EngineConfig, EngineError, EngineResult, Entry, Grant,
     JoinResult, NewPeer, SessionRecord,
 };
 use crate::protocol::Frame;
@@ -462,8 +462,14 @@ impl Engine for RedisEngine {
         }
     }
 
-    async fn join(&self, room: &str, peer: NewPeer, max_peers: usize) -> EngineResult<JoinResult> {
-        self.inner.join(room, peer, max_peers).await
+    async fn join(
+        &self,
+        room: &str,
+        peer: NewPeer,
+        max_peers: usize,
+        entry: Entry<'_>,
+    ) -> EngineResult<JoinResult> {
+        self.inner.join(room, peer, max_peers, entry).await
     }
 
     async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {

@@ -85,7 +85,7 @@ impl Inner {
     }
 
     /// Gives each token `ttl` ms again, in pipelines of [`TOKEN_BATCH`].
-    async fn expire_tokens(&self, tokens: &[String], ttl: u64) -> EngineResult<()> {
+    pub(super) async fn expire_tokens(&self, tokens: &[String], ttl: u64) -> EngineResult<()> {
         for batch in tokens.chunks(TOKEN_BATCH) {
             let mut pipe = redis::pipe();
             for t in batch {

@@ -7,7 +7,15 @@ use std::sync::Arc;
 use super::bus::{encode, known, parse_members, Blob, Bus, Deliver};
 use super::outbox::{Failed, Relay};
 use super::{fenced, unavailable, Inner};
-use crate::engine::{Delivery, EngineResult, JoinResult, Joined, NewPeer};
+use redis::RedisResult;
+
+use super::store::{code_check_reply, session_record, token_fields, SESSION_FIELDS, TOKEN_FIELDS};
+use crate::engine::{
+    Access, CodeCheck, Delivery, EngineResult, Entry, JoinResult, Joined, NewPeer,
+};
+
+/// A token's fields as a pipeline answers them (see `store::TOKEN_FIELDS`).
+type TokenReply = RedisResult<Vec<Option<String>>>;
 use crate::peers::Queued;
 use crate::protocol::{Frame, ServerMessage};
 use crate::router::{Groups, Known, Member, Membership, Route};
@@ -146,6 +154,7 @@ impl Inner {
         room: &str,
         peer: NewPeer,
         max_peers: usize,
+        entry: Entry<'_>,
     ) -> EngineResult<JoinResult> {
         let inst = self.current();
         if !inst.registered {
@@ -162,12 +171,26 @@ impl Inner {
         })
         .expect("blob serializes");
         let role = peer.role.as_str();
-        let mut inv = self.scripts.join.prepare_invoke();
-        inv.key(k.members(room))
-            .key(k.seq(room))
-            .key(k.server(room))
-            .key(k.session(room))
-            .key(k.tokens(room))
+        // With a code, `lua/code_join.lua`: the code's check first, in the same step.
+        let mut inv = match entry {
+            Entry::Admitted => {
+                let mut inv = self.scripts.join.prepare_invoke();
+                inv.key(k.members(room))
+                    .key(k.seq(room))
+                    .key(k.server(room))
+                    .key(k.session(room));
+                inv
+            }
+            Entry::Code { client, digest } => {
+                let mut inv = self.scripts.code_join.prepare_invoke();
+                self.code_check_args(&mut inv, room, client, digest);
+                inv.key(k.members(room))
+                    .key(k.seq(room))
+                    .key(k.server(room));
+                inv
+            }
+        };
+        inv.key(k.tokens(room))
             .arg(&peer.id)
             .arg(&inst.id)
             .arg(blob)
@@ -185,22 +208,48 @@ impl Inner {
         pipe.invoke_script(&inv);
         pipe.ignore_errors();
         let mut cm = self.cm();
-        let (added, flat): (redis::RedisResult<i64>, redis::RedisResult<Vec<String>>) =
-            self.redis("join", pipe.query_async(&mut cm)).await?;
-        let flat = match flat {
-            Ok(flat) => flat,
+        let what = match entry {
+            Entry::Admitted => "join",
+            Entry::Code { .. } => "code_join",
+        };
+        // With a code, the id as a token too, in the same round trip (`JoinResult::Token`).
+        let (added, reply, token) = if let Entry::Code { .. } = entry {
+            pipe.cmd("HMGET").arg(k.token(room)).arg(&TOKEN_FIELDS[..]);
+            let replies: (RedisResult<i64>, RedisResult<Vec<String>>, TokenReply) =
+                self.redis(what, pipe.query_async(&mut cm)).await?;
+            (replies.0, replies.1, Some(replies.2))
+        } else {
+            let replies: (RedisResult<i64>, RedisResult<Vec<String>>) =
+                self.redis(what, pipe.query_async(&mut cm)).await?;
+            (replies.0, replies.1, None)
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
             // Not loaded (a restart, SCRIPT FLUSH): the invocation loads it and runs it again.
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 added.as_ref().map_err(|e| self.store_error(e))?;
-                self.redis("join", inv.invoke_async(&mut cm)).await?
+                self.redis(what, inv.invoke_async(&mut cm)).await?
             }
             Err(e) => return Err(self.store_error(&e)),
         };
-        let refused = match flat.first().map(String::as_str) {
+        // code_join's reply is code_check's, then join's when the code let the peer in.
+        let (flat, refused) = match entry {
+            Entry::Admitted => (&reply[..], None),
+            Entry::Code { digest, .. } => match code_check_reply(room, digest, &reply) {
+                CodeCheck::Correct(s) if s.relay => (&[][..], Some(JoinResult::RelayOnly)),
+                CodeCheck::Correct(_) => (reply.get(3..).unwrap_or_default(), None),
+                CodeCheck::NotFound => {
+                    let token = token.and_then(Result::ok).unwrap_or_default();
+                    return self.token_instead(&inst.id, &intent, &token).await;
+                }
+                refused => (&[][..], Some(JoinResult::Refused(refused))),
+            },
+        };
+        let refused = refused.or(match flat.first().map(String::as_str) {
             Some("full") => Some(JoinResult::Full),
             Some("closed") => Some(JoinResult::Closed),
             _ => None,
-        };
+        });
         if let Some(refused) = refused {
             let cmd = redis::cmd("SREM")
                 .arg(k.instance_peers(&inst.id))
@@ -217,12 +266,23 @@ impl Inner {
             }
             return Err(self.store_error(&e));
         }
-        let members = parse_members(flat.get(1..).unwrap_or_default());
-        if fresh && members.len() == 1 {
+        // The session's tokens, listed for the room's first member only, then the members.
+        let listed = flat
+            .get(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        let (tokens, members) = flat
+            .get(2..)
+            .unwrap_or_default()
+            .split_at_checked(listed)
+            .unwrap_or_default();
+        let members = parse_members(members);
+        if !tokens.is_empty() {
             // The script refreshed the session; its tokens (other slots) follow. Only for the
             // first member: from then on the refresher renews them (`super::refresh`). A
             // failure only shortens their life to what it was: not worth failing the join for.
-            if let Err(e) = self.refresh_tokens(room).await {
+            let ttl = Self::ttl_ms(self.config.session_ttl);
+            if let Err(e) = self.expire_tokens(tokens, ttl).await {
                 tracing::warn!(session = %room, error = %e, "token refresh failed");
             }
         }
@@ -264,6 +324,42 @@ impl Inner {
             peers: members.into_iter().map(|m| m.info).collect(),
             fresh,
         }))
+    }
+
+    /// A code join whose id is no session's: the intent undone and, for a token's id, its
+    /// session read in the same round trip.
+    async fn token_instead(
+        &self,
+        owner: &str,
+        intent: &str,
+        token: &[Option<String>],
+    ) -> EngineResult<JoinResult> {
+        let srem = redis::cmd("SREM")
+            .arg(self.keys.instance_peers(owner))
+            .arg(intent)
+            .clone();
+        let Some((session, grant, peer)) = token_fields(token) else {
+            let _ = self.query::<i64>(&srem).await;
+            return Ok(JoinResult::Refused(CodeCheck::NotFound));
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(srem);
+        pipe.cmd("HMGET")
+            .arg(self.keys.session(session))
+            .arg(&SESSION_FIELDS[..]);
+        pipe.ignore_errors();
+        let mut cm = self.cm();
+        let (_, fields): (RedisResult<i64>, RedisResult<Vec<Option<String>>>) =
+            self.redis("HMGET", pipe.query_async(&mut cm)).await?;
+        let fields = fields.map_err(|e| self.store_error(&e))?;
+        Ok(match session_record(session, &fields) {
+            Some(session) => JoinResult::Token(Access {
+                session,
+                grant,
+                peer,
+            }),
+            None => JoinResult::Refused(CodeCheck::NotFound),
+        })
     }
 
     pub(super) async fn leave(&self, room: &str, peer: &str) -> EngineResult<()> {

@@ -4,6 +4,18 @@
 
 use redis::Script;
 
+const CODE_CHECK: &str = include_str!("../../../lua/code_check.lua");
+const JOIN: &str = include_str!("../../../lua/join.lua");
+
+/// `lua/code_join.lua` with the two scripts it runs in one step as its local functions.
+fn code_join() -> String {
+    format!(
+        "local function code_check(KEYS, ARGV)\n{CODE_CHECK}end\n\
+         local function join(KEYS, ARGV)\n{JOIN}end\n{}",
+        include_str!("../../../lua/code_join.lua")
+    )
+}
+
 pub(crate) struct Scripts {
     pub register: Script,
     pub token_quota: Script,
@@ -16,6 +28,7 @@ pub(crate) struct Scripts {
     pub answer_put: Script,
     pub answer_take: Script,
     pub join: Script,
+    pub code_join: Script,
     pub leave: Script,
     pub touch: Script,
     pub instance_register: Script,
@@ -38,13 +51,14 @@ impl Scripts {
             token_quota: Script::new(include_str!("../../../lua/token_quota.lua")),
             token_put: Script::new(include_str!("../../../lua/token_put.lua")),
             token_bind: Script::new(include_str!("../../../lua/token_bind.lua")),
-            code_check: Script::new(include_str!("../../../lua/code_check.lua")),
+            code_check: Script::new(CODE_CHECK),
             rate: Script::new(include_str!("../../../lua/rate.lua")),
             offer_push: Script::new(include_str!("../../../lua/offer_push.lua")),
             offer_pop: Script::new(include_str!("../../../lua/offer_pop.lua")),
             answer_put: Script::new(include_str!("../../../lua/answer_put.lua")),
             answer_take: Script::new(include_str!("../../../lua/answer_take.lua")),
-            join: Script::new(include_str!("../../../lua/join.lua")),
+            join: Script::new(JOIN),
+            code_join: Script::new(&code_join()),
             leave: Script::new(include_str!("../../../lua/leave.lua")),
             touch: Script::new(include_str!("../../../lua/touch.lua")),
             instance_register: Script::new(include_str!("../../../lua/instance_register.lua")),

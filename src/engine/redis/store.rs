@@ -7,9 +7,40 @@ use super::Inner;
 use crate::engine::{Access, CodeCheck, EngineResult, Grant, SessionRecord};
 
 /// The session fields a [`SessionRecord`] is read from (`HMGET`, in this order).
-const SESSION_FIELDS: [&str; 3] = ["created_at", "hash", "relay"];
+pub(super) const SESSION_FIELDS: [&str; 3] = ["created_at", "hash", "relay"];
+/// A token's fields (`HMGET`, in this order): its session, grant and peer.
+pub(super) const TOKEN_FIELDS: [&str; 3] = ["s", "g", "p"];
 
-fn session_record(id: &str, fields: &[Option<String>]) -> Option<SessionRecord> {
+/// A token's session id, grant and peer from its [`TOKEN_FIELDS`]; `None` when it is no token.
+pub(super) fn token_fields(v: &[Option<String>]) -> Option<(&str, Grant, Option<String>)> {
+    let [Some(session), Some(grant), peer] = v else {
+        return None;
+    };
+    Some((session, Grant::parse(grant)?, peer.clone()))
+}
+
+/// `lua/code_check.lua`'s reply (the head of `lua/code_join.lua`'s) for `session`.
+pub(super) fn code_check_reply(session: &str, digest: &str, v: &[String]) -> CodeCheck {
+    match v.first().map(String::as_str) {
+        // The script compared the stored hash with `digest`: equal, so it is the code.
+        Some("correct") => {
+            let fields = [
+                v.get(1).cloned(),
+                Some(digest.to_owned()),
+                v.get(2).cloned(),
+            ];
+            session_record(session, &fields).map_or(CodeCheck::NotFound, CodeCheck::Correct)
+        }
+        Some("wrong") => CodeCheck::Wrong,
+        Some("locked") => {
+            let ms = v.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
+            CodeCheck::Locked(Duration::from_millis(ms))
+        }
+        _ => CodeCheck::NotFound,
+    }
+}
+
+pub(super) fn session_record(id: &str, fields: &[Option<String>]) -> Option<SessionRecord> {
     match fields {
         [Some(created), Some(hash), relay] => Some(SessionRecord {
             id: id.to_owned(),
@@ -77,7 +108,7 @@ impl Inner {
             .arg(&SESSION_FIELDS[..]);
         pipe.cmd("HMGET")
             .arg(i.keys.token(id))
-            .arg(&["s", "g", "p"][..]);
+            .arg(&TOKEN_FIELDS[..]);
         let mut cm = i.cm();
         let (session, v): (Vec<Option<String>>, Vec<Option<String>>) =
             i.redis("HMGET", pipe.query_async(&mut cm)).await?;
@@ -88,16 +119,13 @@ impl Inner {
                 peer: None,
             }));
         }
-        let [Some(host), Some(grant), peer] = v.as_slice() else {
-            return Ok(None);
-        };
-        let Some(grant) = Grant::parse(grant) else {
+        let Some((host, grant, peer)) = token_fields(&v) else {
             return Ok(None);
         };
         Ok(i.load_session(host).await?.map(|session| Access {
             session,
             grant,
-            peer: peer.clone(),
+            peer,
         }))
     }
 
@@ -164,35 +192,30 @@ impl Inner {
         client: &str,
         digest: &str,
     ) -> EngineResult<CodeCheck> {
-        let i = self;
-        let mut cm = i.cm();
-        let mut inv = i.scripts.code_check.prepare_invoke();
-        inv.key(i.keys.session(session))
-            .key(i.keys.code_failures(session))
-            .key(i.keys.client_code_failures(session, client))
+        let mut cm = self.cm();
+        let mut inv = self.scripts.code_check.prepare_invoke();
+        self.code_check_args(&mut inv, session, client, digest);
+        let v: Vec<String> = self.redis("code_check", inv.invoke_async(&mut cm)).await?;
+        Ok(code_check_reply(session, digest, &v))
+    }
+
+    /// `lua/code_check.lua`'s KEYS and ARGV, also the first ones of `lua/code_join.lua`.
+    pub(super) fn code_check_args(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        session: &str,
+        client: &str,
+        digest: &str,
+    ) {
+        let (k, c) = (&self.keys, &self.config);
+        inv.key(k.session(session))
+            .key(k.code_failures(session))
+            .key(k.client_code_failures(session, client))
             .arg(digest)
-            .arg(Inner::ttl_ms(i.config.code_failure_window))
-            .arg(i.config.max_code_failures)
-            .arg(i.config.max_session_code_failures)
+            .arg(Inner::ttl_ms(c.code_failure_window))
+            .arg(c.max_code_failures)
+            .arg(c.max_session_code_failures)
             .arg(crate::protocol::new_id());
-        let v: Vec<String> = i.redis("code_check", inv.invoke_async(&mut cm)).await?;
-        Ok(match v.first().map(String::as_str) {
-            // The script compared the stored hash with `digest`: equal, so it is the code.
-            Some("correct") => {
-                let fields = [
-                    v.get(1).cloned(),
-                    Some(digest.to_owned()),
-                    v.get(2).cloned(),
-                ];
-                session_record(session, &fields).map_or(CodeCheck::NotFound, CodeCheck::Correct)
-            }
-            Some("wrong") => CodeCheck::Wrong,
-            Some("locked") => {
-                let ms = v.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
-                CodeCheck::Locked(Duration::from_millis(ms))
-            }
-            _ => CodeCheck::NotFound,
-        })
     }
 
     pub(super) async fn rate(
