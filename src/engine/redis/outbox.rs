@@ -66,7 +66,10 @@ struct Message {
 enum Done {
     /// Nobody (a report, a hold, a release).
     Nobody,
-    /// The caller, who awaits the number of receivers (room events, relay pieces).
+    /// The log: a room event, whose sender (the server) goes on at once; its order against
+    /// what follows is the queue's. A failure is logged here.
+    Event,
+    /// The caller, who awaits the number of receivers (relay pieces).
     Caller(oneshot::Sender<EngineResult<i64>>),
     /// A relayed frame: only a failure is answered, to its sender (see `Inner::undelivered`).
     Sender(Relay),
@@ -142,6 +145,18 @@ impl Outbox {
         })
         .await?;
         Ok(Answer(answer))
+    }
+
+    /// Queues a room event (`peer_joined`, `peer_left`), as [`publish`](Self::publish) does;
+    /// nobody waits for it: the join or leave that sent it is answered at once, and what its
+    /// peer sends next is queued behind it.
+    pub(crate) async fn event(&self, instance: String, payload: Vec<u8>) -> EngineResult<()> {
+        self.push(Message {
+            instance,
+            payload,
+            done: Done::Event,
+        })
+        .await
     }
 
     /// Queues a relayed frame, as [`publish`](Self::publish) does; nothing is answered unless
@@ -345,6 +360,11 @@ fn answer(
     for m in messages {
         match m.done {
             Done::Nobody => {}
+            Done::Event => {
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, "room event publish to an instance failed");
+                }
+            }
             Done::Caller(done) => {
                 let _ = done.send(outcome.clone());
             }

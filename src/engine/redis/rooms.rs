@@ -46,20 +46,15 @@ impl Inner {
             .collect()
     }
 
-    /// Publishes a room event's messages (see [`Inner::room_event`]) through the outbox, behind
-    /// whatever this instance sent before (the leaver's relays go out ahead of its `peer_left`).
-    /// A failure is only logged: the room event has happened in Redis.
+    /// Queues a room event's messages (see [`Inner::room_event`]) in the outbox, behind
+    /// whatever this instance sent before (the leaver's relays go out ahead of its `peer_left`)
+    /// and ahead of what the joiner sends next; the join or leave goes on without waiting for
+    /// the publish. A failure is only logged (here when the outbox is full, else by its
+    /// publisher): the room event has happened in Redis.
     async fn broadcast(&self, messages: Vec<(String, Vec<u8>)>) {
-        let mut answers = Vec::with_capacity(messages.len());
         for (owner, payload) in messages {
-            match self.outbox.publish(owner, payload).await {
-                Ok(answer) => answers.push(answer.receivers()),
-                Err(e) => tracing::warn!(error = %e, "room event not published"),
-            }
-        }
-        for r in futures::future::join_all(answers).await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "room event publish to an instance failed");
+            if let Err(e) = self.outbox.event(owner, payload).await {
+                tracing::warn!(error = %e, "room event not published");
             }
         }
     }
