@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::{
-    Connection, Sink, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN, MAX_PEER_INFO_BYTES,
+    Connection, Socket, HOST_SLOTS, MAX_METADATA_KEYS, MAX_METADATA_LEN, MAX_PEER_INFO_BYTES,
     MAX_TRANSPORTS,
 };
 use crate::access::{self, admit, checked, Refusal};
@@ -21,7 +21,7 @@ use crate::protocol::{
 
 impl<E: Engine> Connection<E> {
     /// Handles one client frame. Returns false when the socket can no longer be written.
-    pub(super) async fn handle(&mut self, sink: &mut Sink, text: &str) -> bool {
+    pub(super) async fn handle(&mut self, sink: &mut Socket, text: &str) -> bool {
         let msg = match ClientMessage::parse(text) {
             Ok(msg) => msg,
             Err(e) => return self.error(sink, format!("invalid message: {e}")).await,
@@ -87,7 +87,7 @@ impl<E: Engine> Connection<E> {
         meta
     }
 
-    async fn join(&mut self, sink: &mut Sink, passphrase: Option<&str>, peer: NewPeer) -> bool {
+    async fn join(&mut self, sink: &mut Socket, passphrase: Option<&str>, peer: NewPeer) -> bool {
         let size = serde_json::to_string(&(
             &peer.supported_transports,
             &peer.preferred_transport,
@@ -235,7 +235,7 @@ impl<E: Engine> Connection<E> {
     }
 
     /// A join the engine could not complete: the cause to the log, the fixed message to the client.
-    async fn engine_refused(&self, sink: &mut Sink, what: &str, e: EngineError) -> bool {
+    async fn engine_refused(&self, sink: &mut Socket, what: &str, e: EngineError) -> bool {
         tracing::warn!(
             peer = %self.peer_id, kind = e.kind(), cause = e.cause(), "{what} failed: engine error"
         );
@@ -244,7 +244,7 @@ impl<E: Engine> Connection<E> {
     }
 
     /// Forwards a message to another member of this socket's room.
-    async fn relay(&mut self, sink: &mut Sink, kind: Relayed, to: &str, frame: Frame) -> bool {
+    async fn relay(&mut self, sink: &mut Socket, kind: Relayed, to: &str, frame: Frame) -> bool {
         // Borrowed, not cloned: an allocation and a copy per relay otherwise.
         let Some(room) = self.room.as_deref() else {
             return self.error(sink, "join the session first".into()).await;
@@ -263,7 +263,12 @@ impl<E: Engine> Connection<E> {
 
     /// Tells the sender what became of its relay to `to`, unless it was delivered (or is on
     /// its way to another instance: a failure there is told later, through its queue).
-    async fn report(&mut self, sink: &mut Sink, to: &str, outcome: EngineResult<Delivery>) -> bool {
+    async fn report(
+        &mut self,
+        sink: &mut Socket,
+        to: &str,
+        outcome: EngineResult<Delivery>,
+    ) -> bool {
         let (reason, message) = match outcome {
             Ok(delivery) => match delivery.refusal(to) {
                 Some(refusal) => refusal,
@@ -282,7 +287,7 @@ impl<E: Engine> Connection<E> {
     }
 
     /// `debug` goes to the room's server peer, wrapped as a custom-transport signal.
-    async fn debug(&mut self, sink: &mut Sink, request: Value) -> bool {
+    async fn debug(&mut self, sink: &mut Socket, request: Value) -> bool {
         let Some(room) = self.room.clone() else {
             return self.error(sink, "join the session first".into()).await;
         };
