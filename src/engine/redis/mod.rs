@@ -5,7 +5,7 @@
 //! its own sockets, in the shared [`Router`]. A frame for a peer on another instance is
 //! published to that instance's channel ([`bus`]) through the [`outbox`], in order; what arrives
 //! there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
-//! joining, leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
+//! joining in [`join`], leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
 //! [`reaper`]; keeping sessions with members alive in [`refresh`]; the Admin API's reads and
 //! closes in [`admin`]; the connection and its errors in [`conn`], pipelines on a cluster in
 //! [`slots`].
@@ -18,6 +18,7 @@
 mod admin;
 mod bus;
 mod conn;
+mod join;
 mod keys;
 mod liveness;
 mod outbox;
