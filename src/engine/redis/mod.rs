@@ -5,10 +5,10 @@
 //! its own sockets, in the shared [`Router`]. A frame for a peer on another instance is
 //! published to that instance's channel ([`bus`]) through the [`outbox`], in order; what arrives
 //! there is handled in [`pushes`]. Sessions, tokens, code checks and the mailbox are in [`store`];
-//! joining in [`join`], leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`], reaping in
-//! [`reaper`]; keeping sessions with members alive in [`refresh`]; the Admin API's reads and
-//! closes in [`admin`]; the connection and its errors in [`conn`], pipelines on a cluster in
-//! [`slots`].
+//! joining in [`join`], leaving and delivery in [`rooms`]; liveness and fencing in [`liveness`],
+//! reaping in [`reaper`]; keeping sessions with members alive in [`refresh`]; the Admin API's
+//! reads and closes in [`admin`]; the connection and its errors in [`conn`], pipelines on a
+//! cluster in [`slots`].
 //! The key schema is in [`keys`] and `docs/architecture.md`.
 //!
 //! One connection ([`conn::Conn`]: a `ConnectionManager` to one node, or a cluster connection
