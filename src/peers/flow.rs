@@ -57,6 +57,36 @@ pub struct Held {
     pub owner: String,
 }
 
+impl Held {
+    pub fn as_sender(&self) -> RemoteSender<'_> {
+        RemoteSender {
+            sender: &self.sender,
+            owner: &self.owner,
+        }
+    }
+}
+
+/// The sender of a frame from another instance, borrowed from the message that carried it: a
+/// [`Held`] is made of it only when it is held (not twice two `String`s per relayed frame).
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteSender<'a> {
+    pub sender: &'a str,
+    pub owner: &'a str,
+}
+
+impl RemoteSender<'_> {
+    fn is(self, held: &Held) -> bool {
+        held.sender == self.sender && held.owner == self.owner
+    }
+
+    fn held(self) -> Held {
+        Held {
+            sender: self.sender.to_owned(),
+            owner: self.owner.to_owned(),
+        }
+    }
+}
+
 /// Relays one socket may have waiting in the outbox for other instances: reading its next frame
 /// waits below this, so one flooding socket cannot take the whole outbox (16 MiB) from every
 /// other socket of its instance.
@@ -147,7 +177,12 @@ impl LocalPeers {
     /// frames in flight until the sender holds: `SLACK_QUEUES`), and the sender is to be held
     /// ([`Queued::Hold`], once per sender until released). Beyond that slack, or while the
     /// queue is stalled, it is refused like a local one.
-    pub fn deliver_remote(&mut self, peer: &str, frame: &Frame, from: Option<&Held>) -> Queued {
+    pub fn deliver_remote(
+        &mut self,
+        peer: &str,
+        frame: &Frame,
+        from: Option<RemoteSender<'_>>,
+    ) -> Queued {
         let Some(shared) = self.live(peer) else {
             return Queued::Absent;
         };
@@ -163,10 +198,13 @@ impl LocalPeers {
             // catch up (back within its share) before it can make them wait again, so one that
             // takes a frame now and then costs each sender one hold, not one per frame.
             match from {
-                Some(from) if frames.held.len() < MAX_HELD && !frames.held.contains(from) => {
-                    frames.held.push(from.clone());
+                Some(from)
+                    if frames.held.len() < MAX_HELD && !frames.held.iter().any(|h| from.is(h)) =>
+                {
+                    let held = from.held();
+                    frames.held.push(held.clone());
                     frames.release_at = share_messages;
-                    Queued::Hold(from.clone())
+                    Queued::Hold(held)
                 }
                 _ => Queued::Yes,
             }
@@ -227,7 +265,7 @@ mod tests {
         let fill = 6 + SLACK_QUEUES * 8;
         for i in 0..fill {
             let from = if i % 2 == 0 { &a } else { &b };
-            match peers.deliver_remote("r", &f, Some(from)) {
+            match peers.deliver_remote("r", &f, Some(from.as_sender())) {
                 Queued::Yes => {}
                 Queued::Hold(h) => holds.push(h),
                 other => panic!("frame {i}: {other:?}"),
@@ -235,7 +273,7 @@ mod tests {
         }
         assert_eq!(holds, vec![a.clone(), b.clone()], "each sender held once");
         assert!(matches!(
-            peers.deliver_remote("r", &f, Some(&a)),
+            peers.deliver_remote("r", &f, Some(a.as_sender())),
             Queued::Full(_)
         ));
         // Stalled: a local relay is refused at once too, and waits for nothing.

@@ -22,7 +22,9 @@ use tokio::time::Instant;
 use crate::protocol::Frame;
 
 mod flow;
-pub use flow::{Held, Hold, Outstanding, Space, HOLD_WAIT, MAX_OUTSTANDING, SPACE_WAIT};
+pub use flow::{
+    Held, Hold, Outstanding, RemoteSender, Space, HOLD_WAIT, MAX_OUTSTANDING, SPACE_WAIT,
+};
 
 /// Why the server ended a socket's queue; the socket's task turns it into a close frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

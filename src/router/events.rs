@@ -7,7 +7,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use super::view::{Event, Known, Member, RoomView, MAX_PER_ROOM};
 use super::{Groups, Membership, Table};
-use crate::peers::{Class, Held, Queued};
+use crate::peers::{Class, Held, Queued, RemoteSender};
 use crate::protocol::{Frame, ServerMessage};
 
 /// Room events queued for a local socket whose join script has run but whose `Joined` has not
@@ -222,13 +222,12 @@ impl Table {
         to: &[&str],
         frame: &Frame,
         ev: Option<Event>,
-        from: Option<&Held>,
+        from: Option<RemoteSender<'_>>,
     ) -> Remote {
-        let id = self.id.clone();
         if let Some(view) = self.rooms.get_mut(room) {
             match &ev {
                 Some(Event::Left(left)) => view.depart(left),
-                Some(Event::Joined(k)) => view.learn(&id, k),
+                Some(Event::Joined(k)) => view.learn(&self.id, k),
                 None => {}
             }
         }

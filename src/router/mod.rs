@@ -30,7 +30,9 @@ use self::events::InFlight;
 pub use self::events::Remote;
 use self::view::RoomView;
 pub use self::view::{Event, Known, Member};
-use crate::peers::{Class, CloseReason, Held, LocalPeers, PeerQueue, QueueLimits, Queued, Space};
+use crate::peers::{
+    Class, CloseReason, LocalPeers, PeerQueue, QueueLimits, Queued, RemoteSender, Space,
+};
 use crate::protocol::Frame;
 
 /// A local socket's membership: the room and the instance id it joined under.
@@ -326,7 +328,7 @@ impl Router {
         to: &[&str],
         frame: &Frame,
         ev: Option<Event>,
-        from: Option<&Held>,
+        from: Option<RemoteSender<'_>>,
     ) -> Remote {
         self.with(|t| t.deliver_remote(room, to, frame, ev, from))
     }

@@ -20,7 +20,7 @@ use redis::{PushInfo, PushKind, Value};
 use super::bus::{decode, encode, encode_raw, unpack, Body, Bus, Deliver};
 use super::keys::Keys;
 use super::outbox::Outbox;
-use crate::peers::{CloseReason, Held};
+use crate::peers::{CloseReason, Held, RemoteSender};
 use crate::protocol::ServerMessage;
 use crate::relay::Piece;
 use crate::router::{Event, Known, Router};
@@ -157,13 +157,10 @@ impl Pushes {
                     })),
                     (None, None) => None,
                 };
-                let from = from.filter(|_| ev.is_none()).map(|(sender, owner)| Held {
-                    sender: sender.to_owned(),
-                    owner: owner.to_owned(),
-                });
-                let out = self
-                    .router
-                    .deliver_remote(room, &to, &frame, ev, from.as_ref());
+                let from = from
+                    .filter(|_| ev.is_none())
+                    .map(|(sender, owner)| RemoteSender { sender, owner });
+                let out = self.router.deliver_remote(room, &to, &frame, ev, from);
                 if let Some(from) = from {
                     for (peer, full) in out.refused {
                         crate::metrics::relay_error(if full {
@@ -171,7 +168,7 @@ impl Pushes {
                         } else {
                             "not_member"
                         });
-                        self.report(&from.owner, room, &from.sender, &peer, full);
+                        self.report(from.owner, room, from.sender, &peer, full);
                     }
                 }
                 for held in out.holds {
