@@ -266,11 +266,7 @@ pub fn run(a: &Args) {
             "x",
         );
     }
-    for (label, name) in [
-        ("inproc", "in-process"),
-        ("redis1", "Redis 1 inst"),
-        ("redis2", "2 instances, both"),
-    ] {
+    for (label, name) in [("inproc", "in-process"), ("redis1", "Redis 1 inst")] {
         line(
             format!("CPU per relayed signal, {name} / matchbox"),
             ratio(t.get(label, "burst_cpu_us"), mb("burst_cpu_us")),
@@ -279,6 +275,15 @@ pub fn run(a: &Args) {
             "x",
         );
     }
+    // Issue 9's CPU target is one instance's; across two (two processes, Redis between) the
+    // ratio is a figure to watch, not a target.
+    let across = ratio(t.get("redis2", "burst_cpu_us"), mb("burst_cpu_us"));
+    println!(
+        "{:62} {:>10} {:>10}",
+        "CPU per relayed signal, 2 instances, both / matchbox",
+        format!("{}x", fmt(across, 2)),
+        "(figure)"
+    );
     line(
         "burst across 2 instances / PUBLISH unpipelined".into(),
         ratio(t.get("redis2", "burst_rate"), pub1),
