@@ -68,14 +68,7 @@ pub async fn admit<E: Engine>(
     // With a code the id is most likely the public session id: its check answers with the
     // session too, in one step (one Redis round trip). A token's id finds no session there.
     if let Some(passphrase) = passphrase {
-        let check = engine
-            .check_code(
-                id,
-                &limit_key(client).to_string(),
-                &secret.digest(id, passphrase),
-            )
-            .await?;
-        if let Some(access) = checked(check, id, client)? {
+        if let Some(access) = check(engine, secret, id, passphrase, client).await? {
             return Ok(access);
         }
     }
@@ -99,14 +92,24 @@ async fn admit_resolved<E: Engine>(
         return Err(Refusal::PassphraseRequired);
     };
     // Registered since the check found nothing: checked now.
+    check(engine, secret, id, passphrase, client)
+        .await?
+        .ok_or(Refusal::NotFound)
+}
+
+/// Checks `passphrase` against session `id`'s code; `None` when there is no such session.
+async fn check<E: Engine>(
+    engine: &E,
+    secret: &Secret,
+    id: &str,
+    passphrase: &str,
+    client: IpAddr,
+) -> Result<Option<Access>, Refusal> {
+    let digest = secret.digest(id, passphrase);
     let check = engine
-        .check_code(
-            id,
-            &limit_key(client).to_string(),
-            &secret.digest(id, passphrase),
-        )
+        .check_code(id, &limit_key(client).to_string(), &digest)
         .await?;
-    checked(check, id, client)?.ok_or(Refusal::NotFound)
+    checked(check, id, client)
 }
 
 /// What a token's id admits: its access, but for a relay joiner's token, which opens its one

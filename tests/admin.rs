@@ -531,14 +531,8 @@ async fn memory_engine_refuses_a_join_after_the_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_engine_refuses_a_join_after_the_close() {
-    use beach_road::engine::redis::RedisSettings;
     let redis = RedisServer::start();
-    let settings = RedisSettings {
-        url: redis.url(),
-        key_prefix: "t".into(),
-        heartbeat_interval: Duration::from_millis(200),
-        instance_timeout: Duration::from_secs(2),
-    };
+    let settings = common::redis::engine_settings(&redis.url());
     let config = beach_road::engine::EngineConfig::default();
     bounded(async {
         let e = common::redis::ready_engine(config, settings).await;

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use beach_road::engine::{
     CodeCheck, Engine, EngineConfig, Entry, Grant, JoinResult, NewPeer, SessionRecord,
 };
@@ -120,14 +118,8 @@ async fn memory_engine_checks_the_code_in_the_join() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_engine_checks_the_code_in_the_join_and_keeps_no_intent_of_a_refusal() {
-    use beach_road::engine::redis::RedisSettings;
     let redis = RedisServer::start();
-    let settings = RedisSettings {
-        url: redis.url(),
-        key_prefix: "t".into(),
-        heartbeat_interval: Duration::from_millis(200),
-        instance_timeout: Duration::from_secs(2),
-    };
+    let settings = common::redis::engine_settings(&redis.url());
     bounded(async {
         let e = common::redis::ready_engine(config(), settings).await;
         let intents = format!("t:{{inst:{}}}:peers", e.router().id());

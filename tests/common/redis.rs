@@ -119,6 +119,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// An in-process engine's settings for the Redis at `url`: key prefix `t`, a heartbeat every
+/// 200 ms, written off after 2 s.
+pub fn engine_settings(url: &str) -> beach_road::engine::redis::RedisSettings {
+    beach_road::engine::redis::RedisSettings {
+        url: url.to_owned(),
+        key_prefix: "t".into(),
+        heartbeat_interval: Duration::from_millis(200),
+        instance_timeout: Duration::from_secs(2),
+    }
+}
+
 /// A Redis engine in this test's own process, once it is ready (within 5 s).
 pub async fn ready_engine(
     config: beach_road::engine::EngineConfig,
