@@ -72,18 +72,6 @@ pub async fn admit<E: Engine>(
             return Ok(access);
         }
     }
-    admit_resolved(engine, secret, id, passphrase, client).await
-}
-
-/// [`admit`] once a code check found no session `id`: a token, or a session registered since.
-async fn admit_resolved<E: Engine>(
-    engine: &E,
-    secret: &Secret,
-    id: &str,
-    passphrase: Option<&str>,
-    client: IpAddr,
-) -> Result<Access, Refusal> {
-    let passphrase = passphrase.map(str::trim).filter(|p| !p.is_empty());
     let access = engine.resolve(id).await?.ok_or(Refusal::NotFound)?;
     if access.grant != Grant::Public {
         return token(access);
