@@ -111,7 +111,7 @@ impl<E: Engine> Connection<E> {
                 Ok((room, grant, result)) => (room, Some(grant), result),
                 Err(refusal) => {
                     let cause = match &refusal {
-                        crate::access::Refusal::Unavailable(e) => e.cause(),
+                        Refusal::Unavailable(e) => e.cause(),
                         _ => "",
                     };
                     tracing::info!(
@@ -139,7 +139,7 @@ impl<E: Engine> Connection<E> {
             // `Refused` and `Token` never come here: `enter` answers them.
             Ok(JoinResult::Closed | JoinResult::Refused(_) | JoinResult::Token(_)) => {
                 tracing::info!(session = %room, peer = %self.peer_id, "join refused: session closed");
-                let reason = crate::access::Refusal::NotFound.message();
+                let reason = Refusal::NotFound.message();
                 return self.reply(sink, &ServerMessage::JoinError { reason }).await;
             }
             Err(e) => return self.engine_refused(sink, "join", e).await,
