@@ -58,7 +58,8 @@ pub struct Held {
 }
 
 impl Held {
-    pub fn as_sender(&self) -> RemoteSender<'_> {
+    #[cfg(test)]
+    fn as_sender(&self) -> RemoteSender<'_> {
         RemoteSender {
             sender: &self.sender,
             owner: &self.owner,

@@ -195,8 +195,9 @@ impl<E: Engine> Connection<E> {
     }
 
     async fn run(mut self: Box<Self>, mut socket: Box<Socket>) {
-        // Not split in halves: one task reads and writes it, and a split's lock was paid on
-        // every read and every write. Boxed: the task's state stays small.
+        // Not split in halves: one task reads it (in `serve`'s select) and writes it (in the
+        // branches, once the read is dropped), so a split's shared lock and one-item slot
+        // bought nothing but memory (0.43 KiB per idle peer). Boxed: the task stays small.
         let socket = socket.as_mut();
         let mut queue = self.app.engine.connect(&self.peer_id);
         let end = self.serve(socket, &mut queue).await;

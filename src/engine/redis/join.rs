@@ -12,6 +12,8 @@ use crate::engine::{Access, CodeCheck, EngineResult, Entry, JoinResult, Joined, 
 use crate::protocol::ServerMessage;
 use crate::router::{Known, Member};
 
+/// The join script's reply as a pipeline answers it.
+type JoinReply = RedisResult<Vec<String>>;
 /// A token's fields as a pipeline answers them (see `store::TOKEN_FIELDS`).
 type TokenReply = RedisResult<Vec<Option<String>>>;
 
@@ -75,20 +77,19 @@ impl Inner {
         pipe.invoke_script(&inv);
         pipe.ignore_errors();
         let mut cm = self.cm();
-        let what = match entry {
-            Entry::Admitted => "join",
-            Entry::Code { .. } => "code_join",
-        };
-        // With a code, the id as a token too, in the same round trip (`JoinResult::Token`).
-        let (added, reply, token) = if let Entry::Code { .. } = entry {
-            pipe.cmd("HMGET").arg(k.token(room)).arg(&TOKEN_FIELDS[..]);
-            let replies: (RedisResult<i64>, RedisResult<Vec<String>>, TokenReply) =
-                self.redis(what, pipe.query_async(&mut cm)).await?;
-            (replies.0, replies.1, Some(replies.2))
-        } else {
-            let replies: (RedisResult<i64>, RedisResult<Vec<String>>) =
-                self.redis(what, pipe.query_async(&mut cm)).await?;
-            (replies.0, replies.1, None)
+        let (what, added, reply, token) = match entry {
+            Entry::Admitted => {
+                let (added, reply): (RedisResult<i64>, JoinReply) =
+                    self.redis("join", pipe.query_async(&mut cm)).await?;
+                ("join", added, reply, None)
+            }
+            // With a code, the id as a token too, in the same round trip (`JoinResult::Token`).
+            Entry::Code { .. } => {
+                pipe.cmd("HMGET").arg(k.token(room)).arg(&TOKEN_FIELDS[..]);
+                let (added, reply, token): (RedisResult<i64>, JoinReply, TokenReply) =
+                    self.redis("code_join", pipe.query_async(&mut cm)).await?;
+                ("code_join", added, reply, Some(token))
+            }
         };
         let reply = match reply {
             Ok(reply) => reply,
